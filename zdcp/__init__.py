@@ -1,0 +1,49 @@
+"""zdcp: PyTorch distributed checkpoints stored as Zarr v3 hierarchies through tensorstore.
+
+    import zdcp
+    zdcp.save({"app": app_state}, "ckpt/step_100")   # every rank writes its own shards
+    zdcp.load({"app": app_state}, "ckpt/step_100")   # any world size, any placement
+
+Importing zdcp also registers bfloat16 and float8 with zarr-python, so that plain zarr code
+can read the arrays zdcp writes.
+"""
+
+__version__ = "0.1.0"
+
+from . import zarr_dtypes as _zarr_dtypes
+from .api import load, save
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DistributedError,
+    IncompleteCheckpointError,
+    MismatchError,
+    MissingKeysError,
+    UnsafeError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+    ZdcpError,
+)
+from .reader import ZarrReader
+from .writer import ZarrWriter
+
+_zarr_dtypes.register()
+
+__all__ = [
+    "save",
+    "load",
+    "ZarrWriter",
+    "ZarrReader",
+    "ZdcpError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CheckpointExistsError",
+    "CorruptCheckpointError",
+    "UnsupportedFormatError",
+    "MissingKeysError",
+    "MismatchError",
+    "UnsupportedValueError",
+    "UnsafeError",
+    "DistributedError",
+]

@@ -1,0 +1,119 @@
+"""``zdcp.save`` and ``zdcp.load``: DCP's ``save``/``load`` with the Zarr storage and planners.
+
+They keep DCP's programming model (in-place load, ``Stateful`` values, collective over a process
+group or single-process without one) and change two things users notice: the format on disk,
+and errors, which are zdcp's own ``Exception`` subclasses raised on every rank instead of DCP's
+``CheckpointException`` (a ``BaseException``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from .errors import DistributedError, ZdcpError
+from .planner import ZarrLoadPlanner, ZarrSavePlanner
+from .reader import ZarrReader
+from .writer import ZarrWriter
+
+__all__ = ["save", "load"]
+
+
+def save(
+    state_dict: dict[str, Any],
+    checkpoint_id: str | os.PathLike[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    compression: str | None = None,
+) -> None:
+    """Save ``state_dict`` as a zdcp checkpoint at ``checkpoint_id``.
+
+    Collective over ``process_group`` (the default group when None) when one is initialized;
+    single-process when ``no_dist`` or when no group is initialized. Every rank writes its own
+    shards; replicated tensors are written once. Top-level ``Stateful`` values are saved through
+    their ``state_dict()``. The checkpoint counts only once the coordinator has committed it.
+
+    Args:
+        overwrite: replace a committed checkpoint at ``checkpoint_id``.
+        allow_pickle: store values that JSON cannot hold as pickles instead of refusing them.
+        compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
+    """
+    no_dist = no_dist or not _distributed()
+    writer = ZarrWriter(checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression)
+    with _zdcp_errors():
+        dcp.save(
+            state_dict,
+            storage_writer=writer,
+            planner=ZarrSavePlanner(allow_pickle=allow_pickle),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
+
+
+def load(
+    state_dict: dict[str, Any],
+    checkpoint_id: str | os.PathLike[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+    allow_partial_load: bool = False,
+    allow_cast: bool = False,
+    allow_pickle: bool = False,
+) -> None:
+    """Load a zdcp checkpoint into ``state_dict``, in place.
+
+    Tensors (plain, ``DTensor``, ``ShardedTensor``) are filled where they are, in any placement
+    and at any world size: each rank reads only the slices its shards need. Other values are
+    replaced in ``state_dict``. Top-level ``Stateful`` values get ``state_dict()`` before and
+    ``load_state_dict()`` after. The destination may ask for a subset of the checkpoint.
+
+    Args:
+        allow_partial_load: skip destination keys the checkpoint lacks instead of raising
+            :class:`~zdcp.MissingKeysError`.
+        allow_cast: cast tensors whose stored dtype differs from the destination's.
+        allow_pickle: unpickle values saved with ``allow_pickle=True`` (trusted checkpoints only).
+    """
+    no_dist = no_dist or not _distributed()
+    reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
+    with _zdcp_errors():
+        dcp.load(
+            state_dict,
+            storage_reader=reader,
+            planner=ZarrLoadPlanner(allow_partial_load=allow_partial_load),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
+
+
+def _distributed() -> bool:
+    # Decided here so that DCP does not warn about a single-process save on every call.
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _zdcp_errors() -> Iterator[None]:
+    """Turn DCP's ``CheckpointException`` (gathered from all ranks) into one zdcp error.
+
+    The lowest failing rank's error is raised when it is zdcp's own, so every rank raises the
+    same class with the same message; anything else becomes a :class:`~zdcp.DistributedError`.
+    """
+    try:
+        yield
+    except CheckpointException as e:
+        failures = {rank: exc for rank, (exc, _) in sorted(e.failures.items())}
+        rank, first = next(iter(failures.items()))
+        if isinstance(first, ZdcpError):
+            raise first from e
+        raise DistributedError(
+            f"checkpoint failed on rank(s) {sorted(failures)}; rank {rank}: {type(first).__name__}: {first}",
+            failures,
+        ) from e

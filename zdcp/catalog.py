@@ -1,0 +1,130 @@
+"""What a committed checkpoint holds, parsed from its root ``zarr.json``.
+
+The root document is the commit record and carries every other node's metadata (consolidated),
+so one read tells a reader every array, group and plain value, with no listing and no per-node
+reads. Everything here is validated before use: node names must be names zdcp writes (so a
+crafted checkpoint cannot point reads outside its directory), and the format version must be
+one this zdcp understands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .dtypes import DType, from_torch_name, from_zarr
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsupportedFormatError,
+)
+from .keys import Key, decode_key
+from .layout import ATTR, FORMAT_NAME, FORMAT_VERSION, zdcp_attrs
+from .storage import METADATA_KEY, Store
+from .tree import DICT, Entry
+
+__all__ = ["Catalog", "ArrayNode", "ValueNode"]
+
+
+@dataclass(frozen=True)
+class ArrayNode:
+    """A stored array: a tensor (``kind == "tensor"``) or a pickled value (``"pickle"``)."""
+
+    entry: Entry
+    kind: str
+    shape: tuple[int, ...]
+    dtype: DType
+    chunks: tuple[int, ...]
+    document: dict[str, Any]
+    layout: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ValueNode:
+    """A plain value stored as JSON in its group's attributes."""
+
+    entry: Entry
+    json: Any
+    desc: Any
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every leaf of a committed checkpoint, keyed by node path."""
+
+    info: dict[str, Any]
+    arrays: dict[str, ArrayNode]
+    values: dict[str, ValueNode]
+
+    @classmethod
+    def read(cls, store: Store) -> Catalog:
+        root = store.read_json(METADATA_KEY)
+        if root is None:
+            if store.is_empty():
+                raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
+            raise IncompleteCheckpointError(
+                f"{store.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
+            )
+        return cls.parse(root, store.url)
+
+    @classmethod
+    def parse(cls, root: Any, where: str) -> Catalog:
+        info = zdcp_attrs(root)
+        if info is None or info.get("format") != FORMAT_NAME:
+            raise CorruptCheckpointError(f"{where}/zarr.json is not the root of a zdcp checkpoint")
+        version = info.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{where} was written in zdcp format version {version!r}; this zdcp reads up to "
+                f"{FORMAT_VERSION}: upgrade zdcp"
+            )
+        try:
+            nodes = dict(root["consolidated_metadata"]["metadata"])
+        except (KeyError, TypeError):
+            raise CorruptCheckpointError(f"{where}/zarr.json has no consolidated metadata") from None
+        nodes[""] = root
+        try:
+            return cls._build(info, nodes)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}/zarr.json: malformed node metadata ({e!r})") from None
+
+    @classmethod
+    def _build(cls, info: dict[str, Any], nodes: dict[str, Any]) -> Catalog:
+        containers: dict[str, str] = {}
+        for node, doc in nodes.items():
+            if doc["node_type"] == "group":
+                containers[node] = (zdcp_attrs(doc) or {}).get("container", DICT)
+
+        def entry(node: str) -> Entry:
+            names = node.split("/")
+            path: tuple[Key, ...] = tuple(decode_key(n) for n in names)
+            kinds = tuple(containers["/".join(names[:i])] for i in range(len(names)))
+            return Entry(path, kinds)
+
+        arrays: dict[str, ArrayNode] = {}
+        values: dict[str, ValueNode] = {}
+        for node, doc in nodes.items():
+            attrs = zdcp_attrs(doc) or {}
+            if doc["node_type"] == "array":
+                kind = attrs.get("kind", "tensor")
+                dtype = from_torch_name(attrs["dtype"]) if kind == "tensor" else from_zarr(doc["data_type"])
+                if dtype.zarr != doc["data_type"]:
+                    raise ValueError(f"{node}: torch dtype {dtype.torch_name} stored as {doc['data_type']}")
+                arrays[node] = ArrayNode(
+                    entry=entry(node),
+                    kind=kind,
+                    shape=tuple(doc["shape"]),
+                    dtype=dtype,
+                    chunks=tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+                    document=doc,
+                    layout=attrs.get("layout"),
+                )
+                continue
+            types = attrs.get("types", {})
+            for name, value in doc.get("attributes", {}).items():
+                if name == ATTR:
+                    continue
+                path = f"{node}/{name}" if node else name
+                values[path] = ValueNode(entry(path), value, types.get(name))
+        return cls(info, arrays, values)

@@ -1,0 +1,115 @@
+"""The on-disk layout: chunk grids and the ``zarr.json`` documents zdcp writes.
+
+docs/format.md is the contract; this module is its implementation on the write side, and
+:mod:`zdcp.catalog` on the read side. Keep the three in step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .dtypes import DType
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ATTR",
+    "COMPRESSIONS",
+    "chunk_shape",
+    "codecs",
+    "array_document",
+    "group_document",
+    "zdcp_attrs",
+]
+
+FORMAT_NAME = "zdcp"
+#: Bumped on any change that an older reader would misread.
+FORMAT_VERSION = 1
+#: The one attribute key under which zdcp keeps its own metadata in every node.
+ATTR = "zdcp"
+#: Optional compressors, as Zarr v3 codec documents (between ``bytes`` and ``crc32c``).
+COMPRESSIONS: dict[str, dict[str, Any]] = {
+    "zstd": {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
+    "gzip": {"name": "gzip", "configuration": {"level": 5}},
+}
+
+
+def chunk_shape(shape: Sequence[int], shards: Iterable[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, ...]:
+    """The regular chunk grid for a tensor saved as ``shards`` (``(offsets, sizes)`` pairs).
+
+    Along each dimension the chunk length is the greatest common divisor of every shard
+    boundary strictly inside the dimension (the whole length when there is none). For the usual
+    ``Shard(d)`` layouts this is exactly the shard length ``ceil(n / W)``, so chunks are the
+    shards; for layouts that are no regular grid (``_StridedShard``, two mesh dimensions on one
+    tensor dimension) it is the coarsest regular grid in which every chunk lies inside a single
+    shard, so each chunk still has exactly one writer and concurrent writes never share a chunk.
+    """
+    out = []
+    for dim, n in enumerate(shape):
+        step = 0
+        for offsets, sizes in shards:
+            if math.prod(sizes) == 0:
+                continue
+            for bound in (offsets[dim], offsets[dim] + sizes[dim]):
+                if 0 < bound < n:
+                    step = math.gcd(step, bound)
+        out.append(step or max(n, 1))
+    return tuple(out)
+
+
+def codecs(dtype: DType, compression: str | None) -> list[dict[str, Any]]:
+    """``bytes`` (little endian), an optional compressor, then a ``crc32c`` checksum per chunk."""
+    chain: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression is not None:
+        chain.append(COMPRESSIONS[compression])
+    chain.append({"name": "crc32c"})
+    return chain
+
+
+def fill_value(dtype: DType) -> Any:
+    """Zero in the JSON form Zarr v3 uses for the type (never read back: every chunk is written)."""
+    kind = dtype.numpy.kind
+    if dtype.zarr == "bool":
+        return False
+    if kind == "c":
+        return [0.0, 0.0]
+    if kind in "iu":
+        return 0
+    return 0.0
+
+
+def array_document(
+    shape: Sequence[int],
+    dtype: DType,
+    chunks: Sequence[int],
+    zdcp_attrs: dict[str, Any],
+    compression: str | None = None,
+) -> dict[str, Any]:
+    """The ``zarr.json`` of one array."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": dtype.zarr,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill_value(dtype),
+        "codecs": codecs(dtype, compression),
+        "attributes": {ATTR: zdcp_attrs},
+    }
+
+
+def group_document(values: dict[str, Any], zdcp_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The ``zarr.json`` of one group: plain values as attributes, zdcp's own under ``ATTR``."""
+    return {"zarr_format": 3, "node_type": "group", "attributes": {**values, ATTR: zdcp_attrs}}
+
+
+def zdcp_attrs(document: Any) -> dict[str, Any] | None:
+    """zdcp's attributes of a node's ``zarr.json``, or None when zdcp did not write it."""
+    if not isinstance(document, dict):
+        return None
+    attrs = document.get("attributes")
+    found = attrs.get(ATTR) if isinstance(attrs, dict) else None
+    return found if isinstance(found, dict) else None

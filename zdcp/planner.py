@@ -1,0 +1,124 @@
+"""DCP planners that flatten state dicts the zdcp way.
+
+They reuse everything of DCP's default planners (dedup of replicated shards, ``ShardedTensor``
+flattening, resharding read items, plan validation) and change only what the format needs:
+how a nested state dict is flattened (:func:`zdcp.tree.flatten`), early refusal of values the
+format cannot hold, and clear, typed errors for keys and shapes that do not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan
+from torch.distributed.checkpoint.planner_helpers import _init_state_dict
+
+from .errors import MismatchError, MissingKeysError
+from .keys import describe
+from .tree import flatten
+from .values import to_json
+
+__all__ = ["ZarrSavePlanner", "ZarrLoadPlanner"]
+
+
+class ZarrSavePlanner(DefaultSavePlanner):
+    """DCP's default save planner over a zdcp-flattened state dict.
+
+    ``planner_data`` of each local plan maps every FQN (node path) to its
+    :class:`~zdcp.tree.Entry`, which the writer uses to build groups and record placements.
+    """
+
+    def __init__(self, *, allow_pickle: bool = False, dedup_save_to_lowest_rank: bool = False):
+        super().__init__(
+            flatten_state_dict=False,
+            flatten_sharded_tensors=False,  # done leaf by leaf in flatten()
+            dedup_save_to_lowest_rank=dedup_save_to_lowest_rank,
+        )
+        self.allow_pickle = allow_pickle
+
+    def set_up_planner(
+        self,
+        state_dict: dict[str, Any],
+        storage_meta: StorageMeta | None = None,
+        is_coordinator: bool = False,
+    ) -> None:
+        flat, self.mappings = flatten(state_dict)
+        if not self.allow_pickle:
+            # Refuse what JSON cannot hold now, on every rank, before anything is written.
+            for fqn, value in flat.items():
+                if not isinstance(value, torch.Tensor):
+                    to_json(value, describe(self.mappings[fqn].path))
+        super().set_up_planner(flat, storage_meta, is_coordinator)
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        self.plan = dataclasses.replace(plan, planner_data=self.mappings)
+        return self.plan
+
+
+class ZarrLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner over a zdcp-flattened destination state dict.
+
+    Loading a subset of the checkpoint is normal; asking for a key the checkpoint lacks raises
+    :class:`~zdcp.MissingKeysError` unless ``allow_partial_load``. Plain values replace the
+    destination's values with their stored Python types.
+    """
+
+    #: Tells :class:`~zdcp.ZarrReader` that this planner's FQNs are Zarr node paths.
+    fqns = "nodes"
+
+    def __init__(self, *, allow_partial_load: bool = False):
+        super().__init__(allow_partial_load=allow_partial_load)
+
+    def set_up_planner(
+        self,
+        state_dict: dict[str, Any],
+        metadata: Metadata | None = None,
+        is_coordinator: bool = False,
+    ) -> None:
+        _init_state_dict(state_dict)
+        self.original_state_dict = state_dict
+        self.state_dict, self.mappings = flatten(state_dict)
+        views = getattr(metadata, "storage_data", None)
+        if metadata is not None and views is not None and hasattr(views, "nodes"):
+            # ZarrReader's metadata: plan against its node-path view (see ZarrReader).
+            metadata = Metadata(views.nodes.metadata, planner_data=views.nodes.paths, storage_data=views)
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        stored = self.metadata.state_dict_metadata
+        missing = sorted(describe(self.mappings[fqn].path) for fqn in self.state_dict if fqn not in stored)
+        if missing and not self.allow_partial_load:
+            raise MissingKeysError(f"checkpoint has no value for {len(missing)} key(s): {', '.join(missing)}")
+        for fqn, value in self.state_dict.items():
+            if fqn in stored:
+                _check_fits(describe(self.mappings[fqn].path), stored[fqn], value)
+        return create_default_local_load_plan(self.state_dict, self.metadata, strict=False)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        path = self.mappings[read_item.dest_index.fqn].path
+        container: Any = self.original_state_dict
+        for key in path[:-1]:
+            container = container[key]
+        container[path[-1]] = torch.load(value, weights_only=False)
+
+
+def _check_fits(key: str, stored: Any, dest: Any) -> None:
+    """Refuse a destination that is not the kind or shape of the stored value."""
+    is_tensor = isinstance(stored, TensorStorageMetadata)
+    if is_tensor != isinstance(dest, torch.Tensor):
+        have = "a tensor" if is_tensor else "a non-tensor value"
+        want = type(dest).__name__
+        raise MismatchError(f"key {key!r}: checkpoint holds {have}, destination is {want}")
+    if is_tensor and tuple(stored.size) != tuple(dest.size()):
+        raise MismatchError(
+            f"key {key!r}: checkpoint has shape {tuple(stored.size)}, destination {tuple(dest.size())}"
+        )

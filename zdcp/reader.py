@@ -1,0 +1,251 @@
+"""``ZarrReader``: a DCP ``StorageReader`` over a zdcp checkpoint.
+
+Each array is described to DCP as *one* chunk covering the whole tensor. DCP then asks for one
+slice per destination shard, whatever the save-time sharding was, and each slice is read in one
+tensorstore call that touches only the stored chunks it overlaps, straight into the destination
+tensor's memory when that is on the CPU.
+
+Every leaf is described under two FQN schemes (:class:`CatalogViews`): its node path, which
+zdcp's planner uses, and DCP's dotted FQN, which DCP's default planner uses, so
+``dcp.load(..., storage_reader=ZarrReader(p))`` works as well as ``zdcp.load``. In the dotted
+view plain values are split the way DCP's planner splits them (a list of dicts becomes one item
+per leaf). ``read_metadata`` hands DCP the dotted view; zdcp's planner switches to the other.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorstore as ts
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from .catalog import ArrayNode, Catalog
+from .dtypes import numpy_to_tensor, tensor_to_numpy
+from .errors import MismatchError, UnsafeError
+from .keys import describe
+from .storage import Store
+from .values import from_json
+
+__all__ = ["ZarrReader"]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one FQN's data comes from: an array node, or part of a plain value."""
+
+    node: str
+    subpath: tuple[Any, ...] = ()
+
+
+@dataclass
+class CatalogView:
+    """A checkpoint's leaves described to DCP under one FQN scheme."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    sources: dict[str, _Source] = field(default_factory=dict)
+
+    def add(self, fqn: str, md: Any, source: _Source, path: tuple[Any, ...]) -> None:
+        self.metadata[fqn], self.sources[fqn], self.paths[fqn] = md, source, path
+
+
+@dataclass(frozen=True)
+class CatalogViews:
+    """Both FQN schemes: node paths (zdcp's planners, ``fqns = "nodes"``) and DCP's dotted FQNs.
+
+    Kept apart because the two can disagree: DCP splits a list of dicts into one item per leaf
+    and reads a dotted name that zdcp may hold as another node's path.
+    """
+
+    nodes: CatalogView
+    dotted: CatalogView
+
+
+class ZarrReader(StorageReader):
+    """Read a zdcp checkpoint through DCP's load machinery.
+
+    Args:
+        path: the checkpoint directory; may also come later as DCP's ``checkpoint_id``.
+        allow_cast: cast stored tensors to the destination's dtype instead of refusing.
+        allow_pickle: unpickle values that were saved with ``allow_pickle=True``. Unpickling
+            runs code chosen by whoever wrote the checkpoint: only for trusted checkpoints.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        allow_cast: bool = False,
+        allow_pickle: bool = False,
+    ):
+        super().__init__()
+        self.store = Store(path) if path is not None else None
+        self.allow_cast = allow_cast
+        self.allow_pickle = allow_pickle
+        self.catalog: Catalog | None = None
+        self.views = CatalogViews(CatalogView(), CatalogView())
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike[str] | None:
+        return self.store.checkpoint_id if self.store else None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        try:
+            return Store(checkpoint_id).read_json("zarr.json") is not None
+        except (TypeError, ValueError):
+            return False
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.store = Store(checkpoint_id)
+        if self.store is None:
+            raise ValueError("ZarrReader needs a path: pass it to ZarrReader(...) or as checkpoint_id")
+        self.catalog = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        assert self.store is not None
+        self.catalog = catalog = Catalog.read(self.store)
+        nodes, dotted = CatalogView(), CatalogView()
+        candidates: dict[str, list[tuple[Any, _Source, tuple[Any, ...]]]] = {}
+        for node, array in catalog.arrays.items():
+            md = _tensor_metadata(array) if array.kind == "tensor" else BytesStorageMetadata()
+            nodes.add(node, md, _Source(node), array.entry.path)
+            candidates.setdefault(array.entry.dcp_fqn, []).append((md, _Source(node), array.entry.path))
+        for node, value in catalog.values.items():
+            path = value.entry.path
+            nodes.add(node, BytesStorageMetadata(), _Source(node), path)
+            for sub in _dcp_leaves(from_json(value.json, value.desc)):
+                leaf = path + sub
+                candidates.setdefault(".".join(map(str, leaf)), []).append((BytesStorageMetadata(), _Source(node, sub), leaf))
+        # DCP's dotted names can be ambiguous ("a.b" vs a -> b); an ambiguous one is left out.
+        for fqn, found in candidates.items():
+            if len(found) == 1:
+                dotted.add(fqn, *found[0])
+        self.views = CatalogViews(nodes=nodes, dotted=dotted)
+        return Metadata(state_dict_metadata=dotted.metadata, planner_data=dotted.paths, storage_data=self.views)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(metadata.storage_data, CatalogViews):
+            raise ValueError("ZarrReader got metadata it did not read itself")
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        assert self.store is not None and self.catalog is not None
+        view = self.views.nodes if getattr(planner, "fqns", None) == "nodes" else self.views.dotted
+        sources = [view.sources[item.storage_index.fqn] for item in plan.items]
+        if not self.allow_pickle:
+            for source in sources:
+                array = self.catalog.arrays.get(source.node)
+                if array is not None and array.kind == "pickle":
+                    raise UnsafeError(
+                        f"{describe(array.entry.path)!r} is a pickled value; loading it runs code from "
+                        "the checkpoint: pass allow_pickle=True only if you trust the checkpoint"
+                    )
+        tensor_items = []
+        for item, source in zip(plan.items, sources):
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, self._value_bytes(source))
+                continue
+            array = self.catalog.arrays[source.node]
+            dest = planner.resolve_tensor(item)
+            if dest.dtype != array.dtype.torch and not self.allow_cast:
+                raise MismatchError(
+                    f"key {describe(array.entry.path)!r}: checkpoint has dtype {array.dtype.torch}, "
+                    f"destination {dest.dtype} (pass allow_cast=True to convert)"
+                )
+            tensor_items.append((item, dest, array))
+        # Every read in flight at once; one tensorstore call per destination slice.
+        stores: dict[str, ts.TensorStore] = {}
+        pending = []
+        for item, dest, array in tensor_items:
+            node = array.entry.node
+            if node not in stores:
+                stores[node] = self._open(node, array)
+            region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
+            direct = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
+            if direct:  # straight into the destination's memory: no staging copy
+                future = ts.array(tensor_to_numpy(dest), copy=False, write=True).write(region)
+            else:
+                future = region.read()
+            pending.append((item, dest, array, future, direct))
+        for item, dest, array, future, direct in pending:
+            result = future.result()
+            if not direct:
+                dest.copy_(numpy_to_tensor(result, array.dtype.torch))
+            planner.commit_tensor(item, dest)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _open(self, node: str, array: ArrayNode) -> ts.TensorStore:
+        """Open an array from its consolidated metadata, without reading its zarr.json."""
+        assert self.store is not None
+        spec = {
+            "driver": "zarr3",
+            "kvstore": self.store.node_spec(node),
+            "metadata": array.document,
+            # A chunk file that is missing is damage, never zeros.
+            "fill_missing_data_reads": False,
+        }
+        return ts.open(spec, open=True, assume_metadata=True, read=True, context=self.store.context).result()
+
+    def _value_bytes(self, source: _Source) -> io.BytesIO:
+        """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
+        assert self.catalog is not None
+        if source.node in self.catalog.arrays:
+            data = self._open(source.node, self.catalog.arrays[source.node]).read().result()
+            value = pickle.loads(data.tobytes())
+        else:
+            stored = self.catalog.values[source.node]
+            value = from_json(stored.json, stored.desc)
+            for key in source.subpath:
+                value = value[key]
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        buf.seek(0)
+        return buf
+
+
+def _dcp_leaves(value: Any, sub: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Key paths, relative to a plain value, of the leaves DCP's planner splits it into.
+
+    Mirrors ``torch.distributed.checkpoint._traverse.traverse_state_dict``: mappings are
+    descended into, lists only when they hold a mapping somewhere; everything else is a leaf.
+    Unlike DCP, the paths keep the real (not ``str()``-ed) keys, so they can index the value.
+    """
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in _dcp_leaves(v, sub + (k,))]
+    if isinstance(value, list) and _holds_mapping(value):
+        return [p for i, v in enumerate(value) for p in _dcp_leaves(v, sub + (i,))]
+    return [sub]
+
+
+def _holds_mapping(values: list[Any]) -> bool:
+    return any(isinstance(v, Mapping) or (isinstance(v, list) and _holds_mapping(v)) for v in values)
+
+
+def _tensor_metadata(array: ArrayNode) -> TensorStorageMetadata:
+    size = torch.Size(array.shape)
+    whole = ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)
+    return TensorStorageMetadata(TensorProperties(dtype=array.dtype.torch), size, [whole])

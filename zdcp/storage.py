@@ -1,0 +1,87 @@
+"""Where a checkpoint lives: a tensorstore key-value store and the JSON documents in it.
+
+Everything zdcp reads or writes goes through a tensorstore kvstore spec rooted at the checkpoint,
+so the same code serves a local directory today and object stores (``s3``, ``gcs``) later. Array
+data is written by tensorstore's ``zarr3`` driver over ``spec_for(node)``; the ``zarr.json``
+documents are written and read here directly, as whole JSON values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import tensorstore as ts
+
+__all__ = ["Store", "kvstore_spec"]
+
+METADATA_KEY = "zarr.json"
+
+
+def kvstore_spec(checkpoint_id: str | os.PathLike[str]) -> dict[str, Any]:
+    """The tensorstore kvstore spec of a checkpoint's root directory.
+
+    A local path for now (relative paths are made absolute, so that every rank resolves the same
+    directory no matter where it runs from); object-store URLs slot in here.
+    """
+    path = os.fspath(checkpoint_id)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"checkpoint_id must be a non-empty path, got {checkpoint_id!r}")
+    return {"driver": "file", "path": os.path.abspath(path).rstrip("/") + "/"}
+
+
+class Store:
+    """One checkpoint's key-value store, with a shared tensorstore context.
+
+    The context is shared by every array opened through this store so that all chunk I/O of a
+    save or load draws on one pool of file-I/O and copy threads.
+    """
+
+    def __init__(self, checkpoint_id: str | os.PathLike[str]):
+        self.checkpoint_id = checkpoint_id
+        self.spec = kvstore_spec(checkpoint_id)
+        self.context = ts.Context()
+        self._kv: ts.KvStore | None = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    @property
+    def url(self) -> str:
+        """A human-readable name for messages."""
+        return self.spec["path"].rstrip("/")
+
+    @property
+    def kv(self) -> ts.KvStore:
+        if self._kv is None:
+            self._kv = ts.KvStore.open(self.spec, context=self.context).result()
+        return self._kv
+
+    def node_spec(self, node: str) -> dict[str, Any]:
+        """The kvstore spec of a node's directory (``node`` is a "/"-joined node path)."""
+        return {**self.spec, "path": self.spec["path"] + (node + "/" if node else "")}
+
+    def read_json(self, key: str) -> Any | None:
+        """The parsed JSON document at ``key``, or None when there is none."""
+        result = self.kv.read(key).result()
+        if result.state != "value":
+            return None
+        return json.loads(result.value)
+
+    def write_json_async(self, key: str, doc: Any) -> ts.Future:
+        """Write one JSON document (atomically replacing any old one)."""
+        return self.kv.write(key, json.dumps(doc, indent=2, allow_nan=False).encode())
+
+    def write_json(self, key: str, doc: Any) -> None:
+        self.write_json_async(key, doc).result()
+
+    def delete(self, key: str) -> None:
+        self.kv.delete(key).result()
+
+    def is_empty(self) -> bool:
+        return not self.kv.list().result()
+
+    def clear(self) -> None:
+        """Delete every key under the root."""
+        self.kv.delete_range(ts.KvStore.KeyRange()).result()
