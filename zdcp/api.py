@@ -84,7 +84,7 @@ def load(
     """
     no_dist = no_dist or not _distributed()
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
-    with _zdcp_errors():
+    with _zdcp_errors(reader):
         dcp.load(
             state_dict,
             storage_reader=reader,
@@ -100,15 +100,19 @@ def _distributed() -> bool:
 
 
 @contextmanager
-def _zdcp_errors() -> Iterator[None]:
+def _zdcp_errors(reader: ZarrReader | None = None) -> Iterator[None]:
     """Turn DCP's ``CheckpointException`` (gathered from all ranks) into one zdcp error.
 
     The lowest failing rank's error is raised when it is zdcp's own, so every rank raises the
     same class with the same message; anything else becomes a :class:`~zdcp.DistributedError`.
+    DCP replaces a failed ``read_metadata`` by an ``AssertionError``; the reader keeps the
+    original, which is raised instead.
     """
     try:
         yield
     except CheckpointException as e:
+        if reader is not None and reader.metadata_error is not None:
+            raise reader.metadata_error from e
         failures = {rank: exc for rank, (exc, _) in sorted(e.failures.items())}
         rank, first = next(iter(failures.items()))
         if isinstance(first, ZdcpError):

@@ -9,6 +9,7 @@ one this zdcp understands.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,8 @@ from .errors import (
 from .keys import Key, decode_key
 from .layout import ATTR, FORMAT_NAME, FORMAT_VERSION, zdcp_attrs
 from .storage import METADATA_KEY, Store
-from .tree import DICT, Entry
+from .tree import DICT, LIST, Entry
+from .values import from_json
 
 __all__ = ["Catalog", "ArrayNode", "ValueNode"]
 
@@ -42,20 +44,26 @@ class ArrayNode:
 
 @dataclass(frozen=True)
 class ValueNode:
-    """A plain value stored as JSON in its group's attributes."""
+    """A plain value: stored as JSON in its group's attributes, or a whole group of them."""
 
     entry: Entry
-    json: Any
-    desc: Any
+    value: Any
 
 
 @dataclass(frozen=True)
 class Catalog:
-    """Every leaf of a committed checkpoint, keyed by node path."""
+    """Every leaf of a committed checkpoint, keyed by node path.
+
+    ``values`` holds the plain values as stored. ``composites`` holds, for every group with no
+    array below it, the whole group rebuilt as one Python value (a list or dict): DCP's own
+    planner splits a list of dicts such as ``param_groups`` into one value per leaf, and a
+    reader asking for the list as one value finds it here.
+    """
 
     info: dict[str, Any]
     arrays: dict[str, ArrayNode]
     values: dict[str, ValueNode]
+    composites: dict[str, ValueNode]
 
     @classmethod
     def read(cls, store: Store) -> Catalog:
@@ -126,5 +134,27 @@ class Catalog:
                 if name == ATTR:
                     continue
                 path = f"{node}/{name}" if node else name
-                values[path] = ValueNode(entry(path), value, types.get(name))
-        return cls(info, arrays, values)
+                values[path] = ValueNode(entry(path), from_json(value, types.get(name)))
+        return cls(info, arrays, values, _composites(containers, arrays, values, entry))
+
+
+def _composites(
+    containers: dict[str, str],
+    arrays: dict[str, ArrayNode],
+    values: dict[str, ValueNode],
+    entry: Callable[[str], Entry],
+) -> dict[str, ValueNode]:
+    """Each group without arrays below it, rebuilt as a list or dict of its values."""
+    with_arrays = {"/".join(node.split("/")[:i]) for node in arrays for i in range(len(node.split("/")))}
+    children: dict[str, list[tuple[Key, str]]] = {}
+    for node in list(values) + [g for g in containers if g]:
+        parent, _, name = node.rpartition("/")
+        children.setdefault(parent, []).append((decode_key(name), node))
+
+    def rebuild(group: str) -> Any:
+        items = {key: rebuild(node) if node in containers else values[node].value for key, node in children[group]}
+        if containers[group] == LIST:
+            return [items[i] for i in range(len(items))]
+        return items
+
+    return {g: ValueNode(entry(g), rebuild(g)) for g in containers if g and g not in with_arrays}

@@ -32,11 +32,12 @@ _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%/\\")
 _RESERVED_NAMES = {".", "..", "zarr.json", "zdcp"}
 
 
-def encode_key(key: Key) -> str:
-    """The Zarr node name for one state-dict key."""
+def encode_key(key: Key, where: str = "") -> str:
+    """The Zarr node name for one state-dict key (``where``: its parent, for the error)."""
     if isinstance(key, bool) or not isinstance(key, (str, int)):
+        inside = f" in {where!r}" if where else ""
         raise UnsupportedValueError(
-            f"state-dict key {key!r} has type {type(key).__name__}; zdcp stores str and int keys"
+            f"state-dict key {key!r}{inside} has type {type(key).__name__}; zdcp stores str and int keys"
         )
     if isinstance(key, int):
         return f"%i{key}"

@@ -36,10 +36,9 @@ from torch.futures import Future
 
 from .catalog import ArrayNode, Catalog
 from .dtypes import numpy_to_tensor, tensor_to_numpy
-from .errors import MismatchError, UnsafeError
+from .errors import CorruptCheckpointError, MismatchError, UnsafeError, ZdcpError
 from .keys import describe
 from .storage import Store
-from .values import from_json
 
 __all__ = ["ZarrReader"]
 
@@ -98,6 +97,7 @@ class ZarrReader(StorageReader):
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
         self.catalog: Catalog | None = None
+        self.metadata_error: ZdcpError | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
 
     @property
@@ -117,20 +117,28 @@ class ZarrReader(StorageReader):
         if self.store is None:
             raise ValueError("ZarrReader needs a path: pass it to ZarrReader(...) or as checkpoint_id")
         self.catalog = None
+        self.metadata_error = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         assert self.store is not None
-        self.catalog = catalog = Catalog.read(self.store)
+        try:
+            self.catalog = catalog = Catalog.read(self.store)
+        except ZdcpError as e:
+            # DCP swallows this and raises a bare AssertionError; keep it for zdcp.load.
+            self.metadata_error = e
+            raise
         nodes, dotted = CatalogView(), CatalogView()
         candidates: dict[str, list[tuple[Any, _Source, tuple[Any, ...]]]] = {}
         for node, array in catalog.arrays.items():
             md = _tensor_metadata(array) if array.kind == "tensor" else BytesStorageMetadata()
             nodes.add(node, md, _Source(node), array.entry.path)
             candidates.setdefault(array.entry.dcp_fqn, []).append((md, _Source(node), array.entry.path))
+        for node, value in catalog.composites.items():
+            nodes.add(node, BytesStorageMetadata(), _Source(node), value.entry.path)
         for node, value in catalog.values.items():
             path = value.entry.path
             nodes.add(node, BytesStorageMetadata(), _Source(node), path)
-            for sub in _dcp_leaves(from_json(value.json, value.desc)):
+            for sub in _dcp_leaves(value.value):
                 leaf = path + sub
                 candidates.setdefault(".".join(map(str, leaf)), []).append((BytesStorageMetadata(), _Source(node, sub), leaf))
         # DCP's dotted names can be ambiguous ("a.b" vs a -> b); an ambiguous one is left out.
@@ -190,7 +198,10 @@ class ZarrReader(StorageReader):
                 future = region.read()
             pending.append((item, dest, array, future, direct))
         for item, dest, array, future, direct in pending:
-            result = future.result()
+            try:
+                result = future.result()
+            except ValueError as e:  # tensorstore: checksum mismatch, missing or truncated chunk
+                raise CorruptCheckpointError(f"array {describe(array.entry.path)!r}: {e}") from None
             if not direct:
                 dest.copy_(numpy_to_tensor(result, array.dtype.torch))
             planner.commit_tensor(item, dest)
@@ -217,8 +228,7 @@ class ZarrReader(StorageReader):
             data = self._open(source.node, self.catalog.arrays[source.node]).read().result()
             value = pickle.loads(data.tobytes())
         else:
-            stored = self.catalog.values[source.node]
-            value = from_json(stored.json, stored.desc)
+            value = (self.catalog.values.get(source.node) or self.catalog.composites[source.node]).value
             for key in source.subpath:
                 value = value[key]
         buf = io.BytesIO()

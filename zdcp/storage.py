@@ -77,7 +77,7 @@ class Store:
         self.write_json_async(key, doc).result()
 
     def delete(self, key: str) -> None:
-        self.kv.delete(key).result()
+        del self.kv[key]
 
     def is_empty(self) -> bool:
         return not self.kv.list().result()

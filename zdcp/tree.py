@@ -18,7 +18,7 @@ DCP's plain key-path tuples (:meth:`Entry.from_dcp_path`) so that DCP's default 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_tensors
 from torch.distributed.tensor import DTensor
 
-from .keys import Key, encode_key, join
+from .keys import Key, describe, encode_key, join
 
 __all__ = ["Entry", "flatten", "tensor_layout"]
 
@@ -38,13 +38,11 @@ class Entry:
     """Where one leaf of a state dict lives.
 
     ``path`` holds the keys from the root to the leaf; ``kinds[i]`` says whether ``path[i]``
-    indexes a ``"dict"`` or a ``"list"``. ``layout`` describes a tensor's save-time placement
-    (JSON; None for plain values or when the planner did not record it).
+    indexes a ``"dict"`` or a ``"list"``.
     """
 
     path: tuple[Key, ...]
     kinds: tuple[str, ...]
-    layout: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def from_dcp_path(cls, path: tuple[Key, ...]) -> Entry:
@@ -85,6 +83,7 @@ def flatten(state_dict: Mapping[Key, Any]) -> tuple[dict[str, Any], dict[str, En
     def visit(path: tuple[Key, ...], kinds: tuple[str, ...], value: Any) -> None:
         if isinstance(value, Mapping) and value:
             for k, v in value.items():
+                encode_key(k, describe(path))  # refuse unsupported key types, naming where
                 visit(path + (k,), kinds + (DICT,), v)
         elif isinstance(value, list) and _holds_tensor(value):
             for i, v in enumerate(value):
@@ -94,12 +93,12 @@ def flatten(state_dict: Mapping[Key, Any]) -> tuple[dict[str, Any], dict[str, En
                 value = _flatten_sharded_tensors({"t": value}).get("t")
                 if value is None:  # no local shard: nothing to read or write here
                     return
-            layout = tensor_layout(value) if isinstance(value, torch.Tensor) else None
-            entry = Entry(path, kinds, layout)
+            entry = Entry(path, kinds)
             flat[entry.node] = value
             entries[entry.node] = entry
 
     for key, value in state_dict.items():
+        encode_key(key)
         visit((key,), (DICT,), value)
     return flat, entries
 

@@ -54,7 +54,7 @@ def to_json(value: Any, where: str = "") -> tuple[JSON, JSON]:
     if isinstance(value, dict):
         obj, descs = {}, {}
         for k, v in value.items():
-            name = encode_key(k)
+            name = encode_key(k, where or "<root>")
             obj[name] = _member(v, where, k, descs, name)
         return obj, ({"t": "dict", "items": descs} if descs else None)
     raise UnsupportedValueError(

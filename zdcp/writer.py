@@ -45,7 +45,7 @@ from .layout import (
     zdcp_attrs,
 )
 from .storage import METADATA_KEY, Store
-from .tree import DICT, Entry
+from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
 __all__ = ["ZarrWriter"]
@@ -188,10 +188,15 @@ class ZarrWriter(StorageWriter):
             chunk = item.tensor_data.chunk
             region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
             pending.append((item, arrays[fqn].result()[region].write(tensor_to_numpy(tensor)), nbytes))
+        # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
+        # placement the write items do not carry.
+        sources = getattr(planner, "state_dict", {})
         for item, write, nbytes in pending:
             if write is not None:
                 write.result()
-            results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=None))
+            source = sources.get(item.index.fqn)
+            layout = tensor_layout(source) if isinstance(source, torch.Tensor) else None
+            results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=layout))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -223,6 +228,8 @@ class ZarrWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.store is not None
+        # Per FQN: a _Value or _Pickled for plain values, the placement layout for tensors
+        # (any rank that wrote a shard reports the same one).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}
         groups: dict[tuple[Any, ...], _Group] = {(): _Group(DICT)}
         arrays: dict[str, dict[str, Any]] = {}
@@ -238,7 +245,7 @@ class ZarrWriter(StorageWriter):
                     groups[entry.path[:-1]].add(entry.path[-1], data)
             else:
                 dtype = from_torch(md.properties.dtype)
-                attrs = {"kind": "tensor", "dtype": dtype.torch_name, "layout": entry.layout}
+                attrs = {"kind": "tensor", "dtype": dtype.torch_name, "layout": stored.get(fqn)}
                 arrays[entry.node] = array_document(list(md.size), dtype, self._grids[fqn], attrs, self.compression)
         nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)

@@ -1,0 +1,48 @@
+"""Run a function on W gloo ranks in fresh processes, with a deadline.
+
+Real multi-process runs, as in training: ``torch.multiprocessing`` spawns the ranks, each joins
+a gloo process group over a file store, and a rank's exception fails the caller with that
+rank's traceback. A run that outlives ``timeout`` is killed and fails, so a hang in a
+collective shows up as a test failure instead of a stuck suite.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["run_ranks"]
+
+
+def _entry(rank: int, world_size: int, init_method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    faulthandler.enable(all_threads=True)  # a native crash in a rank prints its Python stacks
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; raise if any fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = f"file://{os.path.join(tmp, 'store')}"
+        ctx = mp.start_processes(
+            _entry, args=(world_size, init_method, fn, args), nprocs=world_size, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{world_size} ranks running {fn.__name__} did not finish in {timeout} s")

@@ -1,0 +1,72 @@
+"""Key encoding and plain-value JSON: every key and value comes back exactly, nothing escapes."""
+
+import math
+
+import pytest
+
+import zdcp
+from zdcp.keys import decode_key, encode_key
+from zdcp.values import from_json, to_json
+
+KEYS = ["net1.weight", "exp_avg", "a/b", "/abs", ".", "..", "../x", "__meta", "zarr.json", "zdcp", "", "%i0", "%e",
+        "%41", "é", "tab\tand\nnewline", "back\\slash", "~tilde", "c", 0, 7, -3, 10**20]
+
+
+@pytest.mark.parametrize("key", KEYS, ids=repr)
+def test_key_round_trip_and_safe(key):
+    name = encode_key(key)
+    assert decode_key(name) == key and type(decode_key(name)) is type(key)
+    assert name and "/" not in name and name not in (".", "..") and not name.startswith("__")
+    assert name not in ("zarr.json", "zdcp")
+
+
+def test_keys_never_collide():
+    names = [encode_key(k) for k in KEYS]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("key", [1.5, None, b"x", True, ("a",)], ids=repr)
+def test_unsupported_key_types_are_refused(key):
+    with pytest.raises(zdcp.UnsupportedValueError, match="key"):
+        encode_key(key)
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "%i+1", "%i01", "%2e", "%zz", "__x", "%C3", ""])
+def test_crafted_names_are_refused(name):
+    with pytest.raises(zdcp.UnsafeError):
+        decode_key(name)
+
+
+VALUES = [
+    None, True, False, 0, -5, 2**70, 1.5, 0.1, 1e-310, "text", "", [], (), {},
+    [1, 2.0, "x"], (0.9, 0.999), [(1, 2), [3, (4,)]], {"a": 1, 0: "int key", "0": "str key"},
+    {"lr": 0.1, "betas": (0.9, 0.99), "params": ["w", "b"]},
+    [{"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "foreach": None, "params": [0, 1]}],
+    {1: {2: (3, {"x": float("inf")})}},
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_plain_values_round_trip_with_types(value):
+    j, desc = to_json(value)
+    back = from_json(j, desc)
+    assert back == value
+    assert repr(back) == repr(value)  # types too: tuple vs list, int vs str keys
+
+
+def test_non_finite_floats():
+    values = [float("nan"), float("inf"), float("-inf"), -0.0]
+    j, desc = to_json(values)
+    back = from_json(j, desc)
+    assert math.isnan(back[0]) and back[1:3] == [math.inf, -math.inf]
+    assert math.copysign(1.0, back[3]) == -1.0
+
+
+def test_json_is_natural_where_it_can_be():
+    assert to_json({"lr": 0.1, "n": [1, 2]}) == ({"lr": 0.1, "n": [1, 2]}, None)
+
+
+@pytest.mark.parametrize("value", [b"bytes", object(), {1.5: 2}, [1, {"a": set()}]], ids=repr)
+def test_values_json_cannot_hold_are_refused_with_where(value):
+    with pytest.raises(zdcp.UnsupportedValueError, match="opt/x"):
+        to_json(value, "opt/x")

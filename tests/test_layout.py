@@ -1,0 +1,69 @@
+"""Chunk grids: chunks are the save-time shards for regular layouts, and every chunk lies in one
+shard (one writer) for irregular ones."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from zdcp.layout import chunk_shape
+
+
+def torch_chunk_shards(n, w):
+    """Shard(d) over w ranks, as DTensor cuts it (torch.chunk; missing trailing shards empty)."""
+    sizes = [c.numel() for c in torch.arange(n).chunk(w)] if n else []
+    sizes += [0] * (w - len(sizes))
+    offsets = [sum(sizes[:i]) if sizes[i] else n for i in range(w)]
+    return list(zip(offsets, sizes))
+
+
+def assert_single_writer(shape, shards, chunks):
+    """Every chunk of the grid lies inside exactly one shard."""
+    grid = [range(math.ceil(n / c)) if n else range(0) for n, c in zip(shape, chunks)]
+    for index in itertools.product(*grid):
+        lo = [i * c for i, c in zip(index, chunks)]
+        hi = [min((i + 1) * c, n) for i, c, n in zip(index, chunks, shape)]
+        owners = [
+            s for s in shards
+            if all(o <= a and b <= o + z for o, z, a, b in zip(s[0], s[1], lo, hi))
+        ]
+        assert len(owners) == 1, (shape, shards, index)
+
+
+@pytest.mark.parametrize("w", range(1, 17))
+def test_shard_d_chunks_are_the_shards(w):
+    for n in range(0, 70):
+        shards = [((o,), (s,)) for o, s in torch_chunk_shards(n, w)]
+        chunks = chunk_shape((n,), shards)
+        assert chunks == (max(math.ceil(n / w), 1),) if n else (1,)
+        if n:
+            assert_single_writer((n,), shards, chunks)
+
+
+def test_two_dim_mesh_shard_both_dims():
+    # [Shard(0), Shard(1)] on a 2x3 mesh of a 7x10 tensor
+    rows, cols = torch_chunk_shards(7, 2), torch_chunk_shards(10, 3)
+    shards = [((ro, co), (rs, cs)) for ro, rs in rows for co, cs in cols]
+    assert chunk_shape((7, 10), shards) == (4, 4)
+    assert_single_writer((7, 10), shards, (4, 4))
+
+
+def test_irregular_layouts_get_single_writer_grids():
+    # [Shard(0), Shard(0)] on a 2x3 mesh, n=7: sizes 2,2,0,1,1,1
+    nested = [((0,), (2,)), ((2,), (2,)), ((7,), (0,)), ((4,), (1,)), ((5,), (1,)), ((6,), (1,))]
+    assert chunk_shape((7,), nested) == (1,)
+    assert_single_writer((7,), nested, (1,))
+    # FSDP2 + TP (_StridedShard(0, split_factor=2), Shard(0)), n=10: sizes 3,3,2,2 at 0,5,3,8
+    strided = [((0,), (3,)), ((5,), (3,)), ((3,), (2,)), ((8,), (2,))]
+    assert chunk_shape((10,), strided) == (1,)
+    assert_single_writer((10,), strided, (1,))
+    # a 4096-row weight under the same layouts keeps large chunks
+    big = [((o,), (512,)) for o in (0, 2048, 512, 2560, 1024, 3072, 1536, 3584)]
+    assert chunk_shape((4096,), big) == (512,)
+
+
+def test_unsharded_and_scalar():
+    assert chunk_shape((5, 3), [((0, 0), (5, 3))]) == (5, 3)
+    assert chunk_shape((), [((), ())]) == ()
+    assert chunk_shape((0, 4), [((0, 0), (0, 4))]) == (1, 4)

@@ -1,0 +1,225 @@
+"""Single-process save/load: every dtype, plain values, nesting, subset loads, the DCP plugin
+path, and clear errors for each kind of bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import assert_bitwise_equal
+
+import zdcp
+from zdcp.dtypes import _ALL as ALL_DTYPES
+
+
+def make_tensor(dtype, shape=(5, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 4).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g).to(dtype)
+
+
+def zeros_like_tree(tree):
+    if isinstance(tree, torch.Tensor):
+        return torch.zeros_like(tree)
+    if isinstance(tree, dict):
+        return {k: zeros_like_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [zeros_like_tree(v) for v in tree]
+    return None
+
+
+@pytest.mark.parametrize("d", ALL_DTYPES, ids=lambda d: d.zarr)
+def test_every_dtype_round_trips_bitwise(ckpt, d):
+    t = make_tensor(d.torch)
+    sd = {"t": t, "scalar": t[0, 0].clone(), "empty": t[:0], "view": t.t()}
+    zdcp.save(sd, ckpt)
+    out = zeros_like_tree(sd)
+    zdcp.load(out, ckpt)
+    for k in sd:
+        assert_bitwise_equal(out[k], sd[k], k)
+
+
+def test_nested_state_with_plain_values_keeps_types(ckpt):
+    sd = {
+        "app": {
+            "model": {"net1.weight": torch.randn(4, 4), "net1.bias": torch.randn(4)},
+            "optim": {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 4)}},
+                "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "foreach": None, "params": [0]}],
+            },
+        },
+        "step": 100,
+        "loss": float("nan"),
+        "note": "ok",
+        "sampler": {"epoch": 2, "seen": [1, 2, 3], "rng": (1, "x", None)},
+        "tensors_in_list": [torch.ones(2), {"inner": torch.zeros(3)}, 7],
+        "nothing_yet": {},
+    }
+    zdcp.save(sd, ckpt)
+    out = zeros_like_tree(sd)
+    out["app"]["optim"]["state"] = {0: {"step": torch.zeros(()), "exp_avg": torch.zeros(4, 4)}}
+    out["sampler"] = {"epoch": 0, "seen": None, "rng": None}
+    out["nothing_yet"] = {}
+    zdcp.load(out, ckpt)
+    assert repr({k: v for k, v in out.items() if k not in ("app", "tensors_in_list")}) == repr(
+        {k: v for k, v in sd.items() if k not in ("app", "tensors_in_list")}
+    )
+    assert out["app"]["optim"]["param_groups"] == sd["app"]["optim"]["param_groups"]
+    assert isinstance(out["app"]["optim"]["param_groups"][0]["betas"], tuple)
+    assert 0 in out["app"]["optim"]["state"]
+    assert torch.equal(out["app"]["optim"]["state"][0]["exp_avg"], sd["app"]["optim"]["state"][0]["exp_avg"])
+    assert torch.equal(out["tensors_in_list"][1]["inner"], sd["tensors_in_list"][1]["inner"])
+    assert out["tensors_in_list"][2] == 7
+
+
+def test_layout_on_disk_is_the_nested_state_dict(ckpt):
+    sd = {"app": {"model": {"net1.weight": torch.randn(4, 4)}, "optim": {"state": {"net1.weight": {"exp_avg": torch.randn(4, 4)}}}}}
+    zdcp.save(sd, ckpt)
+    assert (ckpt / "app/model/net1.weight/zarr.json").is_file()
+    assert (ckpt / "app/optim/state/net1.weight/exp_avg/zarr.json").is_file()
+    for group in ["", "app", "app/model", "app/optim", "app/optim/state", "app/optim/state/net1.weight"]:
+        assert json.loads((ckpt / group / "zarr.json").read_text())["node_type"] == "group"
+    doc = json.loads((ckpt / "app/model/net1.weight/zarr.json").read_text())
+    assert doc["attributes"]["zdcp"]["dtype"] == "float32"
+    assert {"name": "crc32c"} in doc["codecs"]
+
+
+def test_subset_load_and_missing_keys(ckpt):
+    zdcp.save({"a": torch.ones(3), "b": torch.zeros(2), "c": 5}, ckpt)
+    out = {"a": torch.zeros(3)}
+    zdcp.load(out, ckpt)
+    assert torch.equal(out["a"], torch.ones(3))
+    with pytest.raises(zdcp.MissingKeysError, match="'?model/missing'?") as e:
+        zdcp.load({"a": torch.zeros(3), "model": {"missing": torch.zeros(1)}}, ckpt)
+    assert isinstance(e.value, Exception)
+    out = {"a": torch.zeros(3), "extra": torch.full((1,), 7.0)}
+    zdcp.load(out, ckpt, allow_partial_load=True)
+    assert torch.equal(out["extra"], torch.full((1,), 7.0))
+
+
+def test_shape_and_dtype_mismatch_name_the_key(ckpt):
+    zdcp.save({"m": {"w": torch.arange(6.0).reshape(2, 3)}}, ckpt)
+    with pytest.raises(zdcp.MismatchError, match=r"m/w.*\(2, 3\).*\(3, 2\)"):
+        zdcp.load({"m": {"w": torch.zeros(3, 2)}}, ckpt)
+    dest = torch.zeros(2, 3, dtype=torch.bfloat16)
+    with pytest.raises(zdcp.MismatchError, match="m/w.*float32.*bfloat16"):
+        zdcp.load({"m": {"w": dest}}, ckpt)
+    assert not dest.any()  # nothing was written into the destination
+    zdcp.load({"m": {"w": dest}}, ckpt, allow_cast=True)
+    assert torch.equal(dest, torch.arange(6.0).reshape(2, 3).bfloat16())
+    with pytest.raises(zdcp.MismatchError, match="m/w"):
+        zdcp.load({"m": {"w": 3}}, ckpt)
+
+
+def test_existing_missing_and_incomplete_checkpoints(ckpt, tmp_path):
+    with pytest.raises(zdcp.CheckpointNotFoundError, match=str(ckpt)):
+        zdcp.load({"a": torch.zeros(1)}, ckpt)
+    zdcp.save({"a": torch.ones(1), "old": torch.ones(4)}, ckpt)
+    with pytest.raises(zdcp.CheckpointExistsError, match="overwrite=True"):
+        zdcp.save({"a": torch.zeros(1)}, ckpt)
+    zdcp.save({"a": torch.full((1,), 2.0)}, ckpt, overwrite=True)
+    assert not (ckpt / "old").exists()  # the replaced checkpoint left nothing behind
+    out = {"a": torch.zeros(1)}
+    zdcp.load(out, ckpt)
+    assert out["a"].item() == 2.0
+    (ckpt / "zarr.json").unlink()  # as if the save had died before its commit
+    with pytest.raises(zdcp.IncompleteCheckpointError, match="never committed"):
+        zdcp.load(out, ckpt)
+    with pytest.raises(zdcp.CheckpointExistsError, match="interrupted"):
+        zdcp.save({"a": torch.zeros(1)}, ckpt)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(zdcp.CheckpointExistsError):
+        zdcp.save({"a": torch.zeros(1)}, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_unsupported_values_are_refused_before_writing(ckpt):
+    with pytest.raises(zdcp.UnsupportedValueError, match="cfg/dtype"):
+        zdcp.save({"w": torch.ones(2), "cfg": {"dtype": torch.float32}}, ckpt)
+    assert not ckpt.exists() or not any(ckpt.iterdir())
+    with pytest.raises(zdcp.UnsupportedValueError, match="quint8|qint8"):
+        zdcp.save({"q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}, ckpt)
+
+
+def test_pickle_needs_opt_in_at_save_and_at_load(ckpt):
+    sd = {"w": torch.ones(2), "obj": {"dtype": torch.float32, "shape": torch.Size([2, 3])}}
+    zdcp.save(sd, ckpt, allow_pickle=True)
+    out = {"w": torch.zeros(2), "obj": {"dtype": None, "shape": None}}
+    with pytest.raises(zdcp.UnsafeError, match="obj/dtype"):
+        zdcp.load(out, ckpt)
+    assert out["obj"]["dtype"] is None
+    zdcp.load(out, ckpt, allow_pickle=True)
+    assert out["obj"] == sd["obj"]
+
+
+def test_newer_format_version_is_refused(ckpt):
+    zdcp.save({"a": torch.ones(1)}, ckpt)
+    root = json.loads((ckpt / "zarr.json").read_text())
+    root["attributes"]["zdcp"]["format_version"] = 99
+    (ckpt / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(zdcp.UnsupportedFormatError, match="99"):
+        zdcp.load({"a": torch.zeros(1)}, ckpt)
+
+
+def test_corrupt_and_missing_chunks_fail_loudly(ckpt):
+    zdcp.save({"w": torch.arange(8.0), "z": torch.zeros(4)}, ckpt)
+    chunk = ckpt / "w/c/0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
+        zdcp.load({"w": torch.zeros(8)}, ckpt)
+    (ckpt / "z/c/0").unlink()  # an all-zero chunk is written too, so its absence is damage
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'z'"):
+        zdcp.load({"z": torch.ones(4)}, ckpt)
+
+
+def test_errors_are_exceptions_under_one_base():
+    for name in zdcp.__all__:
+        obj = getattr(zdcp, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, zdcp.ZdcpError) and issubclass(obj, Exception), name
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_compression_round_trips_and_opens_in_zarr(ckpt, compression):
+    import zarr
+
+    t = torch.randn(64, 8).bfloat16()
+    zdcp.save({"t": t}, ckpt, compression=compression)
+    out = {"t": torch.zeros_like(t)}
+    zdcp.load(out, ckpt)
+    assert_bitwise_equal(out["t"], t)
+    z = zarr.open_group(ckpt, mode="r")["t"]
+    assert np.array_equal(z[:].view(np.int16), t.view(torch.int16).numpy())
+
+
+def test_dcp_plugin_path_is_the_same_format(tmp_path):
+    sd = {"model": {"w": torch.randn(6, 2), "b": torch.randn(2).bfloat16()}, "step": 4,
+          "optim": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
+    dcp.save(sd, storage_writer=zdcp.ZarrWriter(tmp_path / "via_dcp"), no_dist=True)
+    zdcp.save(sd, tmp_path / "via_zdcp")
+    for node in ["model/w", "model/b"]:
+        a = json.loads((tmp_path / "via_dcp" / node / "zarr.json").read_text())
+        b = json.loads((tmp_path / "via_zdcp" / node / "zarr.json").read_text())
+        assert a == b
+    for src in ["via_dcp", "via_zdcp"]:
+        for loader in ["dcp", "zdcp"]:
+            out = {"model": {"w": torch.zeros(6, 2), "b": torch.zeros(2).bfloat16()}, "step": 0,
+                   "optim": {"param_groups": [{"lr": 0.0, "params": None}]}}
+            if loader == "dcp":
+                dcp.load(out, storage_reader=zdcp.ZarrReader(tmp_path / src), no_dist=True)
+            else:
+                zdcp.load(out, tmp_path / src)
+            assert torch.equal(out["model"]["w"], sd["model"]["w"]), (src, loader)
+            assert torch.equal(out["model"]["b"], sd["model"]["b"]), (src, loader)
+            assert out["step"] == 4 and out["optim"] == sd["optim"], (src, loader)
