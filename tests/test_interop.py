@@ -1,0 +1,63 @@
+"""A zdcp checkpoint is a plain Zarr v3 hierarchy: zarr-python and tensorstore open it with no
+training code, bf16/fp8 included, and read slices."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorstore as ts
+import torch
+import zarr
+from conftest import assert_bitwise_equal
+
+import zdcp
+from zdcp.dtypes import EXTENSION_DTYPES, tensor_to_numpy
+
+
+@pytest.mark.parametrize("d", EXTENSION_DTYPES, ids=lambda d: d.zarr)
+def test_bf16_and_fp8_read_and_write_through_zarr_python(ckpt, d):
+    t = (torch.randn(6, 4) * 3).to(d.torch)
+    zdcp.save({"m": {"t": t}}, ckpt)
+    array = zarr.open_group(ckpt, mode="r")["m/t"]
+    assert array.dtype == d.numpy and array.metadata.data_type.to_json(zarr_format=3) == d.zarr
+    assert np.array_equal(array[1:4].view(np.uint8), tensor_to_numpy(t[1:4]).view(np.uint8))
+
+    # zarr-python writes the type too, and tensorstore reads what it wrote
+    other = zarr.create_array(ckpt.parent / "by_zarr", shape=(6, 4), chunks=(3, 4), dtype=d.numpy)
+    other[:] = tensor_to_numpy(t)
+    back = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(ckpt.parent / "by_zarr")}}).result()
+    assert np.array_equal(back.read().result().view(np.uint8), tensor_to_numpy(t).view(np.uint8))
+
+
+def test_tensorstore_opens_an_array_and_reads_a_slice(ckpt):
+    t = torch.arange(200, dtype=torch.float32).reshape(20, 10)
+    zdcp.save({"layer": {"weight": t}}, ckpt)
+    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(ckpt / "layer/weight")}}).result()
+    assert array.shape == (20, 10) and array.dtype == ts.float32
+    assert np.array_equal(array[5:8, 2:4].read().result(), t[5:8, 2:4].numpy())
+
+
+def test_zarr_python_sees_groups_values_and_chunks(ckpt):
+    sd = {"model": {"w": torch.randn(9, 2).bfloat16()}, "optim": {"param_groups": [{"lr": 0.5, "betas": (0.9, 0.95)}]},
+          "step": 12}
+    zdcp.save(sd, ckpt)
+    root = zarr.open_group(ckpt, mode="r")
+    assert set(root.group_keys()) == {"model", "optim"}
+    assert root.attrs["step"] == 12
+    assert root["optim"].attrs["param_groups"] == [{"lr": 0.5, "betas": [0.9, 0.95]}]
+    # without consolidated metadata too: every group has its own zarr.json
+    plain = zarr.open_group(ckpt, mode="r", use_consolidated=False)
+    w = plain["model/w"]
+    assert w.chunks == (9, 2)
+    out = torch.from_numpy(w[:].view(np.int16)).view(torch.bfloat16)
+    assert_bitwise_equal(out, sd["model"]["w"])
+
+
+def test_root_document_records_what_load_needs(ckpt):
+    zdcp.save({"w": torch.ones(2, dtype=torch.float16)}, ckpt)
+    root = json.loads((ckpt / "zarr.json").read_text())
+    info = root["attributes"]["zdcp"]
+    assert info["format"] == "zdcp" and info["format_version"] == 1
+    assert info["world_size"] == 1 and info["torch_version"] == torch.__version__
+    assert root["consolidated_metadata"]["metadata"]["w"]["attributes"]["zdcp"]["dtype"] == "float16"
+    assert b"pickle" not in (ckpt / "zarr.json").read_bytes()

@@ -1,0 +1,156 @@
+"""DTensor and ShardedTensor checkpoints saved at one world size and placement, loaded at
+another; chunk grids equal the save-time shards; errors reach every rank."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import zarr
+from conftest import assert_bitwise_equal
+from dist import run_ranks
+from torch.distributed._shard import sharded_tensor
+from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import zdcp
+
+# name: (shape, dtype); uneven row counts on purpose
+SHAPES = {
+    "rows7": ((7, 3), torch.float32),
+    "rows5": ((5, 4), torch.float32),
+    "rows3": ((3, 2), torch.bfloat16),
+    "cols": ((4, 9), torch.float32),
+    "rep": ((3, 3), torch.float64),
+}
+SHAPES_2D = {
+    "grid": ((6, 10), torch.float32),  # [Shard(0), Shard(1)]
+    "nested": ((5, 4), torch.float32),  # [Shard(0), Shard(0)]: rows 2,1,1,1, no regular grid
+    "mixed": ((5, 6), torch.bfloat16),  # [Replicate(), Shard(1)]
+}
+SAVE_1D = {"rows7": [Shard(0)], "rows5": [Shard(0)], "rows3": [Shard(0)], "cols": [Shard(1)], "rep": [Replicate()]}
+LOAD_1D = {"rows7": [Shard(1)], "rows5": [Replicate()], "rows3": [Shard(1)], "cols": [Shard(0)], "rep": [Shard(0)]}
+SAVE_2D = {"grid": [Shard(0), Shard(1)], "nested": [Shard(0), Shard(0)], "mixed": [Replicate(), Shard(1)]}
+LOAD_2D_AS_1D = {"grid": [Shard(1)], "nested": [Replicate()], "mixed": [Shard(0)]}
+LOAD_1D_AS_2D = {"rows7": [Shard(1), Shard(0)], "rows5": [Shard(0), Shard(0)], "rows3": [Replicate(), Shard(0)],
+                 "cols": [Shard(0), Shard(1)], "rep": [Shard(1), Replicate()]}
+
+
+def reference(name):
+    shape, dtype = {**SHAPES, **SHAPES_2D}[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def dtensors(mesh, placements, fill=True):
+    return {
+        name: distribute_tensor(reference(name) if fill else torch.zeros_like(reference(name)), mesh, p)
+        for name, p in placements.items()
+    }
+
+
+def load_and_check(path, mesh, placements):
+    state = {"model": dtensors(mesh, placements, fill=False), "step": 0}
+    zdcp.load(state, path)
+    for name, dt in state["model"].items():
+        assert dt.placements == tuple(placements[name])
+        assert_bitwise_equal(dt.full_tensor(), reference(name), name)
+    assert state["step"] == 7
+
+
+def save_1d(rank, world_size, root):
+    mesh = init_device_mesh("cpu", (world_size,))
+    zdcp.save({"model": dtensors(mesh, SAVE_1D), "step": 7}, root / f"w{world_size}")
+
+
+def save_and_reshard_at_4(rank, world_size, root):
+    mesh1 = init_device_mesh("cpu", (4,))
+    mesh2 = init_device_mesh("cpu", (2, 2))
+    zdcp.save({"model": dtensors(mesh1, SAVE_1D), "step": 7}, root / "w4")
+    zdcp.save({"model": dtensors(mesh2, SAVE_2D), "step": 7}, root / "w4_2d")
+    for saved_at in ("w2", "w3"):
+        load_and_check(root / saved_at, mesh1, LOAD_1D)
+        load_and_check(root / saved_at, mesh2, LOAD_1D_AS_2D)
+
+
+def reshard_at_3(rank, world_size, root):
+    mesh = init_device_mesh("cpu", (3,))
+    load_and_check(root / "w4", mesh, LOAD_1D)
+    load_and_check(root / "w4_2d", mesh, LOAD_2D_AS_1D)
+
+
+def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
+    run_ranks(2, save_1d, tmp_path)
+    run_ranks(3, save_1d, tmp_path)
+    run_ranks(4, save_and_reshard_at_4, tmp_path)
+    run_ranks(3, reshard_at_3, tmp_path)
+
+    for world_size in (2, 3, 4):
+        group = zarr.open_group(tmp_path / f"w{world_size}/model", mode="r")
+        for name in ("rows7", "rows5", "rows3"):
+            rows = SHAPES[name][0][0]
+            # Shard(0) over W ranks: torch.chunk sizes, i.e. chunk length ceil(rows / W)
+            assert group[name].chunks == (-(-rows // world_size), SHAPES[name][0][1]), (world_size, name)
+        assert group["cols"].chunks == (4, -(-9 // world_size))
+        assert group["rep"].chunks == (3, 3)
+        assert group["rows7"].attrs["zdcp"]["layout"]["placements"] == ["Shard(dim=0)"]
+    grid = zarr.open_group(tmp_path / "w4_2d/model", mode="r")
+    assert grid["grid"].chunks == (3, 5)
+    assert grid["nested"].chunks == (1, 4)  # shards of 2,1,1,1 rows: one-row chunks, one writer each
+    assert grid["mixed"].chunks == (5, 3)
+    assert grid["grid"].attrs["zdcp"]["layout"]["mesh_shape"] == [2, 2]
+
+    # Any checkpoint loads whole in a plain process, no process group.
+    for ckpt, names in [("w2", SHAPES), ("w3", SHAPES), ("w4", SHAPES), ("w4_2d", SHAPES_2D)]:
+        state = {"model": {n: torch.zeros_like(reference(n)) for n in names}, "step": 0}
+        zdcp.load(state, tmp_path / ckpt)
+        for n in names:
+            assert_bitwise_equal(state["model"][n], reference(n), f"{ckpt}/{n}")
+        # zarr-python reads the same values
+        name = next(n for n in names if SHAPES_2D.get(n, SHAPES.get(n))[1] == torch.float32)
+        stored = zarr.open_group(tmp_path / ckpt, mode="r")[f"model/{name}"][:]
+        assert torch.equal(torch.from_numpy(stored), reference(name))
+
+
+def sharded_tensor_save_and_load(rank, world_size, root):
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world_size)])
+    full = reference("rows7")
+    st = sharded_tensor.empty(spec, *full.shape)
+    for shard in st.local_shards():
+        rows = slice(shard.metadata.shard_offsets[0], shard.metadata.shard_offsets[0] + shard.metadata.shard_sizes[0])
+        shard.tensor.copy_(full[rows])
+    zdcp.save({"st": st}, root / "sharded")
+    dest = sharded_tensor.zeros(spec, *full.shape)
+    zdcp.load({"st": dest}, root / "sharded")
+    for shard in dest.local_shards():
+        off, size = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+        assert_bitwise_equal(shard.tensor, full[off : off + size])
+
+
+def errors_reach_every_rank(rank, world_size, root):
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {"model": dtensors(mesh, SAVE_1D), "step": 7}
+    zdcp.save(state, root / "e")
+    with pytest.raises(zdcp.CheckpointExistsError, match="overwrite=True"):
+        zdcp.save(state, root / "e")
+    asks = {"model": dtensors(mesh, SAVE_1D, fill=False)}
+    if rank == 1:
+        asks["model"]["only_on_rank_1"] = torch.zeros(2)
+    with pytest.raises(zdcp.MissingKeysError, match="model/only_on_rank_1"):
+        zdcp.load(asks, root / "e")
+    with pytest.raises(zdcp.CheckpointNotFoundError):
+        zdcp.load(asks, root / "nothing_here")
+    bad = {"model": dtensors(mesh, SAVE_1D), "cfg": object() if rank == 1 else 1}
+    with pytest.raises(zdcp.UnsupportedValueError, match="cfg"):
+        zdcp.save(bad, root / "bad")
+    dist.barrier()
+    with pytest.raises(zdcp.CheckpointNotFoundError):  # nothing of the failed save was committed
+        zdcp.load({"cfg": 0}, root / "bad")
+
+
+def test_sharded_tensor_and_errors_on_every_rank(tmp_path):
+    run_ranks(2, sharded_tensor_save_and_load, tmp_path)
+    run_ranks(2, errors_reach_every_rank, tmp_path)
+    assert zarr.open_group(tmp_path / "sharded", mode="r")["st"].chunks == (4, 3)
+    state = {"st": torch.zeros(7, 3)}
+    zdcp.load(state, tmp_path / "sharded")
+    assert_bitwise_equal(state["st"], reference("rows7"))
