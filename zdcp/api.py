@@ -9,6 +9,7 @@ and errors, which are zdcp's own ``Exception`` subclasses raised on every rank i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,7 +50,7 @@ def save(
     """
     no_dist = no_dist or not _distributed()
     writer = ZarrWriter(checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression)
-    with _zdcp_errors():
+    with _zdcp_errors(), _single_process_quietly(no_dist):
         dcp.save(
             state_dict,
             storage_writer=writer,
@@ -84,7 +85,7 @@ def load(
     """
     no_dist = no_dist or not _distributed()
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
-    with _zdcp_errors(reader):
+    with _zdcp_errors(reader), _single_process_quietly(no_dist):
         dcp.load(
             state_dict,
             storage_reader=reader,
@@ -95,8 +96,16 @@ def load(
 
 
 def _distributed() -> bool:
-    # Decided here so that DCP does not warn about a single-process save on every call.
     return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _single_process_quietly(no_dist: bool) -> Iterator[None]:
+    """Silence DCP's warning that it assumes a single process: for zdcp that is the contract."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 @contextmanager

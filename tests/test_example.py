@@ -1,0 +1,20 @@
+"""The README's example runs as documented: save on 2 gloo ranks, load on 3, then without a
+process group, then read with zarr-python."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tutorial.py"
+
+
+def test_tutorial_example_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "saved on 2 cpu rank(s)" in out.stdout
+    assert "loaded on 3 cpu rank(s): model and optimizer state identical" in out.stdout
+    assert "loaded without a process group into a plain nn.Module: identical" in out.stdout
+    assert "chunks (8, 16)" in out.stdout
+    assert "Warning" not in out.stderr
