@@ -61,3 +61,11 @@ def test_root_document_records_what_load_needs(ckpt):
     assert info["world_size"] == 1 and info["torch_version"] == torch.__version__
     assert root["consolidated_metadata"]["metadata"]["w"]["attributes"]["zdcp"]["dtype"] == "float16"
     assert b"pickle" not in (ckpt / "zarr.json").read_bytes()
+
+
+def test_data_types_are_declared_as_zarr_entry_points():
+    from importlib.metadata import entry_points
+
+    declared = {ep.name: ep.load() for ep in entry_points(group="zarr.data_type") if ep.value.startswith("zdcp.")}
+    assert set(declared) == {d.zarr for d in EXTENSION_DTYPES}
+    assert all(cls._zarr_v3_name == name for name, cls in declared.items())

@@ -4,6 +4,7 @@ another; chunk grids equal the save-time shards; errors reach every rank."""
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import zarr
 from conftest import assert_bitwise_equal
 from dist import run_ranks
@@ -126,6 +127,17 @@ def sharded_tensor_save_and_load(rank, world_size, root):
         assert_bitwise_equal(shard.tensor, full[off : off + size])
 
 
+def dcp_plugin_path(rank, world_size, root):
+    mesh = init_device_mesh("cpu", (world_size,))
+    dcp.save({"model": dtensors(mesh, SAVE_1D), "step": 7}, storage_writer=zdcp.ZarrWriter(root / "plugin"))
+    load_and_check(root / "plugin", mesh, LOAD_1D)  # zdcp.load reads what DCP wrote
+    state = {"model": dtensors(mesh, LOAD_1D, fill=False), "step": 0}
+    dcp.load(state, storage_reader=zdcp.ZarrReader(root / "plugin"))
+    for name, dt in state["model"].items():
+        assert_bitwise_equal(dt.full_tensor(), reference(name), name)
+    assert state["step"] == 7
+
+
 def errors_reach_every_rank(rank, world_size, root):
     mesh = init_device_mesh("cpu", (world_size,))
     state = {"model": dtensors(mesh, SAVE_1D), "step": 7}
@@ -147,8 +159,10 @@ def errors_reach_every_rank(rank, world_size, root):
         zdcp.load({"cfg": 0}, root / "bad")
 
 
-def test_sharded_tensor_and_errors_on_every_rank(tmp_path):
+def test_sharded_tensor_dcp_plugin_and_errors_on_every_rank(tmp_path):
     run_ranks(2, sharded_tensor_save_and_load, tmp_path)
+    run_ranks(2, dcp_plugin_path, tmp_path)
+    assert zarr.open_group(tmp_path / "plugin/model", mode="r")["rows7"].chunks == (4, 3)
     run_ranks(2, errors_reach_every_rank, tmp_path)
     assert zarr.open_group(tmp_path / "sharded", mode="r")["st"].chunks == (4, 3)
     state = {"st": torch.zeros(7, 3)}

@@ -170,10 +170,10 @@ class ZarrReader(StorageReader):
                         f"{describe(array.entry.path)!r} is a pickled value; loading it runs code from "
                         "the checkpoint: pass allow_pickle=True only if you trust the checkpoint"
                     )
-        tensor_items = []
+        tensor_items, value_items = [], []
         for item, source in zip(plan.items, sources):
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, self._value_bytes(source))
+                value_items.append((item, source))
                 continue
             array = self.catalog.arrays[source.node]
             dest = planner.resolve_tensor(item)
@@ -183,6 +183,9 @@ class ZarrReader(StorageReader):
                     f"destination {dest.dtype} (pass allow_cast=True to convert)"
                 )
             tensor_items.append((item, dest, array))
+        # Only now that every item is known to fit does the destination change.
+        for item, source in value_items:
+            planner.load_bytes(item, self._value_bytes(source))
         # Every read in flight at once; one tensorstore call per destination slice.
         stores: dict[str, ts.TensorStore] = {}
         pending = []
