@@ -10,40 +10,13 @@ can read the arrays zdcp writes.
 
 __version__ = "0.1.0"
 
+from . import errors as _errors
 from . import zarr_dtypes as _zarr_dtypes
 from .api import load, save
-from .errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    DistributedError,
-    IncompleteCheckpointError,
-    MismatchError,
-    MissingKeysError,
-    UnsafeError,
-    UnsupportedFormatError,
-    UnsupportedValueError,
-    ZdcpError,
-)
+from .errors import *  # noqa: F403  (the error classes are public API)
 from .reader import ZarrReader
 from .writer import ZarrWriter
 
 _zarr_dtypes.register()
 
-__all__ = [
-    "save",
-    "load",
-    "ZarrWriter",
-    "ZarrReader",
-    "ZdcpError",
-    "CheckpointNotFoundError",
-    "IncompleteCheckpointError",
-    "CheckpointExistsError",
-    "CorruptCheckpointError",
-    "UnsupportedFormatError",
-    "MissingKeysError",
-    "MismatchError",
-    "UnsupportedValueError",
-    "UnsafeError",
-    "DistributedError",
-]
+__all__ = ["save", "load", "ZarrWriter", "ZarrReader", *_errors.__all__]

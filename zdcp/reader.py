@@ -38,7 +38,7 @@ from .catalog import ArrayNode, Catalog
 from .dtypes import numpy_to_tensor, tensor_to_numpy
 from .errors import CorruptCheckpointError, MismatchError, UnsafeError, ZdcpError
 from .keys import describe
-from .storage import Store
+from .storage import METADATA_KEY, Store, StoreClient
 
 __all__ = ["ZarrReader"]
 
@@ -75,7 +75,7 @@ class CatalogViews:
     dotted: CatalogView
 
 
-class ZarrReader(StorageReader):
+class ZarrReader(StoreClient, StorageReader):
     """Read a zdcp checkpoint through DCP's load machinery.
 
     Args:
@@ -92,30 +92,22 @@ class ZarrReader(StorageReader):
         allow_cast: bool = False,
         allow_pickle: bool = False,
     ):
-        super().__init__()
-        self.store = Store(path) if path is not None else None
+        StoreClient.__init__(self, path)
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
         self.catalog: Catalog | None = None
         self.metadata_error: ZdcpError | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
 
-    @property
-    def checkpoint_id(self) -> str | os.PathLike[str] | None:
-        return self.store.checkpoint_id if self.store else None
-
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         try:
-            return Store(checkpoint_id).read_json("zarr.json") is not None
+            return Store(checkpoint_id).read_json(METADATA_KEY) is not None
         except (TypeError, ValueError):
             return False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.store = Store(checkpoint_id)
-        if self.store is None:
-            raise ValueError("ZarrReader needs a path: pass it to ZarrReader(...) or as checkpoint_id")
+        self._use(checkpoint_id)
         self.catalog = None
         self.metadata_error = None
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import tensorstore as ts
 
-__all__ = ["Store", "kvstore_spec"]
+__all__ = ["Store", "StoreClient", "kvstore_spec"]
 
 METADATA_KEY = "zarr.json"
 
@@ -71,7 +71,9 @@ class Store:
 
     def write_json_async(self, key: str, doc: Any) -> ts.Future:
         """Write one JSON document (atomically replacing any old one)."""
-        return self.kv.write(key, json.dumps(doc, indent=2, allow_nan=False).encode())
+        # Compact: json's C encoder only runs without indent, and the root document of a
+        # checkpoint with thousands of arrays is large.
+        return self.kv.write(key, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
 
     def write_json(self, key: str, doc: Any) -> None:
         self.write_json_async(key, doc).result()
@@ -85,3 +87,26 @@ class Store:
     def clear(self) -> None:
         """Delete every key under the root."""
         self.kv.delete_range(ts.KvStore.KeyRange()).result()
+
+
+class StoreClient:
+    """The checkpoint location of a DCP storage plugin (ZarrWriter, ZarrReader).
+
+    DCP hands the location over late, in ``reset(checkpoint_id)``, or the user gives it to the
+    constructor; either way the plugin ends up with one :class:`Store`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None):
+        self.store: Store | None = Store(path) if path is not None else None
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike[str] | None:
+        return self.store.checkpoint_id if self.store else None
+
+    def _use(self, checkpoint_id: str | os.PathLike[str] | None) -> Store:
+        if checkpoint_id is not None:
+            self.store = Store(checkpoint_id)
+        if self.store is None:
+            name = type(self).__name__
+            raise ValueError(f"{name} needs a path: pass it to {name}(...) or as checkpoint_id")
+        return self.store

@@ -44,7 +44,7 @@ from .layout import (
     group_document,
     zdcp_attrs,
 )
-from .storage import METADATA_KEY, Store
+from .storage import METADATA_KEY, StoreClient
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -68,7 +68,7 @@ class _Pickled:
     nbytes: int
 
 
-class ZarrWriter(StorageWriter):
+class ZarrWriter(StoreClient, StorageWriter):
     """Write a DCP checkpoint as a Zarr v3 hierarchy (see docs/format.md).
 
     Args:
@@ -87,10 +87,9 @@ class ZarrWriter(StorageWriter):
         allow_pickle: bool = False,
         compression: str | None = None,
     ):
-        super().__init__()
+        StoreClient.__init__(self, path)
         if compression is not None and compression not in COMPRESSIONS:
             raise ValueError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
-        self.store = Store(path) if path is not None else None
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.compression = compression
@@ -103,10 +102,6 @@ class ZarrWriter(StorageWriter):
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
 
-    @property
-    def checkpoint_id(self) -> str | os.PathLike[str] | None:
-        return self.store.checkpoint_id if self.store else None
-
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         try:
@@ -116,10 +111,7 @@ class ZarrWriter(StorageWriter):
         return True
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.store = Store(checkpoint_id)
-        if self.store is None:
-            raise ValueError("ZarrWriter needs a path: pass it to ZarrWriter(...) or as checkpoint_id")
+        self._use(checkpoint_id)
         self._reset_state()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
