@@ -223,3 +223,30 @@ def test_dcp_plugin_path_is_the_same_format(tmp_path):
             assert torch.equal(out["model"]["w"], sd["model"]["w"]), (src, loader)
             assert torch.equal(out["model"]["b"], sd["model"]["b"]), (src, loader)
             assert out["step"] == 4 and out["optim"] == sd["optim"], (src, loader)
+
+
+def test_hostile_keys_stay_inside_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "inner" / "ckpt"
+    weird = ["..", "../escape", "/etc/passwd", ".", "", "__zarr", "zarr.json", "zdcp", "a/b", "%i1", "é"]
+    sd = {k: {"t": torch.full((2,), float(i)), "v": i} for i, k in enumerate(weird)}
+    sd["top"] = {k: i for i, k in enumerate(weird + [3])}
+    zdcp.save(sd, ckpt)
+    outside = [p for p in tmp_path.rglob("*") if ckpt not in p.parents and p != ckpt and p != ckpt.parent]
+    assert outside == []
+    out = {k: {"t": torch.zeros(2), "v": None} for k in weird}
+    out["top"] = {k: None for k in weird + [3]}
+    zdcp.load(out, ckpt)
+    assert out["top"] == sd["top"]
+    for i, k in enumerate(weird):
+        assert out[k]["v"] == i and torch.equal(out[k]["t"], sd[k]["t"]), k
+    import zarr
+
+    assert zarr.open_group(ckpt, mode="r")["..%2Fescape/t"].shape == (2,)
+    with pytest.raises(zdcp.UnsupportedValueError, match="top-level.*3"):
+        zdcp.save({3: torch.ones(1)}, tmp_path / "int_top")
+
+
+def test_empty_state_dict(ckpt):
+    zdcp.save({}, ckpt)
+    zdcp.load({}, ckpt)
+    assert json.loads((ckpt / "zarr.json").read_text())["consolidated_metadata"]["metadata"] == {}

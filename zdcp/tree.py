@@ -26,6 +26,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_tensors
 from torch.distributed.tensor import DTensor
 
+from .errors import UnsupportedValueError
 from .keys import Key, describe, encode_key, join
 
 __all__ = ["Entry", "flatten", "tensor_layout"]
@@ -98,7 +99,8 @@ def flatten(state_dict: Mapping[Key, Any]) -> tuple[dict[str, Any], dict[str, En
             entries[entry.node] = entry
 
     for key, value in state_dict.items():
-        encode_key(key)
+        if not isinstance(key, str):  # DCP's load sorts the top-level keys and calls Stateful by name
+            raise UnsupportedValueError(f"top-level state-dict key {key!r} must be a str")
         visit((key,), (DICT,), value)
     return flat, entries
 
