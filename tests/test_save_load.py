@@ -80,7 +80,12 @@ def test_nested_state_with_plain_values_keeps_types(ckpt):
 
 
 def test_layout_on_disk_is_the_nested_state_dict(ckpt):
-    sd = {"app": {"model": {"net1.weight": torch.randn(4, 4)}, "optim": {"state": {"net1.weight": {"exp_avg": torch.randn(4, 4)}}}}}
+    sd = {
+        "app": {
+            "model": {"net1.weight": torch.randn(4, 4)},
+            "optim": {"state": {"net1.weight": {"exp_avg": torch.randn(4, 4)}}},
+        }
+    }
     zdcp.save(sd, ckpt)
     assert (ckpt / "app/model/net1.weight/zarr.json").is_file()
     assert (ckpt / "app/optim/state/net1.weight/exp_avg/zarr.json").is_file()

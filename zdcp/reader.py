@@ -132,7 +132,8 @@ class ZarrReader(StoreClient, StorageReader):
             nodes.add(node, BytesStorageMetadata(), _Source(node), path)
             for sub in _dcp_leaves(value.value):
                 leaf = path + sub
-                candidates.setdefault(".".join(map(str, leaf)), []).append((BytesStorageMetadata(), _Source(node, sub), leaf))
+                found = (BytesStorageMetadata(), _Source(node, sub), leaf)
+                candidates.setdefault(".".join(map(str, leaf)), []).append(found)
         # DCP's dotted names can be ambiguous ("a.b" vs a -> b); an ambiguous one is left out.
         for fqn, found in candidates.items():
             if len(found) == 1:
@@ -184,7 +185,7 @@ class ZarrReader(StoreClient, StorageReader):
         for item, dest, array in tensor_items:
             node = array.entry.node
             if node not in stores:
-                stores[node] = self._open(node, array)
+                stores[node] = self.store.open_array(node, array.document).result()
             region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
             direct = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
             if direct:  # straight into the destination's memory: no staging copy
@@ -204,23 +205,13 @@ class ZarrReader(StoreClient, StorageReader):
         done.set_result(None)
         return done
 
-    def _open(self, node: str, array: ArrayNode) -> ts.TensorStore:
-        """Open an array from its consolidated metadata, without reading its zarr.json."""
-        assert self.store is not None
-        spec = {
-            "driver": "zarr3",
-            "kvstore": self.store.node_spec(node),
-            "metadata": array.document,
-            # A chunk file that is missing is damage, never zeros.
-            "fill_missing_data_reads": False,
-        }
-        return ts.open(spec, open=True, assume_metadata=True, read=True, context=self.store.context).result()
-
     def _value_bytes(self, source: _Source) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
         assert self.catalog is not None
         if source.node in self.catalog.arrays:
-            data = self._open(source.node, self.catalog.arrays[source.node]).read().result()
+            assert self.store is not None
+            document = self.catalog.arrays[source.node].document
+            data = self.store.open_array(source.node, document).result().read().result()
             value = pickle.loads(data.tobytes())
         else:
             value = (self.catalog.values.get(source.node) or self.catalog.composites[source.node]).value

@@ -62,6 +62,19 @@ class Store:
         """The kvstore spec of a node's directory (``node`` is a "/"-joined node path)."""
         return {**self.spec, "path": self.spec["path"] + (node + "/" if node else "")}
 
+    def open_array(self, node: str, metadata: dict[str, Any], *, write: bool = False) -> ts.Future:
+        """Open the array at ``node`` from metadata already known, without touching storage.
+
+        Writing stores every chunk, all-zero ones included, so that a missing chunk file always
+        means damage; reading treats a missing chunk file as an error, never as zeros.
+        """
+        spec: dict[str, Any] = {"driver": "zarr3", "kvstore": self.node_spec(node), "metadata": metadata}
+        if write:
+            spec["store_data_equal_to_fill_value"] = True
+        else:
+            spec["fill_missing_data_reads"] = False
+        return ts.open(spec, open=True, assume_metadata=True, read=not write, write=write, context=self.context)
+
     def read_json(self, key: str) -> Any | None:
         """The parsed JSON document at ``key``, or None when there is none."""
         result = self.kv.read(key).result()

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from . import __version__
-from .dtypes import DType, from_torch, tensor_to_numpy
+from .dtypes import from_torch, tensor_to_numpy
 from .errors import CheckpointExistsError, UnsupportedValueError
 from .keys import describe, encode_key, join
 from .layout import (
@@ -132,10 +132,9 @@ class ZarrWriter(StoreClient, StorageWriter):
             shards.setdefault(fqn, []).append((item.tensor_data.chunk.offsets, item.tensor_data.chunk.sizes))
             shapes[fqn] = item.tensor_data.size
         self._grids = {fqn: chunk_shape(shapes[fqn], s) for fqn, s in shards.items()}
-        return [
-            dataclasses.replace(p, storage_data={i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])})
-            for p in plans
-        ]
+        # Each rank learns the grids of the arrays it writes.
+        grids_of = [{i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])} for p in plans]
+        return [dataclasses.replace(p, storage_data=g) for p, g in zip(plans, grids_of)]
 
     def _prepare_target(self) -> None:
         """Make sure the target may be written, clearing it when ``overwrite`` allows."""
@@ -176,7 +175,8 @@ class ZarrWriter(StoreClient, StorageWriter):
             fqn = item.index.fqn
             if fqn not in arrays:
                 dtype = from_torch(item.tensor_data.properties.dtype, key=describe(entry.path))
-                arrays[fqn] = self._open(entry.node, item.tensor_data.size, dtype, grids[fqn])
+                metadata = array_document(list(item.tensor_data.size), dtype, grids[fqn], {}, self.compression)
+                arrays[fqn] = self.store.open_array(entry.node, metadata, write=True)
             chunk = item.tensor_data.chunk
             region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
             pending.append((item, arrays[fqn].result()[region].write(tensor_to_numpy(tensor)), nbytes))
@@ -193,18 +193,6 @@ class ZarrWriter(StoreClient, StorageWriter):
         future.set_result(results)
         return future
 
-    def _open(self, node: str, shape: Iterable[int], dtype: DType, chunks: tuple[int, ...]) -> ts.Future:
-        """Open an array for writing without touching storage: its metadata is known."""
-        assert self.store is not None
-        spec = {
-            "driver": "zarr3",
-            "kvstore": self.store.node_spec(node),
-            "metadata": array_document(list(shape), dtype, chunks, {}, self.compression),
-            # Every chunk is written, zeros included, so that a missing chunk always means damage.
-            "store_data_equal_to_fill_value": True,
-        }
-        return ts.open(spec, open=True, assume_metadata=True, context=self.store.context)
-
     def _write_value(self, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
         value = _lookup(planner, item)
         try:
@@ -213,7 +201,8 @@ class ZarrWriter(StoreClient, StorageWriter):
             if not self.allow_pickle:
                 raise
             data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-            array = self._open(entry.node, data.shape, _UINT8, data.shape).result()
+            metadata = array_document(list(data.shape), _UINT8, data.shape, {})
+            array = self.store.open_array(entry.node, metadata, write=True).result()
             array.write(data).result()
             return WriteResult(index=item.index, size_in_bytes=data.size, storage_data=_Pickled(data.size))
         return WriteResult(index=item.index, size_in_bytes=0, storage_data=_Value(j, desc))
