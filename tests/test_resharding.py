@@ -1,6 +1,8 @@
 """DTensor and ShardedTensor checkpoints saved at one world size and placement, loaded at
 another; chunk grids equal the save-time shards; errors reach every rank."""
 
+import shutil
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -99,6 +101,17 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
     assert grid["nested"].chunks == (1, 4)  # shards of 2,1,1,1 rows: one-row chunks, one writer each
     assert grid["mixed"].chunks == (5, 3)
     assert grid["grid"].attrs["zdcp"]["layout"]["mesh_shape"] == [2, 2]
+
+    # zdcp.open slices read only the chunks they touch: without the chunks a slice does not
+    # touch, it still reads; a slice that needs a missing chunk fails.
+    shutil.copytree(tmp_path / "w4", tmp_path / "w4_damaged")
+    rows7 = zdcp.open(tmp_path / "w4_damaged")["model/rows7"]
+    assert rows7.chunks == (2, 3) and rows7.layout["placements"] == ["Shard(dim=0)"]
+    for chunk in (0, 1, 3):
+        (tmp_path / f"w4_damaged/model/rows7/c/{chunk}/0").unlink()
+    assert_bitwise_equal(rows7[4:6, 1:], reference("rows7")[4:6, 1:])
+    with pytest.raises(zdcp.CorruptCheckpointError, match="model/rows7"):
+        rows7[3:5]
 
     # Any checkpoint loads whole in a plain process, no process group.
     for ckpt, names in [("w2", SHAPES), ("w3", SHAPES), ("w4", SHAPES), ("w4_2d", SHAPES_2D)]:

@@ -15,8 +15,9 @@ from . import zarr_dtypes as _zarr_dtypes
 from .api import load, save
 from .errors import *  # noqa: F403  (the error classes are public API)
 from .reader import ZarrReader
+from .view import Array, Group, open
 from .writer import ZarrWriter
 
 _zarr_dtypes.register()
 
-__all__ = ["save", "load", "ZarrWriter", "ZarrReader", *_errors.__all__]
+__all__ = ["save", "load", "open", "Group", "Array", "ZarrWriter", "ZarrReader", *_errors.__all__]

@@ -9,7 +9,6 @@ one this zdcp understands.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from .storage import METADATA_KEY, Store
 from .tree import DICT, LIST, Entry
 from .values import from_json
 
-__all__ = ["Catalog", "ArrayNode", "ValueNode"]
+__all__ = ["Catalog", "GroupNode", "ArrayNode", "ValueNode"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,18 @@ class ValueNode:
 
 
 @dataclass(frozen=True)
+class GroupNode:
+    """A group: a dict or a list of the state dict. ``children`` maps each key to a node path
+    (an array, a group, or a plain value)."""
+
+    entry: Entry
+    container: str
+    children: dict[Key, str]
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """Every leaf of a committed checkpoint, keyed by node path.
+    """Every node of a committed checkpoint, keyed by node path (the root group is ``""``).
 
     ``values`` holds the plain values as stored. ``composites`` holds, for every group with no
     array below it, the whole group rebuilt as one Python value (a list or dict): DCP's own
@@ -61,6 +70,7 @@ class Catalog:
     """
 
     info: dict[str, Any]
+    groups: dict[str, GroupNode]
     arrays: dict[str, ArrayNode]
     values: dict[str, ValueNode]
     composites: dict[str, ValueNode]
@@ -135,26 +145,27 @@ class Catalog:
                     continue
                 path = f"{node}/{name}" if node else name
                 values[path] = ValueNode(entry(path), from_json(value, types.get(name)))
-        return cls(info, arrays, values, _composites(containers, arrays, values, entry))
+        groups = {g: GroupNode(entry(g) if g else Entry((), ()), kind, {}) for g, kind in containers.items()}
+        for node in [*sorted(groups), *sorted(arrays), *values]:
+            if node:
+                parent, _, name = node.rpartition("/")
+                groups[parent].children[decode_key(name)] = node
+        return cls(info, groups, arrays, values, _composites(groups, arrays, values))
 
 
 def _composites(
-    containers: dict[str, str],
-    arrays: dict[str, ArrayNode],
-    values: dict[str, ValueNode],
-    entry: Callable[[str], Entry],
+    groups: dict[str, GroupNode], arrays: dict[str, ArrayNode], values: dict[str, ValueNode]
 ) -> dict[str, ValueNode]:
     """Each group without arrays below it, rebuilt as a list or dict of its values."""
     with_arrays = {"/".join(node.split("/")[:i]) for node in arrays for i in range(len(node.split("/")))}
-    children: dict[str, list[tuple[Key, str]]] = {}
-    for node in list(values) + [g for g in containers if g]:
-        parent, _, name = node.rpartition("/")
-        children.setdefault(parent, []).append((decode_key(name), node))
 
-    def rebuild(group: str) -> Any:
-        items = {key: rebuild(node) if node in containers else values[node].value for key, node in children[group]}
-        if containers[group] == LIST:
+    def rebuild(group: GroupNode) -> Any:
+        items = {
+            key: rebuild(groups[node]) if node in groups else values[node].value
+            for key, node in group.children.items()
+        }
+        if group.container == LIST:
             return [items[i] for i in range(len(items))]
         return items
 
-    return {g: ValueNode(entry(g), rebuild(g)) for g in containers if g and g not in with_arrays}
+    return {g: ValueNode(node.entry, rebuild(node)) for g, node in groups.items() if g and g not in with_arrays}
