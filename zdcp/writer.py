@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -77,6 +78,9 @@ class ZarrWriter(StoreClient, StorageWriter):
             save) at ``path``; without it such a save raises :class:`~zdcp.CheckpointExistsError`.
         allow_pickle: store values JSON cannot hold as pickles instead of refusing them.
         compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
+        max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight (``None``:
+            no limit). Bounds the host memory that GPU tensors' copies or lazily produced
+            tensors take while they are written.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         overwrite: bool = False,
         allow_pickle: bool = False,
         compression: str | None = None,
+        max_inflight_bytes: int | None = 1 << 30,
     ):
         StoreClient.__init__(self, path)
         if compression is not None and compression not in COMPRESSIONS:
@@ -93,6 +98,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.compression = compression
+        self.max_inflight_bytes = max_inflight_bytes
         self.is_coordinator = False
         self._reset_state()
 
@@ -160,7 +166,8 @@ class ZarrWriter(StoreClient, StorageWriter):
         entries = _entries_of(plan)
         grids: dict[str, tuple[int, ...]] = plan.storage_data or {}
         arrays: dict[str, ts.Future] = {}
-        pending: list[tuple[WriteItem, ts.Future | None, int]] = []
+        window = _WriteWindow(self.max_inflight_bytes)
+        written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
         for item in plan.items:
             entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
@@ -169,8 +176,8 @@ class ZarrWriter(StoreClient, StorageWriter):
                 continue
             tensor = _host_tensor(planner.resolve_data(item))
             nbytes = tensor.numel() * tensor.element_size()
-            if tensor.numel() == 0:
-                pending.append((item, None, 0))
+            written.append((item, nbytes))
+            if nbytes == 0:
                 continue
             fqn = item.index.fqn
             if fqn not in arrays:
@@ -179,13 +186,16 @@ class ZarrWriter(StoreClient, StorageWriter):
                 arrays[fqn] = self.store.open_array(entry.node, metadata, write=True)
             chunk = item.tensor_data.chunk
             region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
-            pending.append((item, arrays[fqn].result()[region].write(tensor_to_numpy(tensor)), nbytes))
+            # No copy of the source: the save does not return before the write completes.
+            write = arrays[fqn].result()[region].write(
+                tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True
+            )
+            window.add(write, nbytes)
+        window.drain()
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
-        for item, write, nbytes in pending:
-            if write is not None:
-                write.result()
+        for item, nbytes in written:
             source = sources.get(item.index.fqn)
             layout = tensor_layout(source) if isinstance(source, torch.Tensor) else None
             results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=layout))
@@ -246,6 +256,35 @@ class ZarrWriter(StoreClient, StorageWriter):
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
         self.store.write_json(METADATA_KEY, root)  # the commit record: last
+
+
+class _WriteWindow:
+    """Chunk writes in flight, at most ``limit`` bytes of them (None: no limit).
+
+    All writes in flight at once is fastest, but each holds its source tensor (a host copy when
+    the tensor lives on a GPU, or data a lazy planner just produced); the window bounds that
+    memory by waiting for the oldest writes first.
+    """
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.pending: deque[tuple[ts.Future, int]] = deque()
+        self.bytes = 0
+
+    def add(self, write: ts.Future, nbytes: int) -> None:
+        self.pending.append((write, nbytes))
+        self.bytes += nbytes
+        while self.limit is not None and self.bytes > self.limit and len(self.pending) > 1:
+            self._wait_oldest()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        write, nbytes = self.pending.popleft()
+        write.result()
+        self.bytes -= nbytes
 
 
 class _Group:
