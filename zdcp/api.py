@@ -50,7 +50,7 @@ def save(
     """
     no_dist = no_dist or not _distributed()
     writer = ZarrWriter(checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression)
-    with _zdcp_errors(), _single_process_quietly(no_dist):
+    with zdcp_errors(), _single_process_quietly(no_dist):
         dcp.save(
             state_dict,
             storage_writer=writer,
@@ -85,7 +85,7 @@ def load(
     """
     no_dist = no_dist or not _distributed()
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
-    with _zdcp_errors(reader), _single_process_quietly(no_dist):
+    with zdcp_errors(reader), _single_process_quietly(no_dist):
         dcp.load(
             state_dict,
             storage_reader=reader,
@@ -109,7 +109,7 @@ def _single_process_quietly(no_dist: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _zdcp_errors(reader: ZarrReader | None = None) -> Iterator[None]:
+def zdcp_errors(reader: ZarrReader | None = None) -> Iterator[None]:
     """Turn DCP's ``CheckpointException`` (gathered from all ranks) into one zdcp error.
 
     The lowest failing rank's error is raised when it is zdcp's own, so every rank raises the
