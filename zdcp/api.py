@@ -50,7 +50,7 @@ def save(
     """
     no_dist = no_dist or not _distributed()
     writer = ZarrWriter(checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression)
-    with zdcp_errors(), _single_process_quietly(no_dist):
+    with dcp_call(no_dist=no_dist):
         dcp.save(
             state_dict,
             storage_writer=writer,
@@ -85,7 +85,7 @@ def load(
     """
     no_dist = no_dist or not _distributed()
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
-    with zdcp_errors(reader), _single_process_quietly(no_dist):
+    with dcp_call(no_dist=no_dist, reader=reader):
         dcp.load(
             state_dict,
             storage_reader=reader,
@@ -100,16 +100,17 @@ def _distributed() -> bool:
 
 
 @contextmanager
-def _single_process_quietly(no_dist: bool) -> Iterator[None]:
-    """Silence DCP's warning that it assumes a single process: for zdcp that is the contract."""
-    with warnings.catch_warnings():
+def dcp_call(*, no_dist: bool, reader: ZarrReader | None = None) -> Iterator[None]:
+    """Around a call into DCP: zdcp's errors out, and no warning for a single-process call
+    (DCP warns on each one; for zdcp, no process group means one process by contract)."""
+    with _translate_errors(reader), warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
 @contextmanager
-def zdcp_errors(reader: ZarrReader | None = None) -> Iterator[None]:
+def _translate_errors(reader: ZarrReader | None = None) -> Iterator[None]:
     """Turn DCP's ``CheckpointException`` (gathered from all ranks) into one zdcp error.
 
     The lowest failing rank's error is raised when it is zdcp's own, so every rank raises the

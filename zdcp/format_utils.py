@@ -27,7 +27,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner,
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from .api import save, zdcp_errors
+from .api import dcp_call, save
 from .errors import UnsupportedValueError, ZdcpError
 from .keys import Key, describe
 from .planner import ZarrSavePlanner
@@ -145,7 +145,7 @@ def zdcp_to_dcp(src: PathLike, dst: PathLike, *, allow_pickle: bool = False, pro
             chunk = write_item.tensor_data.chunk
             return narrow_tensor_by_index(tensor, chunk.offsets, chunk.sizes)
 
-    with zdcp_errors():
+    with dcp_call(no_dist=True):
         dcp.save(skeleton, storage_writer=FileSystemWriter(dst), planner=FetchingPlanner(), no_dist=True)
 
 
@@ -153,7 +153,7 @@ def _dcp_load(src: PathLike, state: dict[str, Any]) -> dict[str, Any]:
     """Load DCP entries by FQN into ``state`` (flat, no nesting) and return it."""
     # No flattening of any kind: the planner must fill this very dict, keyed by DCP's FQNs.
     planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-    with zdcp_errors():
+    with dcp_call(no_dist=True):
         dcp.load(state, storage_reader=FileSystemReader(src), planner=planner, no_dist=True)
     return state
 
@@ -367,7 +367,7 @@ def _save_fetching(
 ) -> None:
     writer = ZarrWriter(dst, overwrite=overwrite, allow_pickle=allow_pickle, max_inflight_bytes=_WINDOW)
     planner = _FetchingSavePlanner(fetch, progress, allow_pickle=allow_pickle)
-    with zdcp_errors():
+    with dcp_call(no_dist=True):
         dcp.save(skeleton, storage_writer=writer, planner=planner, no_dist=True)
 
 

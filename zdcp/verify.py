@@ -1,0 +1,114 @@
+"""``zdcp.verify``: read a whole checkpoint and report everything wrong with it.
+
+Checks, in order: the commit record (root ``zarr.json``) and format version; that every node's
+own ``zarr.json`` exists and matches the copy consolidated in the root; every chunk of every
+array (present, checksum correct, right size); and files that belong to no node. Each fault
+names the node and, for chunks, the chunk index, so a damaged checkpoint can be judged (and an
+older one chosen) without guessing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .catalog import ArrayNode, Catalog
+from .errors import ZdcpError
+from .storage import METADATA_KEY, Store
+
+__all__ = ["verify", "Fault", "Report"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One thing wrong: where (node path, and chunk index for chunk faults) and what."""
+
+    node: str
+    message: str
+    chunk: tuple[int, ...] | None = None
+
+    def __str__(self) -> str:
+        where = self.node or "<root>"
+        if self.chunk is not None:
+            where += f" chunk {'.'.join(map(str, self.chunk)) or '(scalar)'}"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Report:
+    """What :func:`verify` found: ``ok`` when no fault."""
+
+    checkpoint: str
+    arrays: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    faults: list[Fault] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+
+def verify(checkpoint_id: str | os.PathLike[str], *, progress: Callable[[int], None] | None = None) -> Report:
+    """Read every chunk and document of a checkpoint; return a :class:`Report` of the faults."""
+    store = Store(checkpoint_id)
+    report = Report(store.url)
+    try:
+        catalog = Catalog.read(store)
+    except ZdcpError as e:
+        report.faults.append(Fault("", str(e)))
+        return report
+    root = store.read_json(METADATA_KEY)
+    consolidated = root["consolidated_metadata"]["metadata"]
+    for node, document in consolidated.items():
+        try:
+            own = store.read_json(f"{node}/{METADATA_KEY}")
+        except ValueError as e:
+            report.faults.append(Fault(node, f"zarr.json is not valid JSON ({e})"))
+            continue
+        if own is None:
+            report.faults.append(Fault(node, "zarr.json is missing"))
+        elif own != document:
+            report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
+    expected = {METADATA_KEY} | {f"{node}/{METADATA_KEY}" for node in consolidated}
+    for node, array in catalog.arrays.items():
+        report.arrays += 1
+        expected.update(_check_array(store, node, array, report, progress))
+    for key in sorted(k.decode() for k in store.kv.list().result()):
+        if key not in expected:
+            report.faults.append(Fault(key.rsplit("/", 1)[0], f"unexpected file {key!r} (not part of the checkpoint)"))
+    return report
+
+
+def _check_array(
+    store: Store, node: str, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
+) -> set[str]:
+    """Read each chunk of one array on its own, so that a fault names its chunk."""
+    handle = store.open_array(node, array.document).result()
+    grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
+    reads = []
+    keys = set()
+    for index in itertools.product(*grid):
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape))
+        reads.append((index, handle[region].read() if region else handle.read()))
+        keys.add(f"{node}/c/{'/'.join(map(str, index))}" if index else f"{node}/c")
+    itemsize = array.dtype.numpy.itemsize
+    for index, read in reads:
+        try:
+            data = read.result()
+        except ValueError as e:  # what tensorstore raises for bad or missing data
+            report.faults.append(Fault(node, _short(e), index))
+            continue
+        report.chunks += 1
+        report.bytes += data.size * itemsize
+        if progress is not None:
+            progress(data.size * itemsize)
+    return keys
+
+
+def _short(error: Exception) -> str:
+    """tensorstore's message without its long JSON spec tail."""
+    return str(error).split(" [source locations=")[0].split(" [tensorstore_spec=")[0]
