@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import zdcp
+from zdcp.verify import verify
 
 # name: (shape, dtype); uneven row counts on purpose
 SHAPES = {
@@ -102,6 +103,11 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
     assert grid["mixed"].chunks == (5, 3)
     assert grid["grid"].attrs["zdcp"]["layout"]["mesh_shape"] == [2, 2]
 
+    # verify reads every chunk of a multi-rank checkpoint: rows7 (2-row chunks over 4 ranks)
+    # and the other arrays; and names what is damaged below
+    report = verify(tmp_path / "w4_2d")
+    assert report.ok and report.arrays == 3 and report.chunks == 4 + 5 + 2, report
+
     # zdcp.open slices read only the chunks they touch: without the chunks a slice does not
     # touch, it still reads; a slice that needs a missing chunk fails.
     shutil.copytree(tmp_path / "w4", tmp_path / "w4_damaged")
@@ -112,6 +118,8 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
     assert_bitwise_equal(rows7[4:6, 1:], reference("rows7")[4:6, 1:])
     with pytest.raises(zdcp.CorruptCheckpointError, match="model/rows7"):
         rows7[3:5]
+    faults = verify(tmp_path / "w4_damaged").faults
+    assert sorted(f.chunk for f in faults) == [(0, 0), (1, 0), (3, 0)] and {f.node for f in faults} == {"model/rows7"}
 
     # Any checkpoint loads whole in a plain process, no process group.
     for ckpt, names in [("w2", SHAPES), ("w3", SHAPES), ("w4", SHAPES), ("w4_2d", SHAPES_2D)]:

@@ -4,6 +4,9 @@
     zdcp.save({"app": app_state}, "ckpt/step_100")   # every rank writes its own shards
     zdcp.load({"app": app_state}, "ckpt/step_100")   # any world size, any placement
 
+Without the training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)``
+to check every chunk, ``zdcp.format_utils`` for conversions, and the ``zdcp`` command.
+
 Importing zdcp also registers bfloat16 and float8 with zarr-python, so that plain zarr code
 can read the arrays zdcp writes.
 """
@@ -15,9 +18,21 @@ from . import zarr_dtypes as _zarr_dtypes
 from .api import load, save
 from .errors import *  # noqa: F403  (the error classes are public API)
 from .reader import ZarrReader
+from .verify import Report, verify
 from .view import Array, Group, open
 from .writer import ZarrWriter
 
 _zarr_dtypes.register()
 
-__all__ = ["save", "load", "open", "Group", "Array", "ZarrWriter", "ZarrReader", *_errors.__all__]
+__all__ = [
+    "save",
+    "load",
+    "open",
+    "Group",
+    "Array",
+    "verify",
+    "Report",
+    "ZarrWriter",
+    "ZarrReader",
+    *_errors.__all__,
+]
