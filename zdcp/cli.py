@@ -77,14 +77,14 @@ def _inspect(args: argparse.Namespace) -> int:
     root = open_checkpoint(_existing(args.path))
     info = root.info
     if args.json:
-        nodes = [_node_json(path, child) for path, child in _walk(root)]
+        nodes = [_node_json(path, child) for path, child in root.walk()]
         print(json.dumps({"path": os.path.abspath(args.path), "committed": True, "info": info, "nodes": nodes}))
         return 0
     print(
         f"{args.path}: zdcp format {info.get('format_version')}, committed, saved by {info.get('world_size')} "
         f"rank(s) with torch {info.get('torch_version')}"
     )
-    for path, child in _walk(root):
+    for path, child in root.walk():
         indent = "  " * (len(path) - 1)
         name = str(path[-1])
         if isinstance(child, Group):
@@ -101,14 +101,6 @@ def _inspect(args: argparse.Namespace) -> int:
     count, nbytes = _totals(root)
     print(f"total: {count} arrays, {_human(nbytes)}")
     return 0
-
-
-def _walk(group: Group) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    for key in group:
-        child = group[key]
-        yield group.path + (key,), child
-        if isinstance(child, Group):
-            yield from _walk(child)
 
 
 def _totals(group: Group) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def zdcp_to_dcp(src: PathLike, dst: PathLike, *, allow_pickle: bool = False, pro
     tensor; DCP stores plain values with ``torch.save`` as it always does."""
     root = open_checkpoint(src, allow_pickle=allow_pickle)
     arrays = {_dotted(path): array for path, array in root.arrays()}
-    skeleton = _skeleton(root)
+    skeleton = root.to_state_dict(_placeholder)
 
     class FetchingPlanner(DefaultSavePlanner):
         def resolve_data(self, write_item: WriteItem) -> Any:
@@ -284,7 +284,8 @@ def _safetensors_metadata(root: Group, drop_values: bool) -> dict[str, str] | No
     node = root.get(SAFETENSORS_METADATA_KEY)
     metadata = node.to_state_dict() if isinstance(node, Group) else node
     usable = isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    others = [describe(p) for p, _ in _plain_values(root) if not (usable and p[0] == SAFETENSORS_METADATA_KEY)]
+    values = [path for path, child in root.walk() if not isinstance(child, (Group, Array))]
+    others = [describe(p) for p in values if not (usable and p[0] == SAFETENSORS_METADATA_KEY)]
     if others and not drop_values:
         raise UnsupportedValueError(
             f"safetensors holds only tensors; the checkpoint also has {len(others)} other value(s): "
@@ -371,26 +372,9 @@ def _save_fetching(
         dcp.save(skeleton, storage_writer=writer, planner=planner, no_dist=True)
 
 
-def _skeleton(group: Group) -> Any:
-    """A group as a state dict with meta tensors standing in for its arrays."""
-    items = {}
-    for key in group:
-        child = group[key]
-        if isinstance(child, Group):
-            child = _skeleton(child)
-        elif isinstance(child, Array):
-            child = torch.empty(child.shape, dtype=child.dtype, device="meta")
-        items[key] = child
-    return [items[i] for i in range(len(items))] if group.is_list else items
-
-
-def _plain_values(group: Group) -> Iterator[tuple[tuple[Key, ...], Any]]:
-    for key in group:
-        child = group[key]
-        if isinstance(child, Group):
-            yield from _plain_values(child)
-        elif not isinstance(child, Array):
-            yield group.path + (key,), child
+def _placeholder(array: Array) -> torch.Tensor:
+    """A meta tensor standing in for an array in a skeleton state dict."""
+    return torch.empty(array.shape, dtype=array.dtype, device="meta")
 
 
 def _set_path(root: dict[Key, Any], path: tuple[Key, ...], value: Any) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorstore as ts
@@ -125,25 +125,30 @@ class Group(Mapping[Key, Any]):
         kind = "list" if self.is_list else "group"
         return f"<zdcp {kind} {describe(self.path)!r} with {len(self)} entries>"
 
-    def arrays(self) -> Iterator[tuple[tuple[Key, ...], Array]]:
-        """Every array below this group, with its key path, depth first."""
+    def walk(self) -> Iterator[tuple[tuple[Key, ...], Any]]:
+        """Every node below this group, depth first, parents before children, as
+        ``(key_path, view)``: groups, arrays and plain values."""
         for key in self:
             child = self[key]
+            yield self.path + (key,), child
             if isinstance(child, Group):
-                yield from child.arrays()
-            elif isinstance(child, Array):
-                yield child.path, child
+                yield from child.walk()
 
-    def to_state_dict(self) -> dict[Key, Any] | list[Any]:
-        """This group as a nested state dict (a list where the state dict held one): tensors
-        read whole onto the CPU, plain values with their original types."""
+    def arrays(self) -> Iterator[tuple[tuple[Key, ...], Array]]:
+        """Every array below this group, with its key path, depth first."""
+        return ((path, child) for path, child in self.walk() if isinstance(child, Array))
+
+    def to_state_dict(self, read: Callable[[Array], Any] = lambda array: array[...]) -> dict[Key, Any] | list[Any]:
+        """This group as a nested state dict (a list where the state dict held one), plain values
+        with their original types and arrays replaced by ``read(array)``: by default the whole
+        tensor on the CPU."""
         items = {}
         for key in self:
             child = self[key]
             if isinstance(child, Group):
-                child = child.to_state_dict()
+                child = child.to_state_dict(read)
             elif isinstance(child, Array):
-                child = child[...]
+                child = read(child)
             items[key] = child
         if self.is_list:
             return [items[i] for i in range(len(items))]
