@@ -5,13 +5,13 @@ nn.Module; model and optimizer state must be bitwise equal to a full reference."
 import torch
 import torch.nn as nn
 from conftest import assert_bitwise_equal
-from dist import run_ranks
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import zdcp
+from zdcp.testing import run_ranks
 
 
 class ToyModel(nn.Module):

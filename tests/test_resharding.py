@@ -9,13 +9,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import zarr
 from conftest import assert_bitwise_equal
-from dist import run_ranks
 from torch.distributed._shard import sharded_tensor
 from torch.distributed._shard.sharding_spec import ChunkShardingSpec
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import zdcp
+from zdcp.testing import run_ranks
 from zdcp.verify import verify
 
 # name: (shape, dtype); uneven row counts on purpose

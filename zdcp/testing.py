@@ -1,4 +1,5 @@
-"""Run a function on W gloo ranks in fresh processes, with a deadline.
+"""Helpers for zdcp's tests and benchmarks: run a function on W gloo ranks in fresh processes,
+with a deadline.
 
 Real multi-process runs, as in training: ``torch.multiprocessing`` spawns the ranks, each joins
 a gloo process group over a file store, and a rank's exception fails the caller with that

@@ -1,0 +1,423 @@
+"""zdcp against its anchors, on the same state, in the same run.
+
+    python benchmarks/run.py                      # every workload, 3 rounds, under /tmp/zdcp-bench
+    python benchmarks/run.py --workloads large,small --rounds 5 --dir /mnt/fast/bench
+
+Anchors: DCP (``FileSystemWriter``/``FileSystemReader``, defaults: ``sync_files=True``),
+``torch.save`` + fsync / ``torch.load``, and raw numpy write + fsync / read into preallocated
+buffers (the storage limit of the machine). Implementations alternate within each round, and
+rounds repeat, so that drift (page cache, other load) hits all of them alike; medians and ratios
+are printed as markdown (docs/benchmarks.md keeps them, with the machine).
+
+Workloads (issue 4): 1 large tensors, 2 many small tensors, 3 an FSDP2 model + Adam saved by 4
+gloo ranks and loaded at 3 and 1, 4 read amplification (bytes read / bytes needed) of a
+resharded load and of a 1% slice, 5 peak memory above the state's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+import zdcp
+from zdcp.testing import run_ranks
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+MiB = 1 << 20
+
+
+# -- timing helpers -----------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def interleaved(rounds: int, cases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Run every case once per round, rotating the order each round."""
+    names = list(cases)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(cases[name]())
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def rchar() -> int:
+    """Bytes this process has read through read syscalls (page cache included)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+# -- state builders -----------------------------------------------------------------------------
+
+
+def large_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(8 * MiB, generator=g).reshape(-1, 1024) for i in range(16)}  # 32 MiB
+
+
+def small_state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"layers.{i}": {
+            "norm.weight": torch.randn(256 * (1 + i % 4), generator=g),
+            "norm.bias": torch.randn(256 * (1 + i % 4), generator=g),
+        }
+        for i in range(1000)
+    }
+
+
+def empty_like(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return torch.empty_like(state)
+    return {k: empty_like(v) for k, v in state.items()}
+
+
+def nbytes(state: Any) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    return sum(nbytes(v) for v in state.values())
+
+
+def leaves(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [t for v in state.values() for t in leaves(v)]
+
+
+# -- anchors ------------------------------------------------------------------------------------
+
+
+def torch_save_fsync(state: Any, file: Path) -> None:
+    with open(file, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def raw_write(state: Any, file: Path) -> None:
+    with open(file, "wb") as f:
+        for t in leaves(state):
+            t.numpy().tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def raw_read(dest: Any, file: Path) -> None:
+    with open(file, "rb", buffering=0) as f:
+        for t in leaves(dest):
+            f.readinto(memoryview(t.numpy()).cast("B"))
+
+
+# -- workloads 1 and 2: one process -------------------------------------------------------------
+
+
+def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
+    root.mkdir(parents=True, exist_ok=True)
+    dest = empty_like(state)
+    paths = {k: root / f"{name}-{k}" for k in ("zdcp", "dcp", "torch", "raw")}
+    saves = interleaved(
+        rounds,
+        {
+            "zdcp": lambda: timed(lambda: zdcp.save(state, fresh(paths["zdcp"]))),
+            "dcp": lambda: timed(lambda: dcp.save(state, checkpoint_id=fresh(paths["dcp"]), no_dist=True)),
+            "torch": lambda: timed(lambda: torch_save_fsync(state, paths["torch"])),
+            "raw": lambda: timed(lambda: raw_write(state, paths["raw"])),
+        },
+    )
+    loads = interleaved(
+        rounds,
+        {
+            "zdcp": lambda: timed(lambda: zdcp.load(dest, paths["zdcp"])),
+            "dcp": lambda: timed(lambda: dcp.load(dest, checkpoint_id=paths["dcp"], no_dist=True)),
+            "torch": lambda: timed(lambda: torch.load(paths["torch"], weights_only=True)),
+            "raw": lambda: timed(lambda: raw_read(dest, paths["raw"])),
+        },
+    )
+    size = nbytes(state)
+    return [_row(name, "save", saves, size), _row(name, "load", loads, size)]
+
+
+def _row(workload: str, op: str, times: dict[str, list[float]], size: int) -> dict[str, Any]:
+    med = {k: median(v) for k, v in times.items()}
+    return {"workload": workload, "op": op, "bytes": size, "median": med, "rounds": len(next(iter(times.values())))}
+
+
+# -- workload 3: FSDP2 + Adam on 4 gloo ranks ---------------------------------------------------
+
+
+def _fsdp_state(world_size: int, seed: int):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])  # 32 MiB of params
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(4, 1024)).sum().backward()
+    optim.step()
+    model_sd, optim_sd = get_state_dict(model, optim)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _max_over_ranks(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _collective_timed(fn: Callable[[], Any]) -> float:
+    dist.barrier()
+    return _max_over_ranks(timed(fn))
+
+
+def sharded_save(rank: int, world_size: int, root: Path, rounds: int, out: Path) -> None:
+    state = _fsdp_state(world_size, 0)
+    times = interleaved(
+        rounds,
+        {
+            "zdcp": lambda: _collective_timed(lambda: zdcp.save(state, root / "zdcp", overwrite=True)),
+            "dcp": lambda: _collective_timed(lambda: dcp.save(state, checkpoint_id=root / "dcp")),
+        },
+    )
+    if rank == 0:
+        torch.save(times, out)
+
+
+def sharded_load(rank: int, world_size: int, root: Path, rounds: int, out: Path) -> None:
+    state = _fsdp_state(world_size, 1)
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in _tensors(state)]
+    needed = sum(t.numel() * t.element_size() for t in local)
+
+    def load(fn: Callable[[], Any], reads: list[int]) -> float:
+        dist.barrier()
+        before = rchar()
+        seconds = timed(fn)
+        reads.append(rchar() - before)
+        return _max_over_ranks(seconds)
+
+    reads: dict[str, list[int]] = {"zdcp": [], "dcp": []}
+    times = interleaved(
+        rounds,
+        {
+            "zdcp": lambda: load(lambda: zdcp.load(state, root / "zdcp"), reads["zdcp"]),
+            "dcp": lambda: load(lambda: dcp.load(state, checkpoint_id=root / "dcp"), reads["dcp"]),
+        },
+    )
+    totals = torch.tensor([needed] + [median(reads[k]) for k in ("zdcp", "dcp")], dtype=torch.float64)
+    dist.all_reduce(totals)
+    if rank == 0:
+        read = {"zdcp": totals[1].item(), "dcp": totals[2].item()}
+        torch.save({"times": times, "needed": totals[0].item(), "read": read}, out)
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, list):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def sharded(root: Path, rounds: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    root = fresh(root)
+    root.mkdir(parents=True)
+    rows, amplification = [], []
+    run_ranks(4, sharded_save, root, rounds, root / "save.pt", timeout=1200)
+    saved = torch.load(root / "save.pt")
+    size = nbytes_of_dir(root / "zdcp")
+    rows.append(_row("sharded (FSDP2+Adam)", "save at 4", saved, size))
+    for world_size in (3, 1):
+        run_ranks(world_size, sharded_load, root, rounds, root / f"load{world_size}.pt", timeout=1200)
+        result = torch.load(root / f"load{world_size}.pt")
+        rows.append(_row("sharded (FSDP2+Adam)", f"load at {world_size}", result["times"], size))
+        amplification.append(
+            {
+                "case": f"4 -> {world_size} ranks, whole state",
+                "needed": result["needed"],
+                "zdcp": result["read"]["zdcp"] / result["needed"],
+                "dcp": result["read"]["dcp"] / result["needed"],
+            }
+        )
+    return rows, amplification
+
+
+def nbytes_of_dir(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- workload 4b: a 1% slice through zdcp.open --------------------------------------------------
+
+
+def slice_amplification(root: Path) -> dict[str, Any]:
+    """A 1% row slice of a 64 MiB tensor saved as 8 shards (one chunk per 'rank')."""
+    full = torch.randn(16384, 1024)
+    path = fresh(root / "slice")
+    run_ranks(8, _save_sharded_tensor, path, full)
+    array = zdcp.open(path)["w"]
+    rows = slice(5000, 5000 + 164)  # ~1% of the rows
+    needed = 164 * 1024 * 4
+    before = rchar()
+    out = array[rows]
+    read = rchar() - before
+    assert torch.equal(out, full[rows])
+    return {"case": "1% row slice via zdcp.open (8 chunks)", "needed": needed, "zdcp": read / needed, "dcp": None}
+
+
+def _save_sharded_tensor(rank: int, world_size: int, path: Path, full: torch.Tensor) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    zdcp.save({"w": distribute_tensor(full, init_device_mesh("cpu", (world_size,)), [Shard(0)])}, path)
+
+
+# -- workload 5: memory -------------------------------------------------------------------------
+
+
+MEMORY_PROBE = r"""
+import os, resource, sys, time, warnings, torch
+warnings.filterwarnings("ignore")
+import torch.distributed.checkpoint as dcp, zdcp
+op, path = sys.argv[1], sys.argv[2]
+state = {f"layer{i}.weight": torch.randn(2 * 1024 * 1024) for i in range(16)}  # 128 MiB
+def rss():
+    with open("/proc/self/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) * 1024
+if op.endswith("load"):
+    if op == "zdcp-load": zdcp.save(state, path + "-z", overwrite=True)
+    if op == "dcp-load": dcp.save(state, checkpoint_id=path + "-d", no_dist=True)
+    if op == "torch-load": torch.save(state, path + "-t")
+before = rss()
+# peak RSS from here on: reset the high-water mark
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+{"zdcp-save": lambda: zdcp.save(state, path + "-z", overwrite=True),
+ "dcp-save": lambda: dcp.save(state, checkpoint_id=path + "-d", no_dist=True),
+ "torch-save": lambda: torch.save(state, path + "-t"),
+ "zdcp-load": lambda: zdcp.load(state, path + "-z"),
+ "dcp-load": lambda: dcp.load(state, checkpoint_id=path + "-d", no_dist=True),
+ "torch-load": lambda: torch.load(path + "-t", weights_only=True)}[op]()
+with open("/proc/self/status") as f:
+    peak = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) * 1024
+print(peak - before)
+"""
+
+
+def memory(root: Path) -> list[dict[str, Any]]:
+    rows = []
+    root.mkdir(parents=True, exist_ok=True)
+    state_bytes = 128 * MiB
+    for op in ("save", "load"):
+        extra = {}
+        for impl in ("zdcp", "dcp", "torch"):
+            run = subprocess.run(
+                [sys.executable, "-c", MEMORY_PROBE, f"{impl}-{op}", str(root / "mem")],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            extra[impl] = int(run.stdout.strip().splitlines()[-1])
+        rows.append({"op": op, "state": state_bytes, **extra})
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = next((int(line.split()[1]) >> 20 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, zdcp {zdcp.__version__}"
+    )
+
+
+def report(
+    rows: list[dict[str, Any]], amplification: list[dict[str, Any]], mem: list[dict[str, Any]], root: Path
+) -> str:
+    out = [f"Machine: {machine()}. Storage: the filesystem under `{root}`; page cache warm.", ""]
+    if rows:
+        out += [
+            "| workload | op | size | zdcp s | DCP s | torch.save s | raw s | zdcp/DCP | zdcp vs raw throughput |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            m = r["median"]
+            cells = [f"{m[k]:.3f}" if k in m else "" for k in ("zdcp", "dcp", "torch", "raw")]
+            raw = f"{m['raw'] / m['zdcp']:.2f}x" if "raw" in m else ""
+            out.append(
+                f"| {r['workload']} | {r['op']} | {r['bytes'] / MiB:.0f} MiB | {' | '.join(cells)} | "
+                f"{m['zdcp'] / m['dcp']:.2f}x | {raw} |"
+            )
+        out.append(f"\nMedians of {rows[0]['rounds']} interleaved rounds.")
+    if amplification:
+        out += ["", "| read amplification (bytes read / bytes needed) | zdcp | DCP |", "| --- | --- | --- |"]
+        for a in amplification:
+            dcp_cell = f"{a['dcp']:.2f}" if a["dcp"] is not None else "n/a"
+            out.append(f"| {a['case']} ({a['needed'] / MiB:.1f} MiB needed) | {a['zdcp']:.2f} | {dcp_cell} |")
+    if mem:
+        out += ["", "| peak RSS above the state (128 MiB state) | zdcp | DCP | torch |", "| --- | --- | --- | --- |"]
+        for m in mem:
+            cells = " | ".join(f"{m[k] / MiB:.0f} MiB ({m[k] / m['state']:.0%})" for k in ("zdcp", "dcp", "torch"))
+            out.append(f"| {m['op']} | {cells} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default="large,small,sharded,slice,memory")
+    args = parser.parse_args()
+    chosen = set(args.workloads.split(","))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    rows: list[dict[str, Any]] = []
+    amplification: list[dict[str, Any]] = []
+    mem: list[dict[str, Any]] = []
+    if "large" in chosen:
+        rows += single_process("large: 16 x 32 MiB fp32", large_state(), args.dir, args.rounds)
+    if "small" in chosen:
+        rows += single_process("many small: 2000 x 1-4 KiB", small_state(), args.dir, args.rounds)
+    if "sharded" in chosen:
+        more_rows, more_amp = sharded(args.dir / "sharded", args.rounds)
+        rows += more_rows
+        amplification += more_amp
+    if "slice" in chosen:
+        amplification.append(slice_amplification(args.dir))
+    if "memory" in chosen:
+        mem = memory(args.dir)
+    print(report(rows, amplification, mem, args.dir))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
