@@ -11,7 +11,7 @@ from conftest import assert_bitwise_equal
 from safetensors import safe_open
 
 import zdcp
-import zdcp.writer
+import zdcp.storage
 from zdcp import format_utils as fu
 
 
@@ -135,13 +135,13 @@ def test_streaming_conversion_holds_one_window_of_tensors(tmp_path, monkeypatch)
     tensors = {f"t{i}": torch.full((1024,), float(i)) for i in range(12)}  # 4 KiB each
     safetensors.torch.save_file(tensors, tmp_path / "m.safetensors")
     in_flight = []
-    real_add = zdcp.writer._WriteWindow.add
+    real_add = zdcp.storage.InflightWindow.add
 
     def recording(self, write, nbytes):
         real_add(self, write, nbytes)
         in_flight.append(self.bytes)
 
-    monkeypatch.setattr(zdcp.writer._WriteWindow, "add", recording)
+    monkeypatch.setattr(zdcp.storage.InflightWindow, "add", recording)
     for window, most in [(2 * 4096, 2 * 4096), (None, 12 * 4096)]:
         monkeypatch.setattr(fu, "_WINDOW", window)
         in_flight.clear()

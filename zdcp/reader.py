@@ -14,6 +14,7 @@ per leaf). ``read_metadata`` hands DCP the dotted view; zdcp's planner switches 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -30,7 +31,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
@@ -38,7 +39,7 @@ from .catalog import ArrayNode, Catalog
 from .dtypes import numpy_to_tensor, tensor_to_numpy
 from .errors import CorruptCheckpointError, MismatchError, UnsafeError, ZdcpError
 from .keys import describe
-from .storage import METADATA_KEY, Store, StoreClient
+from .storage import METADATA_KEY, InflightWindow, Store, StoreClient
 
 __all__ = ["ZarrReader"]
 
@@ -83,6 +84,9 @@ class ZarrReader(StoreClient, StorageReader):
         allow_cast: cast stored tensors to the destination's dtype instead of refusing.
         allow_pickle: unpickle values that were saved with ``allow_pickle=True``. Unpickling
             runs code chosen by whoever wrote the checkpoint: only for trusted checkpoints.
+        max_inflight_bytes: how many bytes of reads a rank keeps in flight (``None``: no limit).
+            Each read holds a decoded copy of the chunks it touches until it lands in the
+            destination; the window bounds that memory.
     """
 
     def __init__(
@@ -91,10 +95,12 @@ class ZarrReader(StoreClient, StorageReader):
         *,
         allow_cast: bool = False,
         allow_pickle: bool = False,
+        max_inflight_bytes: int | None = 64 << 20,
     ):
         StoreClient.__init__(self, path)
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
+        self.max_inflight_bytes = max_inflight_bytes
         self.catalog: Catalog | None = None
         self.metadata_error: ZdcpError | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
@@ -179,9 +185,9 @@ class ZarrReader(StoreClient, StorageReader):
         # Only now that every item is known to fit does the destination change.
         for item, source in value_items:
             planner.load_bytes(item, self._value_bytes(source))
-        # Every read in flight at once; one tensorstore call per destination slice.
+        # One tensorstore call per destination slice, as many in flight as the window allows.
         stores: dict[str, ts.TensorStore] = {}
-        pending = []
+        window = InflightWindow(self.max_inflight_bytes)
         for item, dest, array in tensor_items:
             node = array.entry.node
             if node not in stores:
@@ -192,15 +198,9 @@ class ZarrReader(StoreClient, StorageReader):
                 future = ts.array(tensor_to_numpy(dest), copy=False, write=True).write(region)
             else:
                 future = region.read()
-            pending.append((item, dest, array, future, direct))
-        for item, dest, array, future, direct in pending:
-            try:
-                result = future.result()
-            except ValueError as e:  # tensorstore: checksum mismatch, missing or truncated chunk
-                raise CorruptCheckpointError(f"array {describe(array.entry.path)!r}: {e}") from None
-            if not direct:
-                dest.copy_(numpy_to_tensor(result, array.dtype.torch))
-            planner.commit_tensor(item, dest)
+            nbytes = dest.numel() * dest.element_size()
+            window.add(future, nbytes, functools.partial(_finish_read, planner, item, dest, array, direct))
+        window.drain()
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -221,6 +221,18 @@ class ZarrReader(StoreClient, StorageReader):
         torch.save(value, buf)
         buf.seek(0)
         return buf
+
+
+def _finish_read(
+    planner: LoadPlanner, item: ReadItem, dest: torch.Tensor, array: ArrayNode, direct: bool, future: Any
+) -> None:
+    try:
+        result = future.result()
+    except ValueError as e:  # tensorstore: checksum mismatch, missing or truncated chunk
+        raise CorruptCheckpointError(f"array {describe(array.entry.path)!r}: {e}") from None
+    if not direct:
+        dest.copy_(numpy_to_tensor(result, array.dtype.torch))
+    planner.commit_tensor(item, dest)
 
 
 def _dcp_leaves(value: Any, sub: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

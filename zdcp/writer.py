@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,7 +44,7 @@ from .layout import (
     group_document,
     zdcp_attrs,
 )
-from .storage import METADATA_KEY, StoreClient
+from .storage import METADATA_KEY, InflightWindow, StoreClient
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -166,7 +165,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         entries = _entries_of(plan)
         grids: dict[str, tuple[int, ...]] = plan.storage_data or {}
         arrays: dict[str, ts.Future] = {}
-        window = _WriteWindow(self.max_inflight_bytes)
+        window = InflightWindow(self.max_inflight_bytes)
         written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
         for item in plan.items:
@@ -256,35 +255,6 @@ class ZarrWriter(StoreClient, StorageWriter):
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
         self.store.write_json(METADATA_KEY, root)  # the commit record: last
-
-
-class _WriteWindow:
-    """Chunk writes in flight, at most ``limit`` bytes of them (None: no limit).
-
-    All writes in flight at once is fastest, but each holds its source tensor (a host copy when
-    the tensor lives on a GPU, or data a lazy planner just produced); the window bounds that
-    memory by waiting for the oldest writes first.
-    """
-
-    def __init__(self, limit: int | None):
-        self.limit = limit
-        self.pending: deque[tuple[ts.Future, int]] = deque()
-        self.bytes = 0
-
-    def add(self, write: ts.Future, nbytes: int) -> None:
-        self.pending.append((write, nbytes))
-        self.bytes += nbytes
-        while self.limit is not None and self.bytes > self.limit and len(self.pending) > 1:
-            self._wait_oldest()
-
-    def drain(self) -> None:
-        while self.pending:
-            self._wait_oldest()
-
-    def _wait_oldest(self) -> None:
-        write, nbytes = self.pending.popleft()
-        write.result()
-        self.bytes -= nbytes
 
 
 class _Group:
