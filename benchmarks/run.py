@@ -11,7 +11,8 @@ are printed as markdown (docs/benchmarks.md keeps them, with the machine).
 
 Workloads (issue 4): 1 large tensors, 2 many small tensors, 3 an FSDP2 model + Adam saved by 4
 gloo ranks and loaded at 3 and 1, 4 read amplification (bytes read / bytes needed) of a
-resharded load and of a 1% slice, 5 peak memory above the state's size.
+resharded load and of a 1% slice, 5 peak memory above the state's size, 6 how long
+``zdcp.async_save`` blocks, against copying the state to host memory.
 """
 
 from __future__ import annotations
@@ -349,6 +350,33 @@ def memory(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# -- workload 6: async save ---------------------------------------------------------------------
+
+
+def async_blocking(root: Path, rounds: int) -> dict[str, Any]:
+    """How long zdcp.async_save blocks the caller, against a copy of the state to host memory
+    (the staging anchor) and a full synchronous save."""
+    state = large_state()
+    path = root / "async"
+
+    def blocking() -> float:
+        start = time.perf_counter()
+        future = zdcp.async_save(state, path, overwrite=True)
+        seconds = time.perf_counter() - start
+        future.result()
+        return seconds
+
+    times = interleaved(
+        rounds,
+        {
+            "async_save returns": blocking,
+            "copy to host": lambda: timed(lambda: {k: v.clone() for k, v in state.items()}),
+            "sync save": lambda: timed(lambda: zdcp.save(state, path, overwrite=True)),
+        },
+    )
+    return {k: median(v) for k, v in times.items()}
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -362,7 +390,11 @@ def machine() -> str:
 
 
 def report(
-    rows: list[dict[str, Any]], amplification: list[dict[str, Any]], mem: list[dict[str, Any]], root: Path
+    rows: list[dict[str, Any]],
+    amplification: list[dict[str, Any]],
+    mem: list[dict[str, Any]],
+    asynchronous: dict[str, float] | None,
+    root: Path,
 ) -> str:
     out = [f"Machine: {machine()}. Storage: the filesystem under `{root}`; page cache warm.", ""]
     if rows:
@@ -389,6 +421,10 @@ def report(
         for m in mem:
             cells = " | ".join(f"{m[k] / MiB:.0f} MiB ({m[k] / m['state']:.0%})" for k in ("zdcp", "dcp", "torch"))
             out.append(f"| {m['op']} | {cells} |")
+    if asynchronous:
+        copy = asynchronous["copy to host"]
+        out += ["", "| async save, 512 MiB (`large`) | s | / copy to host |", "| --- | --- | --- |"]
+        out += [f"| {k} | {v:.3f} | {v / copy:.2f}x |" for k, v in asynchronous.items()]
     return "\n".join(out)
 
 
@@ -396,7 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", default="large,small,sharded,slice,memory")
+    parser.add_argument("--workloads", default="large,small,sharded,slice,memory,async")
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -415,7 +451,8 @@ def main() -> None:
         amplification.append(slice_amplification(args.dir))
     if "memory" in chosen:
         mem = memory(args.dir)
-    print(report(rows, amplification, mem, args.dir))
+    asynchronous = async_blocking(args.dir, args.rounds) if "async" in chosen else None
+    print(report(rows, amplification, mem, asynchronous, args.dir))
 
 
 if __name__ == "__main__":

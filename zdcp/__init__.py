@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from . import errors as _errors
 from . import zarr_dtypes as _zarr_dtypes
-from .api import load, save
+from .api import async_save, load, save
 from .errors import *  # noqa: F403  (the error classes are public API)
 from .reader import ZarrReader
 from .verify import Report, verify
@@ -26,6 +26,7 @@ _zarr_dtypes.register()
 
 __all__ = [
     "save",
+    "async_save",
     "load",
     "open",
     "Group",

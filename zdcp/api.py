@@ -8,22 +8,29 @@ and errors, which are zdcp's own ``Exception`` subclasses raised on every rank i
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
 
 from .errors import DistributedError, ZdcpError
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
 from .reader import ZarrReader
 from .writer import ZarrWriter
 
-__all__ = ["save", "load"]
+__all__ = ["save", "async_save", "load"]
+
+# One background saver: successive async saves of a process run in the order they were started.
+_SAVER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdcp-async-save")
 
 
 def save(
@@ -58,6 +65,43 @@ def save(
             process_group=process_group,
             no_dist=no_dist,
         )
+
+
+def async_save(
+    state_dict: dict[str, Any],
+    checkpoint_id: str | os.PathLike[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    compression: str | None = None,
+) -> concurrent.futures.Future[None]:
+    """Stage ``state_dict`` on the host, then save it in the background like :func:`save`.
+
+    Returns once the state is copied to host memory (pinned when a GPU is present), so training
+    may change its tensors right away. The returned future completes when every rank's writes
+    are done and the checkpoint is committed, or raises the save's zdcp error. Collective
+    like :func:`save`, from a background thread: give it a process group of its own
+    (``dist.new_group(backend="gloo")``) when training runs collectives meanwhile.
+    """
+    no_dist = no_dist or not _distributed()
+    gpu = torch.cuda.is_available()
+    stager = DefaultStager(StagingOptions(gpu, False, False, gpu))
+    try:
+        staged = stager.stage(_stateful_to_state_dict(state_dict))
+    finally:
+        stager.close()
+    return _SAVER.submit(
+        save,
+        staged,
+        checkpoint_id,
+        process_group=process_group,
+        no_dist=no_dist,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        compression=compression,
+    )
 
 
 def load(
