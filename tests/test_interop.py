@@ -69,3 +69,37 @@ def test_data_types_are_declared_as_zarr_entry_points():
     declared = {ep.name: ep.load() for ep in entry_points(group="zarr.data_type") if ep.value.startswith("zdcp.")}
     assert set(declared) == {d.zarr for d in EXTENSION_DTYPES}
     assert all(cls._zarr_v3_name == name for name, cls in declared.items())
+
+
+def test_large_shards_have_checksummed_inner_chunks(ckpt):
+    t = torch.randn(1024, 1024).bfloat16()  # 2 MiB in one chunk: 128-row inner chunks
+    zdcp.save({"w": t}, ckpt)
+    doc = json.loads((ckpt / "w/zarr.json").read_text())
+    (sharding,) = doc["codecs"]
+    assert sharding["name"] == "sharding_indexed"
+    assert sharding["configuration"]["chunk_shape"] == [128, 1024]
+    assert {"name": "crc32c"} in sharding["configuration"]["codecs"]
+    assert {"name": "crc32c"} in sharding["configuration"]["index_codecs"]
+    assert sorted(p.name for p in (ckpt / "w/c/0").iterdir()) == ["0"]  # still one object per shard
+
+    z = zarr.open_group(ckpt, mode="r")["w"]
+    assert z.shards == (1024, 1024) and z.chunks == (128, 1024)
+    assert np.array_equal(z[100:300].view(np.int16), t[100:300].view(torch.int16).numpy())
+    out = {"w": torch.zeros_like(t)}
+    zdcp.load(out, ckpt)
+    assert_bitwise_equal(out["w"], t)
+    assert_bitwise_equal(zdcp.open(ckpt)["w"][500:520, 7], t[500:520, 7])
+
+    # a flipped byte inside one inner chunk: reads that touch it fail, others still work
+    shard = ckpt / "w/c/0/0"
+    data = bytearray(shard.read_bytes())
+    # the index at the end: (offset, nbytes) per inner chunk as little-endian u64, then crc32c
+    index = np.frombuffer(bytes(data[-(8 * 16 + 4) : -4]), dtype="<u8").reshape(8, 2)
+    assert (index[:, 1] == 128 * 1024 * 2 + 4).all()  # each inner chunk: data + its checksum
+    data[int(index[3, 0]) + 10] ^= 0x01  # inside inner chunk 3 (rows 384-511)
+    shard.write_bytes(bytes(data))
+    view = zdcp.open(ckpt)["w"]
+    assert_bitwise_equal(view[0:128], t[0:128])
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
+        view[400:410]
+    assert not zdcp.verify(ckpt).ok

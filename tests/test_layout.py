@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from zdcp.layout import chunk_shape
+from zdcp.layout import INNER_CHUNK_BYTES, chunk_shape, inner_chunk_shape
 
 
 def torch_chunk_shards(n, w):
@@ -67,3 +67,21 @@ def test_unsharded_and_scalar():
     assert chunk_shape((5, 3), [((0, 0), (5, 3))]) == (5, 3)
     assert chunk_shape((), [((), ())]) == ()
     assert chunk_shape((0, 4), [((0, 0), (0, 4))]) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "chunks, itemsize, inner",
+    [
+        ((8192, 1024), 4, (64, 1024)),  # 256 KiB inner chunks of a 32 MiB shard
+        ((100, 10), 4, (100, 10)),  # small: no inner chunks
+        ((4097, 1024), 4, (17, 1024)),  # 4097 = 17 * 241: the largest divisor that fits
+        ((3, 70000), 4, (1, 35000)),  # one row is too large: the next dimension is cut too
+        ((65537,), 4, (65537,)),  # prime: tiny inner chunks would cost more than they save
+        ((), 8, ()),
+    ],
+)
+def test_inner_chunks_divide_the_shard_and_fit(chunks, itemsize, inner):
+    assert inner_chunk_shape(chunks, itemsize) == inner
+    assert all(c % i == 0 for c, i in zip(chunks, inner))
+    if inner != chunks:
+        assert math.prod(inner) * itemsize <= INNER_CHUNK_BYTES

@@ -25,18 +25,21 @@ SHAPES = {
     "rows3": ((3, 2), torch.bfloat16),
     "cols": ((4, 9), torch.float32),
     "rep": ((3, 3), torch.float64),
+    "big": ((1024, 256), torch.float32),  # 1 MiB: shards over 2 and 3 ranks get inner chunks
 }
 SHAPES_2D = {
     "grid": ((6, 10), torch.float32),  # [Shard(0), Shard(1)]
     "nested": ((5, 4), torch.float32),  # [Shard(0), Shard(0)]: rows 2,1,1,1, no regular grid
     "mixed": ((5, 6), torch.bfloat16),  # [Replicate(), Shard(1)]
 }
-SAVE_1D = {"rows7": [Shard(0)], "rows5": [Shard(0)], "rows3": [Shard(0)], "cols": [Shard(1)], "rep": [Replicate()]}
-LOAD_1D = {"rows7": [Shard(1)], "rows5": [Replicate()], "rows3": [Shard(1)], "cols": [Shard(0)], "rep": [Shard(0)]}
+SAVE_1D = {"rows7": [Shard(0)], "rows5": [Shard(0)], "rows3": [Shard(0)], "cols": [Shard(1)], "rep": [Replicate()],
+           "big": [Shard(0)]}
+LOAD_1D = {"rows7": [Shard(1)], "rows5": [Replicate()], "rows3": [Shard(1)], "cols": [Shard(0)], "rep": [Shard(0)],
+           "big": [Shard(1)]}
 SAVE_2D = {"grid": [Shard(0), Shard(1)], "nested": [Shard(0), Shard(0)], "mixed": [Replicate(), Shard(1)]}
 LOAD_2D_AS_1D = {"grid": [Shard(1)], "nested": [Replicate()], "mixed": [Shard(0)]}
 LOAD_1D_AS_2D = {"rows7": [Shard(1), Shard(0)], "rows5": [Shard(0), Shard(0)], "rows3": [Replicate(), Shard(0)],
-                 "cols": [Shard(0), Shard(1)], "rep": [Shard(1), Replicate()]}
+                 "cols": [Shard(0), Shard(1)], "rep": [Shard(1), Replicate()], "big": [Shard(1), Shard(0)]}
 
 
 def reference(name):
@@ -95,6 +98,12 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
             # Shard(0) over W ranks: torch.chunk sizes, i.e. chunk length ceil(rows / W)
             assert group[name].chunks == (-(-rows // world_size), SHAPES[name][0][1]), (world_size, name)
         assert group["cols"].chunks == (4, -(-9 // world_size))
+        # the 1 MiB tensor: one object per rank's shard; shards above 256 KiB hold inner chunks
+        big = zdcp.open(tmp_path / f"w{world_size}")["model/big"]
+        shard_rows = -(-1024 // world_size)
+        assert big.chunks == (shard_rows, 256)
+        assert group["big"].shards == (None if world_size == 4 else (shard_rows, 256))
+        assert group["big"].chunks == {2: (256, 256), 3: (171, 256), 4: (256, 256)}[world_size]
         assert group["rep"].chunks == (3, 3)
         assert group["rows7"].attrs["zdcp"]["layout"]["placements"] == ["Shard(dim=0)"]
     grid = zarr.open_group(tmp_path / "w4_2d/model", mode="r")

@@ -19,6 +19,8 @@ __all__ = [
     "COMPRESSIONS",
     "chunk_shape",
     "codecs",
+    "inner_chunk_shape",
+    "INNER_CHUNK_BYTES",
     "array_document",
     "group_document",
     "zdcp_attrs",
@@ -29,6 +31,10 @@ FORMAT_NAME = "zdcp"
 FORMAT_VERSION = 1
 #: The one attribute key under which zdcp keeps its own metadata in every node.
 ATTR = "zdcp"
+#: Chunks larger than this are stored with inner chunks of about this size (sharding codec).
+#: Measured here: 256 KiB inner chunks read a 512 MiB state 1.6x faster than whole 32 MiB
+#: chunks, and a 1% slice reads 1.6x what it needs instead of 100x; 64 KiB ones write slower.
+INNER_CHUNK_BYTES = 256 << 10
 #: Optional compressors, as Zarr v3 codec documents (between ``bytes`` and ``crc32c``).
 COMPRESSIONS: dict[str, dict[str, Any]] = {
     "zstd": {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
@@ -59,13 +65,46 @@ def chunk_shape(shape: Sequence[int], shards: Iterable[tuple[Sequence[int], Sequ
     return tuple(out)
 
 
-def codecs(dtype: DType, compression: str | None) -> list[dict[str, Any]]:
-    """``bytes`` (little endian), an optional compressor, then a ``crc32c`` checksum per chunk."""
+def codecs(dtype: DType, chunks: Sequence[int], compression: str | None) -> list[dict[str, Any]]:
+    """The codec chain of an array whose (outer) chunks have shape ``chunks``.
+
+    Each chunk is ``bytes`` (little endian), an optional compressor, then a ``crc32c`` checksum.
+    A chunk larger than :data:`INNER_CHUNK_BYTES` is stored with the ``sharding_indexed`` codec
+    instead: still one object per chunk (one rank's shard), holding inner chunks of about that
+    size, each checksummed, plus a checksummed index. A reader then fetches only the inner chunks
+    a slice touches (resharded loads, ``zdcp.open`` slices), and decodes a whole chunk in
+    parallel.
+    """
     chain: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if compression is not None:
         chain.append(COMPRESSIONS[compression])
     chain.append({"name": "crc32c"})
-    return chain
+    inner = inner_chunk_shape(chunks, dtype.numpy.itemsize)
+    if inner == tuple(chunks):
+        return chain
+    index = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+    configuration = {"chunk_shape": list(inner), "codecs": chain, "index_codecs": index, "index_location": "end"}
+    return [{"name": "sharding_indexed", "configuration": configuration}]
+
+
+def inner_chunk_shape(chunks: Sequence[int], itemsize: int) -> tuple[int, ...]:
+    """Inner chunks of at most about :data:`INNER_CHUNK_BYTES`, cut along the leading dimensions.
+
+    Each inner length divides its chunk length (Zarr requires whole inner chunks per shard). A
+    chunk that already fits, or whose lengths have no divisor near the wanted size, is returned
+    unchanged (no inner chunks).
+    """
+    inner = list(chunks)
+    for dim in range(len(inner)):
+        rest = itemsize * math.prod(inner[dim + 1 :])
+        if rest * inner[dim] <= INNER_CHUNK_BYTES:
+            break
+        wanted = max(1, INNER_CHUNK_BYTES // rest)
+        best = max(d for d in range(1, min(wanted, inner[dim]) + 1) if inner[dim] % d == 0)
+        if best < wanted // 8:  # e.g. a prime length: tiny inner chunks would cost more than they save
+            return tuple(chunks)
+        inner[dim] = best
+    return tuple(inner)
 
 
 def fill_value(dtype: DType) -> Any:
@@ -96,7 +135,7 @@ def array_document(
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": fill_value(dtype),
-        "codecs": codecs(dtype, compression),
+        "codecs": codecs(dtype, chunks, compression),
         "attributes": {ATTR: zdcp_attrs},
     }
 
