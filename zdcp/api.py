@@ -1,4 +1,4 @@
-"""``zdcp.save`` and ``zdcp.load``: DCP's ``save``/``load`` with the Zarr storage and planners.
+"""``zdcp.save``, ``zdcp.async_save`` and ``zdcp.load``: DCP's with the Zarr storage and planners.
 
 They keep DCP's programming model (in-place load, ``Stateful`` values, collective over a process
 group or single-process without one) and change two things users notice: the format on disk,
