@@ -21,6 +21,7 @@ __all__ = [
     "codecs",
     "inner_chunk_shape",
     "INNER_CHUNK_BYTES",
+    "chunk_key",
     "array_document",
     "group_document",
     "zdcp_attrs",
@@ -152,3 +153,8 @@ def zdcp_attrs(document: Any) -> dict[str, Any] | None:
     attrs = document.get("attributes")
     found = attrs.get(ATTR) if isinstance(attrs, dict) else None
     return found if isinstance(found, dict) else None
+
+
+def chunk_key(node: str, index: Sequence[int]) -> str:
+    """The storage key of chunk ``index`` of the array at ``node`` (default encoding, "/")."""
+    return f"{node}/c/{'/'.join(map(str, index))}" if index else f"{node}/c"

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from .catalog import ArrayNode, Catalog
+from .direct import RowSlabs, row_slabs
 from .dtypes import numpy_to_tensor, tensor_to_numpy
 from .errors import CorruptCheckpointError, MismatchError, UnsafeError, ZdcpError
 from .keys import describe
@@ -87,6 +88,8 @@ class ZarrReader(StoreClient, StorageReader):
         max_inflight_bytes: how many bytes of reads a rank keeps in flight (``None``: no limit).
             Each read holds a decoded copy of the chunks it touches until it lands in the
             destination; the window bounds that memory.
+        direct_reads: read whole-row slabs of plain local chunks straight into the destination
+            (:mod:`zdcp.direct`); ``False`` sends every read through tensorstore.
     """
 
     def __init__(
@@ -96,11 +99,14 @@ class ZarrReader(StoreClient, StorageReader):
         allow_cast: bool = False,
         allow_pickle: bool = False,
         max_inflight_bytes: int | None = 64 << 20,
+        direct_reads: bool = True,
     ):
         StoreClient.__init__(self, path)
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
         self.max_inflight_bytes = max_inflight_bytes
+        self.direct_reads = direct_reads
+        self._slabs: dict[str, RowSlabs | None] = {}
         self.catalog: Catalog | None = None
         self.metadata_error: ZdcpError | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
@@ -185,11 +191,15 @@ class ZarrReader(StoreClient, StorageReader):
         # Only now that every item is known to fit does the destination change.
         for item, source in value_items:
             planner.load_bytes(item, self._value_bytes(source))
-        # One tensorstore call per destination slice, as many in flight as the window allows.
+        # One tensorstore call per destination slice, as many in flight as the window allows;
+        # whole-row slabs of plain local chunks are read straight into the destination instead.
         stores: dict[str, ts.TensorStore] = {}
         window = InflightWindow(self.max_inflight_bytes)
         for item, dest, array in tensor_items:
             node = array.entry.node
+            if self._read_direct(item, dest, array):
+                planner.commit_tensor(item, dest)
+                continue
             if node not in stores:
                 stores[node] = self.store.open_array(node, array.document).result()
             region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
@@ -204,6 +214,23 @@ class ZarrReader(StoreClient, StorageReader):
         done: Future[None] = Future()
         done.set_result(None)
         return done
+
+    def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
+        """Read ``item`` with :mod:`zdcp.direct` when its chunks and destination allow it."""
+        assert self.store is not None
+        if self.store.spec["driver"] != "file" or not self.direct_reads:
+            return False
+        if dest.device.type != "cpu" or dest.dtype != array.dtype.torch or not dest.is_contiguous():
+            return False
+        if any(item.storage_offsets[1:]) or list(item.lengths[1:]) != list(array.shape[1:]):
+            return False
+        slabs = self._slabs.setdefault(array.entry.node, row_slabs(array.document))
+        if slabs is None or dest.numel() == 0:
+            return False
+        rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
+        start, stop = item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0]
+        slabs.read(self.store.spec["path"], array.entry.node, describe(array.entry.path), start, stop, rows)
+        return True
 
     def _value_bytes(self, source: _Source) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .catalog import ArrayNode, Catalog
 from .errors import ZdcpError
+from .layout import chunk_key
 from .storage import METADATA_KEY, Store
 
 __all__ = ["verify", "Fault", "Report"]
@@ -94,7 +95,7 @@ def _check_array(
     for index in itertools.product(*grid):
         region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape))
         reads.append((index, handle[region].read() if region else handle.read()))
-        keys.add(f"{node}/c/{'/'.join(map(str, index))}" if index else f"{node}/c")
+        keys.add(chunk_key(node, index))
     itemsize = array.dtype.numpy.itemsize
     for index, read in reads:
         try:

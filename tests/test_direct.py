@@ -1,0 +1,101 @@
+"""Direct row-slab reads equal tensorstore's reads of the same files, for every layout they
+accept, and refuse damaged data as tensorstore does."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_bitwise_equal
+
+import zdcp
+import zdcp.direct
+from zdcp.direct import row_slabs
+from zdcp.dtypes import from_torch, numpy_to_tensor, tensor_to_numpy
+from zdcp.layout import array_document
+from zdcp.storage import Store
+
+CASES = [
+    # shape, dtype, chunk rows: sharded (inner chunks), plain, edge-padded, several dims
+    ((1000, 300), torch.float32, 400),  # 480 KB chunks -> 200-row inner chunks; last chunk padded
+    ((1000, 300), torch.float32, 100),  # plain 120 KB chunks
+    ((37, 5, 7), torch.bfloat16, 10),  # 3-d, plain, last chunk 7 of 10 rows
+    ((4096, 64), torch.bool, 4096),  # one sharded chunk of bools
+    ((50, 3), torch.complex64, 16),
+]
+
+
+def write_array(root, node, shape, dtype, chunk_rows):
+    full = torch.randn(shape).to(dtype) if not dtype.is_complex else torch.randn(shape, dtype=dtype)
+    if dtype == torch.bool:
+        full = torch.rand(shape) > 0.5
+    store = Store(root)
+    doc = array_document(shape, from_torch(dtype), (chunk_rows, *shape[1:]), {"kind": "tensor"})
+    store.open_array(node, doc, write=True).result().write(tensor_to_numpy(full)).result()
+    return store, doc, full
+
+
+@pytest.mark.parametrize("shape, dtype, chunk_rows", CASES, ids=str)
+def test_row_slabs_equal_tensorstore(tmp_path, shape, dtype, chunk_rows):
+    store, doc, full = write_array(tmp_path, "a", shape, dtype, chunk_rows)
+    slabs = row_slabs(doc)
+    assert slabs is not None and slabs.sharded == (doc["codecs"][0]["name"] == "sharding_indexed")
+    handle = store.open_array("a", doc).result()
+    n = shape[0]
+    for start, stop in [(0, n), (0, 1), (n - 1, n), (n // 3, n // 3 + 1), (n // 7, n - n // 5), (n // 2, n)]:
+        dest = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(stop - start, slabs.row_bytes)
+        slabs.read(store.spec["path"], "a", "a", start, stop, rows)
+        expected = numpy_to_tensor(handle[start:stop].read().result(), dtype)
+        assert_bitwise_equal(dest, expected, (start, stop))
+        assert_bitwise_equal(dest, full[start:stop], (start, stop))
+
+
+def test_layouts_it_does_not_take(tmp_path):
+    _, doc, _ = write_array(tmp_path, "cols", (20, 30), torch.float32, 20)
+    doc["chunk_grid"]["configuration"]["chunk_shape"] = [20, 10]  # chunked along columns too
+    assert row_slabs(doc) is None
+    zstd = array_document((20, 30), from_torch(torch.float32), (20, 30), {}, compression="zstd")
+    assert row_slabs(zstd) is None
+    assert row_slabs(array_document((), from_torch(torch.float32), (), {})) is None
+
+
+def test_damage_is_refused(tmp_path):
+    store, doc, full = write_array(tmp_path, "a", (1000, 300), torch.float32, 400)
+    slabs = row_slabs(doc)
+    dest = np.empty((1000, slabs.row_bytes), dtype=np.uint8)
+    shard = tmp_path / "a/c/1/0"
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-(2 * 16 + 4) : -4]), dtype="<u8").reshape(2, 2)
+    data[int(index[1, 0]) + 5] ^= 0x10  # inner chunk 1 of chunk 1: rows 600-799
+    shard.write_bytes(bytes(data))
+    slabs.read(store.spec["path"], "a", "a", 0, 600, dest[:600])  # rows before it still read
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'a': chunk 1 fails its crc32c"):
+        slabs.read(store.spec["path"], "a", "a", 650, 700, dest[:50])
+    data[-10] ^= 0x01  # the index itself
+    shard.write_bytes(bytes(data))
+    with pytest.raises(zdcp.CorruptCheckpointError, match="damaged shard index"):
+        slabs.read(store.spec["path"], "a", "a", 400, 500, dest[:100])
+    (tmp_path / "a/c/2/0").unlink()
+    with pytest.raises(zdcp.CorruptCheckpointError, match="chunk 2 is missing"):
+        slabs.read(store.spec["path"], "a", "a", 900, 1000, dest[:100])
+    shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated: its index is gone
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'a'"):
+        slabs.read(store.spec["path"], "a", "a", 400, 500, dest[:100])
+
+
+def test_load_takes_the_direct_path_and_agrees(ckpt, monkeypatch):
+    calls = []
+    real_read = zdcp.direct.RowSlabs.read
+    monkeypatch.setattr(zdcp.direct.RowSlabs, "read", lambda self, *a: calls.append(a[1]) or real_read(self, *a))
+    t = torch.randn(3000, 100)  # 1.2 MB: inner chunks
+    zdcp.save({"w": t, "b": torch.randn(7, 3).bfloat16()}, ckpt)
+    direct = {"w": torch.zeros_like(t), "b": torch.zeros(7, 3, dtype=torch.bfloat16)}
+    via_ts = {"w": torch.zeros_like(t), "b": torch.zeros(7, 3, dtype=torch.bfloat16)}
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(direct, storage_reader=zdcp.ZarrReader(ckpt), no_dist=True)
+    assert sorted(calls) == ["b", "w"]
+    dcp.load(via_ts, storage_reader=zdcp.ZarrReader(ckpt, direct_reads=False), no_dist=True)
+    assert len(calls) == 2
+    for k in direct:
+        assert_bitwise_equal(direct[k], via_ts[k], k)
+    assert_bitwise_equal(direct["w"], t)

@@ -1,0 +1,126 @@
+"""Direct reads of plain row-slab chunks from local files into destination memory.
+
+tensorstore, the general read path, decodes every chunk into a buffer of its own and then copies
+it into the destination: two passes over the data, plus the buffers. For the common case this
+module makes it one: a local file, the plain codec chain (``bytes`` little endian + ``crc32c``,
+optionally inside ``sharding_indexed`` with its index at the end), chunks and inner chunks cut
+along the first dimension only (FSDP's ``Shard(0)``, replicated and single-process tensors), and
+a contiguous CPU destination of the stored dtype for a slab of whole rows. Each (inner) chunk's
+bytes are read with ``preadv`` straight into the destination rows and checked there against
+their crc32c; a chunk only partly needed is read into a small buffer first. Anything else goes
+through tensorstore. The layout read here is the one docs/format.md specifies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from .dtypes import from_zarr
+from .errors import CorruptCheckpointError
+from .layout import chunk_key
+
+__all__ = ["RowSlabs", "row_slabs"]
+
+_PLAIN = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+_MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
+
+
+@dataclass(frozen=True)
+class RowSlabs:
+    """How an array's rows lie in its chunk files: ``chunk_rows`` rows per chunk (file), split
+    into inner chunks of ``inner_rows`` rows (equal when the array has no inner chunks)."""
+
+    rows: int
+    row_bytes: int
+    chunk_rows: int
+    inner_rows: int
+    trailing_chunks: int  # dimensions after the first, all in chunk 0
+    sharded: bool
+
+    def read(self, root: str, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+        """Read rows ``[start, stop)`` into ``dest`` (a ``(stop - start, row_bytes)`` uint8 view)."""
+        for chunk in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+            key = chunk_key(node, (chunk,) + (0,) * self.trailing_chunks)
+            try:
+                fd = os.open(os.path.join(root, key), os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is missing ({key})") from None
+            try:
+                self._read_chunk(fd, chunk, where, start, stop, dest)
+            finally:
+                os.close(fd)
+
+    def _read_chunk(self, fd: int, chunk: int, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+        first = chunk * self.chunk_rows
+        entries = self._index(fd, chunk, where)
+        for inner, (offset, nbytes) in enumerate(entries):
+            lo = first + inner * self.inner_rows
+            hi = lo + self.inner_rows
+            if hi <= start or lo >= stop or lo >= self.rows:
+                continue
+            if offset == _MISSING or nbytes != self.inner_rows * self.row_bytes + 4:
+                raise CorruptCheckpointError(f"array {where!r}: chunk {chunk}, inner chunk {inner}: missing or damaged")
+            if start <= lo and hi <= stop:  # the whole inner chunk lands in the destination
+                _read_checked(fd, offset, dest[lo - start : hi - start], where, chunk)
+            else:  # partly needed, or padded past the array's end: through a small buffer
+                buffer = np.empty((self.inner_rows, self.row_bytes), dtype=np.uint8)
+                _read_checked(fd, offset, buffer, where, chunk)
+                a, b = max(lo, start), min(hi, stop, self.rows)
+                dest[a - start : b - start] = buffer[a - lo : b - lo]
+
+    def _index(self, fd: int, chunk: int, where: str) -> list[tuple[int, int]]:
+        """``(offset, nbytes)`` of each inner chunk, from the checksummed index at the end."""
+        size = os.fstat(fd).st_size
+        if not self.sharded:
+            return [(0, size)]
+        count = self.chunk_rows // self.inner_rows
+        length = count * 16 + 4
+        raw = os.pread(fd, length, size - length) if size >= length else b""
+        if len(raw) != length or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} has a damaged shard index")
+        table = np.frombuffer(raw[:-4], dtype="<u8").reshape(count, 2)
+        return [(int(o), int(n)) for o, n in table]
+
+
+def row_slabs(document: dict[str, Any]) -> RowSlabs | None:
+    """The row-slab layout of an array from its ``zarr.json``, or None when it has another."""
+    shape = document["shape"]
+    chunks = document["chunk_grid"]["configuration"]["chunk_shape"]
+    if sys.byteorder != "little" or not shape or math.prod(shape) == 0 or list(chunks[1:]) != list(shape[1:]):
+        return None
+    codecs = document["codecs"]
+    inner_rows, sharded = chunks[0], False
+    if codecs != _PLAIN:
+        config = codecs[0].get("configuration", {}) if len(codecs) == 1 else {}
+        plain_shards = (
+            codecs[0].get("name") == "sharding_indexed"
+            and config.get("codecs") == _PLAIN
+            and config.get("index_codecs") == _PLAIN
+            and config.get("index_location", "end") == "end"
+            and list(config["chunk_shape"][1:]) == list(shape[1:])
+        )
+        if not plain_shards:
+            return None
+        inner_rows, sharded = config["chunk_shape"][0], True
+    itemsize = from_zarr(document["data_type"]).numpy.itemsize
+    return RowSlabs(shape[0], itemsize * math.prod(shape[1:]), chunks[0], inner_rows, len(shape) - 1, sharded)
+
+
+def _read_checked(fd: int, offset: int, dest: np.ndarray, where: str, chunk: int) -> None:
+    """Read ``dest.nbytes`` bytes at ``offset`` into ``dest``, then the 4-byte crc32c after
+    them, and check it against the bytes now in ``dest``."""
+    tail = bytearray(4)
+    got = os.preadv(fd, [memoryview(dest).cast("B"), tail], offset)
+    if got != dest.nbytes + 4:
+        raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is truncated")
+    view = dest.view()
+    view.flags.writeable = False  # google_crc32c reads read-only buffers without copying
+    if google_crc32c.value(view) != int.from_bytes(tail, "little"):
+        raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} fails its crc32c checksum")
