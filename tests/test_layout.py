@@ -36,7 +36,7 @@ def test_shard_d_chunks_are_the_shards(w):
     for n in range(0, 70):
         shards = [((o,), (s,)) for o, s in torch_chunk_shards(n, w)]
         chunks = chunk_shape((n,), shards)
-        assert chunks == (max(math.ceil(n / w), 1),) if n else (1,)
+        assert chunks == ((max(math.ceil(n / w), 1),) if n else (1,))
         if n:
             assert_single_writer((n,), shards, chunks)
 

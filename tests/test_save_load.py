@@ -134,17 +134,28 @@ def test_existing_missing_and_incomplete_checkpoints(ckpt, tmp_path):
     out = {"a": torch.zeros(1)}
     zdcp.load(out, ckpt)
     assert out["a"].item() == 2.0
-    (ckpt / "zarr.json").unlink()  # as if the save had died before its commit
+    # a save that fails after it started writing (a tensor type zdcp cannot store) never commits
+    bad = {"a": torch.ones(1), "q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}
+    with pytest.raises(zdcp.UnsupportedValueError, match="'q'"):
+        zdcp.save(bad, ckpt, overwrite=True)
     with pytest.raises(zdcp.IncompleteCheckpointError, match="never committed"):
         zdcp.load(out, ckpt)
     with pytest.raises(zdcp.CheckpointExistsError, match="interrupted"):
         zdcp.save({"a": torch.zeros(1)}, ckpt)
+    zdcp.save({"a": torch.full((1,), 3.0)}, ckpt, overwrite=True)  # clears the leftovers
+    zdcp.load(out, ckpt)
+    assert out["a"].item() == 3.0 and not (ckpt / "__zdcp_saving__").exists()
+
+    # zdcp never deletes what it did not write, overwrite or not
+    (ckpt / "zarr.json").unlink()  # a damaged checkpoint: no commit record, no save in progress
     foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(zdcp.CheckpointExistsError):
-        zdcp.save({"a": torch.zeros(1)}, foreign)
-    assert (foreign / "notes.txt").read_text() == "keep me"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "sub" / "notes.txt").write_text("keep me")
+    for target in (ckpt, foreign):
+        with pytest.raises(zdcp.CheckpointExistsError, match="holds no zdcp checkpoint"):
+            zdcp.save({"a": torch.zeros(1)}, target, overwrite=True)
+    assert (foreign / "sub" / "notes.txt").read_text() == "keep me"
+    assert (ckpt / "a" / "zarr.json").exists()
 
 
 def test_unsupported_values_are_refused_before_writing(ckpt):
@@ -255,3 +266,45 @@ def test_empty_state_dict(ckpt):
     zdcp.save({}, ckpt)
     zdcp.load({}, ckpt)
     assert json.loads((ckpt / "zarr.json").read_text())["consolidated_metadata"]["metadata"] == {}
+
+
+def test_damage_is_named_on_the_tensorstore_path_too(ckpt):
+    # direct_reads=False reads through tensorstore; the default reads this array directly
+    zdcp.save({"w": torch.arange(8.0).reshape(2, 4)}, ckpt)
+    chunk = ckpt / "w/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    for reader in (zdcp.ZarrReader(ckpt, direct_reads=False), zdcp.ZarrReader(ckpt)):
+        with pytest.raises(dcp.api.CheckpointException) as e:
+            dcp.load({"w": torch.zeros(2, 4)}, storage_reader=reader, no_dist=True)
+        (failure, _), = e.value.failures.values()
+        assert isinstance(failure, zdcp.CorruptCheckpointError) and "'w'" in str(failure)
+
+
+def test_a_reader_reused_for_another_checkpoint(tmp_path):
+    zdcp.save({"w": torch.arange(6.0)}, tmp_path / "plain")
+    zdcp.save({"w": torch.arange(6.0) * 2}, tmp_path / "zstd", compression="zstd")
+    reader = zdcp.ZarrReader()
+    for path, factor in [("plain", 1), ("zstd", 2), ("plain", 1)]:
+        out = {"w": torch.zeros(6)}
+        dcp.load(out, checkpoint_id=tmp_path / path, storage_reader=reader, no_dist=True)
+        assert torch.equal(out["w"], torch.arange(6.0) * factor), path
+
+
+def test_malformed_metadata_is_corruption_not_a_crash(ckpt):
+    zdcp.save({"w": torch.ones(4)}, ckpt)
+    root = json.loads((ckpt / "zarr.json").read_text())
+    root["consolidated_metadata"]["metadata"]["w"]["chunk_grid"]["configuration"]["chunk_shape"] = [0]
+    (ckpt / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(zdcp.CorruptCheckpointError, match="chunk shape"):
+        zdcp.load({"w": torch.zeros(4)}, ckpt)
+    (ckpt / "zarr.json").write_text("{not json")
+    with pytest.raises(zdcp.CorruptCheckpointError, match="not valid JSON"):
+        zdcp.load({"w": torch.zeros(4)}, ckpt)
+    assert "not valid JSON" in str(zdcp.verify(ckpt).faults[0])
+
+
+def test_keys_that_are_not_text_are_refused(ckpt):
+    with pytest.raises(zdcp.UnsupportedValueError, match="not valid Unicode"):
+        zdcp.save({"m": {"\ud800": torch.ones(1)}}, ckpt)

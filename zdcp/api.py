@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -146,9 +147,14 @@ def _distributed() -> bool:
 @contextmanager
 def dcp_call(*, no_dist: bool, reader: ZarrReader | None = None) -> Iterator[None]:
     """Around a call into DCP: zdcp's errors out, and no warning for a single-process call
-    (DCP warns on each one; for zdcp, no process group means one process by contract)."""
-    with _translate_errors(reader), warnings.catch_warnings():
-        if no_dist:
+    (DCP warns on each one; for zdcp, no process group means one process by contract).
+
+    The warning filters are process-wide and ``catch_warnings`` is not thread-safe, so they are
+    only touched on the main thread; a background ``async_save`` leaves them alone.
+    """
+    quiet = no_dist and threading.current_thread() is threading.main_thread()
+    with _translate_errors(reader), warnings.catch_warnings() if quiet else nullcontext():
+        if quiet:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 

@@ -77,7 +77,10 @@ class Catalog:
 
     @classmethod
     def read(cls, store: Store) -> Catalog:
-        root = store.read_json(METADATA_KEY)
+        try:
+            root = store.read_json(METADATA_KEY)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e})") from None
         if root is None:
             if store.is_empty():
                 raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
@@ -129,12 +132,15 @@ class Catalog:
                 dtype = from_torch_name(attrs["dtype"]) if kind == "tensor" else from_zarr(doc["data_type"])
                 if dtype.zarr != doc["data_type"]:
                     raise ValueError(f"{node}: torch dtype {dtype.torch_name} stored as {doc['data_type']}")
+                shape, chunks = tuple(doc["shape"]), tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
+                if not _grid_ok(shape, chunks):
+                    raise ValueError(f"{node}: shape {list(shape)} with chunk shape {list(chunks)}")
                 arrays[node] = ArrayNode(
                     entry=entry(node),
                     kind=kind,
-                    shape=tuple(doc["shape"]),
+                    shape=shape,
                     dtype=dtype,
-                    chunks=tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+                    chunks=chunks,
                     document=doc,
                     layout=attrs.get("layout"),
                 )
@@ -151,6 +157,12 @@ class Catalog:
                 parent, _, name = node.rpartition("/")
                 groups[parent].children[decode_key(name)] = node
         return cls(info, groups, arrays, values, _composites(groups, arrays, values))
+
+
+def _grid_ok(shape: tuple[Any, ...], chunks: tuple[Any, ...]) -> bool:
+    """A shape of non-negative ints with a chunk shape of positive ints, one per dimension."""
+    ints = all(type(n) is int for n in shape + chunks)
+    return ints and len(shape) == len(chunks) and all(n >= 0 for n in shape) and all(c >= 1 for c in chunks)
 
 
 def _composites(

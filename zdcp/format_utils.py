@@ -31,6 +31,7 @@ from .api import dcp_call, save
 from .errors import UnsupportedValueError, ZdcpError
 from .keys import Key, describe
 from .planner import ZarrSavePlanner
+from .tree import dotted
 from .view import Array, Group
 from .view import open as open_checkpoint
 from .writer import ZarrWriter
@@ -132,7 +133,7 @@ def zdcp_to_dcp(src: PathLike, dst: PathLike, *, allow_pickle: bool = False, pro
     """Convert a zdcp checkpoint into a DCP checkpoint directory (``FileSystemWriter``), tensor by
     tensor; DCP stores plain values with ``torch.save`` as it always does."""
     root = open_checkpoint(src, allow_pickle=allow_pickle)
-    arrays = {_dotted(path): array for path, array in root.arrays()}
+    arrays = {dotted(path): array for path, array in root.arrays()}
     skeleton = root.to_state_dict(_placeholder)
 
     class FetchingPlanner(DefaultSavePlanner):
@@ -233,7 +234,7 @@ def zdcp_to_safetensors(
     root = open_checkpoint(src)
     tensors: dict[str, Array] = {}
     for path, array in root.arrays():
-        name = _dotted(path)
+        name = dotted(path)
         if name in tensors:
             raise UnsupportedValueError(f"{describe(path)!r} and another key both become {name!r} in safetensors")
         if array.dtype not in _SAFETENSORS_DTYPES:
@@ -393,7 +394,3 @@ def _set_path(root: dict[Key, Any], path: tuple[Key, ...], value: Any) -> None:
         while len(container) <= path[-1]:
             container.append(None)
     container[path[-1]] = value
-
-
-def _dotted(path: tuple[Key, ...]) -> str:
-    return ".".join(map(str, path))

@@ -43,7 +43,11 @@ def encode_key(key: Key, where: str = "") -> str:
         return f"%i{key}"
     if key == "":
         return "%e"
-    name = quote(key, safe=_SAFE)
+    try:
+        name = quote(key, safe=_SAFE)
+    except UnicodeEncodeError:
+        inside = f" in {where!r}" if where else ""
+        raise UnsupportedValueError(f"state-dict key {key!r}{inside} is not valid Unicode text") from None
     if name in _RESERVED_NAMES or name.startswith("__"):
         name = f"%{ord(name[0]):02X}{name[1:]}"
     return name

@@ -38,9 +38,10 @@ from torch.futures import Future
 from .catalog import ArrayNode, Catalog
 from .direct import RowSlabs, row_slabs
 from .dtypes import numpy_to_tensor, tensor_to_numpy
-from .errors import CorruptCheckpointError, MismatchError, UnsafeError, ZdcpError
+from .errors import MismatchError, UnsafeError, ZdcpError
 from .keys import describe
-from .storage import METADATA_KEY, InflightWindow, Store, StoreClient
+from .storage import METADATA_KEY, InflightWindow, Store, StoreClient, reading
+from .tree import dotted
 
 __all__ = ["ZarrReader"]
 
@@ -120,6 +121,7 @@ class ZarrReader(StoreClient, StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self._use(checkpoint_id)
+        self._slabs.clear()
         self.catalog = None
         self.metadata_error = None
 
@@ -131,7 +133,7 @@ class ZarrReader(StoreClient, StorageReader):
             # DCP swallows this and raises a bare AssertionError; keep it for zdcp.load.
             self.metadata_error = e
             raise
-        nodes, dotted = CatalogView(), CatalogView()
+        nodes, dcp_fqns = CatalogView(), CatalogView()
         candidates: dict[str, list[tuple[Any, _Source, tuple[Any, ...]]]] = {}
         for node, array in catalog.arrays.items():
             md = _tensor_metadata(array) if array.kind == "tensor" else BytesStorageMetadata()
@@ -145,13 +147,13 @@ class ZarrReader(StoreClient, StorageReader):
             for sub in _dcp_leaves(value.value):
                 leaf = path + sub
                 found = (BytesStorageMetadata(), _Source(node, sub), leaf)
-                candidates.setdefault(".".join(map(str, leaf)), []).append(found)
+                candidates.setdefault(dotted(leaf), []).append(found)
         # DCP's dotted names can be ambiguous ("a.b" vs a -> b); an ambiguous one is left out.
         for fqn, found in candidates.items():
             if len(found) == 1:
-                dotted.add(fqn, *found[0])
-        self.views = CatalogViews(nodes=nodes, dotted=dotted)
-        return Metadata(state_dict_metadata=dotted.metadata, planner_data=dotted.paths, storage_data=self.views)
+                dcp_fqns.add(fqn, *found[0])
+        self.views = CatalogViews(nodes=nodes, dotted=dcp_fqns)
+        return Metadata(state_dict_metadata=dcp_fqns.metadata, planner_data=dcp_fqns.paths, storage_data=self.views)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if not isinstance(metadata.storage_data, CatalogViews):
@@ -224,7 +226,10 @@ class ZarrReader(StoreClient, StorageReader):
             return False
         if any(item.storage_offsets[1:]) or list(item.lengths[1:]) != list(array.shape[1:]):
             return False
-        slabs = self._slabs.setdefault(array.entry.node, row_slabs(array.document))
+        node = array.entry.node
+        if node not in self._slabs:
+            self._slabs[node] = row_slabs(array.document)
+        slabs = self._slabs[node]
         if slabs is None or dest.numel() == 0:
             return False
         rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
@@ -237,8 +242,9 @@ class ZarrReader(StoreClient, StorageReader):
         assert self.catalog is not None
         if source.node in self.catalog.arrays:
             assert self.store is not None
-            document = self.catalog.arrays[source.node].document
-            data = self.store.open_array(source.node, document).result().read().result()
+            array = self.catalog.arrays[source.node]
+            with reading(describe(array.entry.path)):
+                data = self.store.open_array(source.node, array.document).result().read().result()
             value = pickle.loads(data.tobytes())
         else:
             value = (self.catalog.values.get(source.node) or self.catalog.composites[source.node]).value
@@ -253,10 +259,8 @@ class ZarrReader(StoreClient, StorageReader):
 def _finish_read(
     planner: LoadPlanner, item: ReadItem, dest: torch.Tensor, array: ArrayNode, direct: bool, future: Any
 ) -> None:
-    try:
+    with reading(describe(array.entry.path)):
         result = future.result()
-    except ValueError as e:  # tensorstore: checksum mismatch, missing or truncated chunk
-        raise CorruptCheckpointError(f"array {describe(array.entry.path)!r}: {e}") from None
     if not direct:
         dest.copy_(numpy_to_tensor(result, array.dtype.torch))
     planner.commit_tensor(item, dest)

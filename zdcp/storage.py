@@ -11,14 +11,21 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import tensorstore as ts
 
-__all__ = ["Store", "StoreClient", "InflightWindow", "kvstore_spec"]
+from .errors import CorruptCheckpointError
+
+__all__ = ["Store", "StoreClient", "InflightWindow", "kvstore_spec", "reading", "METADATA_KEY", "SAVING_MARKER"]
 
 METADATA_KEY = "zarr.json"
+#: Written at the root when a save starts and deleted after its commit: what lets a later save
+#: with ``overwrite=True`` recognise (and clear) the leftovers of an interrupted one. A key
+#: starting with "__" can never be a node name (docs/format.md, section 2).
+SAVING_MARKER = "__zdcp_saving__"
 
 
 def kvstore_spec(checkpoint_id: str | os.PathLike[str]) -> dict[str, Any]:
@@ -96,6 +103,9 @@ class Store:
     def delete(self, key: str) -> None:
         del self.kv[key]
 
+    def exists(self, key: str) -> bool:
+        return self.kv.read(key).result().state == "value"
+
     def is_empty(self) -> bool:
         return not self.kv.list().result()
 
@@ -158,3 +168,13 @@ class InflightWindow:
         else:
             on_done(future)
         self.bytes -= nbytes
+
+
+@contextmanager
+def reading(array: str) -> Iterator[None]:
+    """Turn tensorstore's error for bad or missing data (a ``ValueError``: checksum mismatch,
+    missing or truncated chunk) into a :class:`~zdcp.CorruptCheckpointError` naming the array."""
+    try:
+        yield
+    except ValueError as e:
+        raise CorruptCheckpointError(f"array {array!r}: {e}") from None

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from .errors import UnsupportedValueError
 from .keys import Key, describe, encode_key, join
 
-__all__ = ["Entry", "flatten", "tensor_layout"]
+__all__ = ["Entry", "dotted", "flatten", "tensor_layout"]
 
 DICT, LIST = "dict", "list"
 
@@ -58,7 +58,12 @@ class Entry:
     @property
     def dcp_fqn(self) -> str:
         """The FQN that DCP's own planners give this leaf."""
-        return ".".join(map(str, self.path))
+        return dotted(self.path)
+
+
+def dotted(path: tuple[Key, ...]) -> str:
+    """A key path as DCP's dotted FQN (``app.model.net1.weight``); also safetensors' names."""
+    return ".".join(map(str, path))
 
 
 def _holds_tensor(value: Any) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 from .errors import UnsupportedValueError
 from .keys import decode_key, encode_key
 
-__all__ = ["to_json", "from_json", "is_plain"]
+__all__ = ["to_json", "from_json"]
 
 JSON = Any
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -81,12 +81,3 @@ def from_json(value: JSON, desc: JSON = None) -> Any:
     if isinstance(value, dict):
         return {decode_key(k): from_json(v, items.get(k)) for k, v in value.items()}
     return value
-
-
-def is_plain(value: Any) -> bool:
-    """Whether :func:`to_json` accepts ``value``."""
-    try:
-        to_json(value)
-    except UnsupportedValueError:
-        return False
-    return True

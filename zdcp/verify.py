@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .catalog import ArrayNode, Catalog
 from .errors import ZdcpError
 from .layout import chunk_key
-from .storage import METADATA_KEY, Store
+from .storage import METADATA_KEY, SAVING_MARKER, Store
 
 __all__ = ["verify", "Fault", "Report"]
 
@@ -74,7 +74,7 @@ def verify(checkpoint_id: str | os.PathLike[str], *, progress: Callable[[int], N
             report.faults.append(Fault(node, "zarr.json is missing"))
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
-    expected = {METADATA_KEY} | {f"{node}/{METADATA_KEY}" for node in consolidated}
+    expected = {METADATA_KEY, SAVING_MARKER} | {f"{node}/{METADATA_KEY}" for node in consolidated}
     for node, array in catalog.arrays.items():
         report.arrays += 1
         expected.update(_check_array(store, node, array, report, progress))
@@ -88,7 +88,11 @@ def _check_array(
     store: Store, node: str, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
 ) -> set[str]:
     """Read each chunk of one array on its own, so that a fault names its chunk."""
-    handle = store.open_array(node, array.document).result()
+    try:
+        handle = store.open_array(node, array.document).result()
+    except ValueError as e:  # metadata tensorstore will not open
+        report.faults.append(Fault(node, f"cannot open: {_short(e)}"))
+        return set()
     grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
     reads = []
     keys = set()

@@ -24,9 +24,9 @@ import torch
 
 from .catalog import ArrayNode, Catalog, GroupNode
 from .dtypes import numpy_to_tensor
-from .errors import CorruptCheckpointError, UnsafeError
+from .errors import UnsafeError
 from .keys import Key, describe
-from .storage import Store
+from .storage import Store, reading
 from .tree import LIST
 
 __all__ = ["open", "Group", "Array"]
@@ -209,10 +209,8 @@ class Array:
 
 
 def _read(store: ts.TensorStore, index: Any, node: ArrayNode) -> torch.Tensor:
-    try:
+    with reading(describe(node.entry.path)):
         data = store[index].read().result()
-    except ValueError as e:  # checksum mismatch, missing or truncated chunk
-        raise CorruptCheckpointError(f"array {describe(node.entry.path)!r}: {e}") from None
     return numpy_to_tensor(data, node.dtype.torch)
 
 

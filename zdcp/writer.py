@@ -44,7 +44,7 @@ from .layout import (
     group_document,
     zdcp_attrs,
 )
-from .storage import METADATA_KEY, InflightWindow, StoreClient
+from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, StoreClient
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -126,8 +126,8 @@ class ZarrWriter(StoreClient, StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        self._prepare_target()
         self._world_size = len(plans)
+        self._prepare_target()
         for plan in plans:
             self._entries.update(_entries_of(plan))
         shards: dict[str, list[tuple[Any, Any]]] = {}
@@ -142,23 +142,34 @@ class ZarrWriter(StoreClient, StorageWriter):
         return [dataclasses.replace(p, storage_data=g) for p, g in zip(plans, grids_of)]
 
     def _prepare_target(self) -> None:
-        """Make sure the target may be written, clearing it when ``overwrite`` allows."""
+        """Make sure the target may be written, clearing it when ``overwrite`` allows, then mark
+        it as a save in progress.
+
+        Only what zdcp wrote is ever deleted: a committed zdcp checkpoint, or the leftovers of
+        an interrupted zdcp save (they carry the in-progress marker). Any other content is
+        refused, ``overwrite`` or not, so a mistyped path cannot wipe a directory.
+        """
         assert self.store is not None
-        root = self.store.read_json(METADATA_KEY)
+        url = self.store.url
+        try:
+            root = self.store.read_json(METADATA_KEY)
+        except ValueError:  # not JSON: certainly not a checkpoint of ours
+            root = {}
         if root is not None:
             if zdcp_attrs(root) is None:
-                raise CheckpointExistsError(f"{self.store.url} holds a Zarr hierarchy that zdcp did not write")
+                raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+            if not self.overwrite:
+                raise CheckpointExistsError(f"{url} already holds a committed checkpoint; pass overwrite=True")
+            self.store.delete(METADATA_KEY)  # un-commit first, so no reader sees a half-deleted checkpoint
+        elif self.store.exists(SAVING_MARKER):
             if not self.overwrite:
                 raise CheckpointExistsError(
-                    f"{self.store.url} already holds a committed checkpoint; pass overwrite=True to replace it"
+                    f"{url} holds an interrupted zdcp save (no commit); pass overwrite=True to clear it"
                 )
-            self.store.delete(METADATA_KEY)  # un-commit first, so no reader sees a half-deleted checkpoint
-        elif not self.store.is_empty() and not self.overwrite:
-            raise CheckpointExistsError(
-                f"{self.store.url} is not empty but holds no committed checkpoint (an interrupted save?); "
-                "pass overwrite=True to clear it"
-            )
+        elif not self.store.is_empty():
+            raise CheckpointExistsError(f"{url} is not empty and holds no zdcp checkpoint; not deleting its files")
         self.store.clear()
+        self.store.write_json(SAVING_MARKER, {"world_size": self._world_size})
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         assert self.store is not None
@@ -255,6 +266,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
         self.store.write_json(METADATA_KEY, root)  # the commit record: last
+        self.store.delete(SAVING_MARKER)
 
 
 class _Group:
