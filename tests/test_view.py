@@ -71,3 +71,14 @@ def test_open_errors(tmp_path):
     (tmp_path / "partial" / "something").write_text("x")
     with pytest.raises(zdcp.IncompleteCheckpointError):
         zdcp.open(tmp_path / "partial")
+
+
+def test_a_list_group_with_a_gap_is_corrupt(ckpt):
+    import json
+
+    zdcp.save({"lst": [torch.zeros(1), torch.ones(1), 5]}, ckpt)
+    root = json.loads((ckpt / "zarr.json").read_text())
+    del root["consolidated_metadata"]["metadata"]["lst/%i1"]
+    (ckpt / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(zdcp.CorruptCheckpointError, match="indices 0..1"):
+        zdcp.open(ckpt)

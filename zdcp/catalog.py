@@ -156,6 +156,9 @@ class Catalog:
             if node:
                 parent, _, name = node.rpartition("/")
                 groups[parent].children[decode_key(name)] = node
+        for g, group in groups.items():
+            if group.container == LIST and set(group.children) != set(range(len(group.children))):
+                raise ValueError(f"list group {g!r} does not hold exactly the indices 0..{len(group.children) - 1}")
         return cls(info, groups, arrays, values, _composites(groups, arrays, values))
 
 
