@@ -136,18 +136,9 @@ def zdcp_to_dcp(src: PathLike, dst: PathLike, *, allow_pickle: bool = False, pro
     arrays = {dotted(path): array for path, array in root.arrays()}
     skeleton = root.to_state_dict(_placeholder)
 
-    class FetchingPlanner(DefaultSavePlanner):
-        def resolve_data(self, write_item: WriteItem) -> Any:
-            if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
-            tensor = arrays[write_item.index.fqn].read()
-            if progress is not None:
-                progress(tensor.numel() * tensor.element_size())
-            chunk = write_item.tensor_data.chunk
-            return narrow_tensor_by_index(tensor, chunk.offsets, chunk.sizes)
-
+    planner = _FetchingDcpPlanner(lambda fqn: arrays[fqn].read(), progress)
     with dcp_call(no_dist=True):
-        dcp.save(skeleton, storage_writer=FileSystemWriter(dst), planner=FetchingPlanner(), no_dist=True)
+        dcp.save(skeleton, storage_writer=FileSystemWriter(dst), planner=planner, no_dist=True)
 
 
 def _dcp_load(src: PathLike, state: dict[str, Any]) -> dict[str, Any]:
@@ -339,23 +330,38 @@ def _write_safetensors(
 # -- shared -------------------------------------------------------------------------------------
 
 
-class _FetchingSavePlanner(ZarrSavePlanner):
-    """zdcp's save planner over a skeleton state dict whose tensors are meta placeholders: the
-    real tensor is fetched from the source only when the writer asks for it."""
+class _Fetching:
+    """A save planner over a skeleton state dict whose tensors are meta placeholders: the real
+    tensor is fetched from the source only when the writer asks for it (``resolve_data``)."""
 
-    def __init__(self, fetch: Callable[[tuple[Key, ...]], torch.Tensor], progress: Progress | None, **kwargs: Any):
+    def __init__(self, fetch: Callable[[Any], torch.Tensor], progress: Progress | None, **kwargs: Any):
         super().__init__(**kwargs)
         self.fetch = fetch
         self.progress = progress
 
+    def source_key(self, fqn: str) -> Any:
+        """What ``fetch`` is called with for a write item's FQN."""
+        return fqn
+
     def resolve_data(self, write_item: WriteItem) -> Any:
         if write_item.type == WriteItemType.BYTE_IO:
-            return super().resolve_data(write_item)
-        tensor = self.fetch(self.mappings[write_item.index.fqn].path)
+            return super().resolve_data(write_item)  # type: ignore[misc]
+        tensor = self.fetch(self.source_key(write_item.index.fqn))
         if self.progress is not None:
             self.progress(tensor.numel() * tensor.element_size())
         chunk = write_item.tensor_data.chunk
         return narrow_tensor_by_index(tensor, chunk.offsets, chunk.sizes)
+
+
+class _FetchingSavePlanner(_Fetching, ZarrSavePlanner):
+    """Into zdcp: ``fetch`` takes the value's key path."""
+
+    def source_key(self, fqn: str) -> tuple[Key, ...]:
+        return self.mappings[fqn].path
+
+
+class _FetchingDcpPlanner(_Fetching, DefaultSavePlanner):
+    """Into DCP: ``fetch`` takes DCP's dotted FQN."""
 
 
 def _save_fetching(
