@@ -70,6 +70,7 @@ class Catalog:
     """
 
     info: dict[str, Any]
+    documents: dict[str, Any]  # every non-root node's zarr.json, as consolidated in the root
     groups: dict[str, GroupNode]
     arrays: dict[str, ArrayNode]
     values: dict[str, ValueNode]
@@ -159,7 +160,8 @@ class Catalog:
         for g, group in groups.items():
             if group.container == LIST and set(group.children) != set(range(len(group.children))):
                 raise ValueError(f"list group {g!r} does not hold exactly the indices 0..{len(group.children) - 1}")
-        return cls(info, groups, arrays, values, _composites(groups, arrays, values))
+        documents = {node: doc for node, doc in nodes.items() if node}
+        return cls(info, documents, groups, arrays, values, _composites(groups, arrays, values))
 
 
 def _grid_ok(shape: tuple[Any, ...], chunks: tuple[Any, ...]) -> bool:

@@ -62,8 +62,7 @@ def verify(checkpoint_id: str | os.PathLike[str], *, progress: Callable[[int], N
     except ZdcpError as e:
         report.faults.append(Fault("", str(e)))
         return report
-    root = store.read_json(METADATA_KEY)
-    consolidated = root["consolidated_metadata"]["metadata"]
+    consolidated = catalog.documents
     for node, document in consolidated.items():
         try:
             own = store.read_json(f"{node}/{METADATA_KEY}")
