@@ -15,7 +15,7 @@ from zdcp.storage import Store
 
 CASES = [
     # shape, dtype, chunk rows: sharded (inner chunks), plain, edge-padded, several dims
-    ((1000, 300), torch.float32, 400),  # 480 KB chunks -> 200-row inner chunks; last chunk padded
+    ((1000, 300), torch.float32, 400),  # 480 KB chunks -> 100-row inner chunks; last chunk padded
     ((1000, 300), torch.float32, 100),  # plain 120 KB chunks
     ((37, 5, 7), torch.bfloat16, 10),  # 3-d, plain, last chunk 7 of 10 rows
     ((4096, 64), torch.bool, 4096),  # one sharded chunk of bools
@@ -64,8 +64,8 @@ def test_damage_is_refused(tmp_path):
     dest = np.empty((1000, slabs.row_bytes), dtype=np.uint8)
     shard = tmp_path / "a/c/1/0"
     data = bytearray(shard.read_bytes())
-    index = np.frombuffer(bytes(data[-(2 * 16 + 4) : -4]), dtype="<u8").reshape(2, 2)
-    data[int(index[1, 0]) + 5] ^= 0x10  # inner chunk 1 of chunk 1: rows 600-799
+    index = np.frombuffer(bytes(data[-(4 * 16 + 4) : -4]), dtype="<u8").reshape(4, 2)
+    data[int(index[2, 0]) + 5] ^= 0x10  # inner chunk 2 of chunk 1: rows 600-699
     shard.write_bytes(bytes(data))
     slabs.read(store.spec["path"], "a", "a", 0, 600, dest[:600])  # rows before it still read
     with pytest.raises(zdcp.CorruptCheckpointError, match="'a': chunk 1 fails its crc32c"):

@@ -72,10 +72,10 @@ def test_unsharded_and_scalar():
 @pytest.mark.parametrize(
     "chunks, itemsize, inner",
     [
-        ((8192, 1024), 4, (64, 1024)),  # 256 KiB inner chunks of a 32 MiB shard
+        ((8192, 1024), 4, (32, 1024)),  # 128 KiB inner chunks of a 32 MiB shard
         ((100, 10), 4, (100, 10)),  # small: no inner chunks
         ((4097, 1024), 4, (17, 1024)),  # 4097 = 17 * 241: the largest divisor that fits
-        ((3, 70000), 4, (1, 35000)),  # one row is too large: the next dimension is cut too
+        ((3, 70000), 4, (1, 17500)),  # one row is too large: the next dimension is cut too
         ((65537,), 4, (65537,)),  # prime: tiny inner chunks would cost more than they save
         ((), 8, ()),
     ],

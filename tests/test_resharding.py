@@ -25,7 +25,7 @@ SHAPES = {
     "rows3": ((3, 2), torch.bfloat16),
     "cols": ((4, 9), torch.float32),
     "rep": ((3, 3), torch.float64),
-    "big": ((1024, 256), torch.float32),  # 1 MiB: shards over 2 and 3 ranks get inner chunks
+    "big": ((1024, 256), torch.float32),  # 1 MiB: shards get inner chunks at every world size
 }
 SHAPES_2D = {
     "grid": ((6, 10), torch.float32),  # [Shard(0), Shard(1)]
@@ -102,8 +102,8 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
         big = zdcp.open(tmp_path / f"w{world_size}")["model/big"]
         shard_rows = -(-1024 // world_size)
         assert big.chunks == (shard_rows, 256)
-        assert group["big"].shards == (None if world_size == 4 else (shard_rows, 256))
-        assert group["big"].chunks == {2: (256, 256), 3: (171, 256), 4: (256, 256)}[world_size]
+        assert group["big"].shards == (shard_rows, 256)
+        assert group["big"].chunks == {2: (128, 256), 3: (114, 256), 4: (128, 256)}[world_size]
         assert group["rep"].chunks == (3, 3)
         assert group["rows7"].attrs["zdcp"]["layout"]["placements"] == ["Shard(dim=0)"]
     grid = zarr.open_group(tmp_path / "w4_2d/model", mode="r")

@@ -33,9 +33,11 @@ FORMAT_VERSION = 1
 #: The one attribute key under which zdcp keeps its own metadata in every node.
 ATTR = "zdcp"
 #: Chunks larger than this are stored with inner chunks of about this size (sharding codec).
-#: Measured here: 256 KiB inner chunks read a 512 MiB state 1.6x faster than whole 32 MiB
-#: chunks, and a 1% slice reads 1.6x what it needs instead of 100x; 64 KiB ones write slower.
-INNER_CHUNK_BYTES = 256 << 10
+#: Measured here (docs/benchmarks.md): 128-256 KiB inner chunks read a 512 MiB state 1.6x faster
+#: than whole 32 MiB chunks and write as fast; a resharded load reads whole inner chunks where
+#: rank boundaries cut them, so smaller ones waste less (128 KiB: ~6%, 256 KiB: ~13% on the
+#: sharded workload); 64 KiB ones wrote 3x slower.
+INNER_CHUNK_BYTES = 128 << 10
 #: Optional compressors, as Zarr v3 codec documents (between ``bytes`` and ``crc32c``).
 COMPRESSIONS: dict[str, dict[str, Any]] = {
     "zstd": {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
