@@ -87,8 +87,9 @@ def async_save(
     (``dist.new_group(backend="gloo")``) when training runs collectives meanwhile.
     """
     no_dist = no_dist or not _distributed()
-    gpu = torch.cuda.is_available()
-    stager = DefaultStager(StagingOptions(gpu, False, False, gpu))
+    # Pinned host memory when a GPU is present; blocking copies, so the staged state is complete
+    # when this returns (non-blocking ones would need a stream synchronisation first).
+    stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
     try:
         staged = stager.stage(_stateful_to_state_dict(state_dict))
     finally:

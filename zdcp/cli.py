@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -128,7 +129,7 @@ def _node_json(path: tuple[Any, ...], child: Any) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, float) and not math.isfinite(value):  # JSON has no nan/inf
         return repr(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]

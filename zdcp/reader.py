@@ -205,13 +205,13 @@ class ZarrReader(StoreClient, StorageReader):
             if node not in stores:
                 stores[node] = self.store.open_array(node, array.document).result()
             region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
-            direct = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
-            if direct:  # straight into the destination's memory: no staging copy
+            in_place = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
+            if in_place:  # tensorstore writes into the destination's memory: no staging copy
                 future = ts.array(tensor_to_numpy(dest), copy=False, write=True).write(region)
             else:
                 future = region.read()
             nbytes = dest.numel() * dest.element_size()
-            window.add(future, nbytes, functools.partial(_finish_read, planner, item, dest, array, direct))
+            window.add(future, nbytes, functools.partial(_finish_read, planner, item, dest, array, in_place))
         window.drain()
         done: Future[None] = Future()
         done.set_result(None)
@@ -257,11 +257,11 @@ class ZarrReader(StoreClient, StorageReader):
 
 
 def _finish_read(
-    planner: LoadPlanner, item: ReadItem, dest: torch.Tensor, array: ArrayNode, direct: bool, future: Any
+    planner: LoadPlanner, item: ReadItem, dest: torch.Tensor, array: ArrayNode, in_place: bool, future: Any
 ) -> None:
     with reading(describe(array.entry.path)):
         result = future.result()
-    if not direct:
+    if not in_place:
         dest.copy_(numpy_to_tensor(result, array.dtype.torch))
     planner.commit_tensor(item, dest)
 
