@@ -52,8 +52,37 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
+    """``path``, with whatever was there (a file or a directory tree) removed."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
     return path
+
+
+class NewPaths:
+    """A new path (directory or file) for every save, deleted only when the workload is done.
+
+    Deleting the previous round's checkpoint right before a save slows the save down on ext4
+    without a journal (this VM's root filesystem): for a while, the inode allocator skips
+    recently deleted inodes one by one, which made a save of 2,000 small arrays (about
+    10,000 inodes) 2-5x slower depending on what was deleted before. A training job saves
+    into a new step directory and deletes old ones minutes apart, so the benchmark does too.
+    """
+
+    def __init__(self, base: Path):
+        self.base = fresh(base)
+        self.base.mkdir(parents=True)
+        self.count = 0
+        self.last: Path | None = None
+
+    def __call__(self) -> Path:
+        self.count += 1
+        self.last = self.base / f"{self.count}"
+        return self.last
+
+    def remove(self) -> None:
+        fresh(self.base)
 
 
 def interleaved(rounds: int, cases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
@@ -143,16 +172,17 @@ def raw_read(dest: Any, file: Path) -> None:
 def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     dest = empty_like(state)
-    paths = {k: root / f"{name}-{k}" for k in ("zdcp", "dcp", "torch", "raw")}
+    dirs = {k: NewPaths(root / f"{name}-{k}") for k in ("zdcp", "dcp", "torch", "raw")}
     saves = interleaved(
         rounds,
         {
-            "zdcp": lambda: timed(lambda: zdcp.save(state, fresh(paths["zdcp"]))),
-            "dcp": lambda: timed(lambda: dcp.save(state, checkpoint_id=fresh(paths["dcp"]), no_dist=True)),
-            "torch": lambda: timed(lambda: torch_save_fsync(state, paths["torch"])),
-            "raw": lambda: timed(lambda: raw_write(state, paths["raw"])),
+            "zdcp": lambda: timed(lambda: zdcp.save(state, dirs["zdcp"]())),
+            "dcp": lambda: timed(lambda: dcp.save(state, checkpoint_id=dirs["dcp"](), no_dist=True)),
+            "torch": lambda: timed(lambda: torch_save_fsync(state, dirs["torch"]())),
+            "raw": lambda: timed(lambda: raw_write(state, dirs["raw"]())),
         },
     )
+    paths = {k: d.last for k, d in dirs.items()}
     loads = interleaved(
         rounds,
         {
@@ -163,7 +193,11 @@ def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[
         },
     )
     size = nbytes(state)
-    return [_row(name, "save", saves, size), _row(name, "load", loads, size)]
+    rows = [_row(name, "save", saves, size), _row(name, "load", loads, size)]
+    rows[0]["files"] = {k: files_in(paths[k]) for k in ("zdcp", "dcp")}
+    for d in dirs.values():
+        d.remove()
+    return rows
 
 
 def _row(workload: str, op: str, times: dict[str, list[float]], size: int) -> dict[str, Any]:
@@ -202,20 +236,24 @@ def _collective_timed(fn: Callable[[], Any]) -> float:
 
 def sharded_save(rank: int, world_size: int, root: Path, rounds: int, out: Path) -> None:
     state = _fsdp_state(world_size, 0)
+    count = {"zdcp": 0, "dcp": 0}
 
-    def into_fresh(name: str, save: Callable[[Path], Any]) -> float:
-        if rank == 0:  # outside the timing, as for the one-process workloads
-            fresh(root / name)
-        return _collective_timed(lambda: save(root / name))
+    def into_new(name: str, save: Callable[[Path], Any]) -> float:
+        # A new directory every round, as in NewPaths; the last one stays for the loads.
+        count[name] += 1
+        path = root / f"{name}-{count[name]}"
+        return _collective_timed(lambda: save(path))
 
     times = interleaved(
         rounds,
         {
-            "zdcp": lambda: into_fresh("zdcp", lambda p: zdcp.save(state, p)),
-            "dcp": lambda: into_fresh("dcp", lambda p: dcp.save(state, checkpoint_id=p)),
+            "zdcp": lambda: into_new("zdcp", lambda p: zdcp.save(state, p)),
+            "dcp": lambda: into_new("dcp", lambda p: dcp.save(state, checkpoint_id=p)),
         },
     )
     if rank == 0:
+        for name, n in count.items():
+            (root / f"{name}-{n}").rename(root / name)
         torch.save(times, out)
 
 
@@ -264,6 +302,7 @@ def sharded(root: Path, rounds: int) -> tuple[list[dict[str, Any]], list[dict[st
     saved = torch.load(root / "save.pt")
     size = nbytes_of_dir(root / "zdcp")
     rows.append(_row("sharded (FSDP2+Adam)", "save at 4", saved, size))
+    rows[-1]["files"] = {k: files_in(root / k) for k in ("zdcp", "dcp")}
     for world_size in (3, 1):
         run_ranks(world_size, sharded_load, root, rounds, root / f"load{world_size}.pt", timeout=1200)
         result = torch.load(root / f"load{world_size}.pt")
@@ -281,6 +320,10 @@ def sharded(root: Path, rounds: int) -> tuple[list[dict[str, Any]], list[dict[st
 
 def nbytes_of_dir(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def files_in(path: Path) -> int:
+    return sum(1 for p in path.rglob("*") if p.is_file())
 
 
 # -- workload 4b: a 1% slice through zdcp.open --------------------------------------------------
@@ -417,6 +460,10 @@ def report(
                 f"{m['zdcp'] / m['dcp']:.2f}x | {raw} |"
             )
         out.append(f"\nMedians of {rows[0]['rounds']} interleaved rounds.")
+        counted = [r for r in rows if "files" in r]
+        if counted:
+            out += ["", "| files in one checkpoint | zdcp | DCP |", "| --- | --- | --- |"]
+            out += [f"| {r['workload']} | {r['files']['zdcp']} | {r['files']['dcp']} |" for r in counted]
     if amplification:
         out += ["", "| read amplification (bytes read / bytes needed) | zdcp | DCP |", "| --- | --- | --- |"]
         for a in amplification:

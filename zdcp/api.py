@@ -43,6 +43,7 @@ def save(
     overwrite: bool = False,
     allow_pickle: bool = False,
     compression: str | None = None,
+    sync_files: bool = True,
 ) -> None:
     """Save ``state_dict`` as a zdcp checkpoint at ``checkpoint_id``.
 
@@ -55,9 +56,17 @@ def save(
         overwrite: replace a committed checkpoint at ``checkpoint_id``.
         allow_pickle: store values that JSON cannot hold as pickles instead of refusing them.
         compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
+        sync_files: have the data on disk before the commit record, and the commit record
+            before returning (default, as DCP); ``False`` trades that for speed.
     """
     no_dist = no_dist or not _distributed()
-    writer = ZarrWriter(checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression)
+    writer = ZarrWriter(
+        checkpoint_id,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        compression=compression,
+        sync_files=sync_files,
+    )
     with dcp_call(no_dist=no_dist):
         dcp.save(
             state_dict,
@@ -77,6 +86,7 @@ def async_save(
     overwrite: bool = False,
     allow_pickle: bool = False,
     compression: str | None = None,
+    sync_files: bool = True,
 ) -> concurrent.futures.Future[None]:
     """Stage ``state_dict`` on the host, then save it in the background like :func:`save`.
 
@@ -103,6 +113,7 @@ def async_save(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
         compression=compression,
+        sync_files=sync_files,
     )
 
 

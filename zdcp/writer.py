@@ -80,6 +80,9 @@ class ZarrWriter(StoreClient, StorageWriter):
         max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight (``None``:
             no limit). Bounds the host memory that GPU tensors' copies or lazily produced
             tensors take while they are written.
+        sync_files: make every rank's data durable before the commit record is written, and
+            the commit record before the save returns (as DCP's ``FileSystemWriter``). Off,
+            a power loss soon after a save may lose a checkpoint that reads as committed.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         allow_pickle: bool = False,
         compression: str | None = None,
         max_inflight_bytes: int | None = 1 << 30,
+        sync_files: bool = True,
     ):
         StoreClient.__init__(self, path)
         if compression is not None and compression not in COMPRESSIONS:
@@ -98,6 +102,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         self.allow_pickle = allow_pickle
         self.compression = compression
         self.max_inflight_bytes = max_inflight_bytes
+        self.sync_files = sync_files
         self.is_coordinator = False
         self._reset_state()
 
@@ -161,6 +166,7 @@ class ZarrWriter(StoreClient, StorageWriter):
             if not self.overwrite:
                 raise CheckpointExistsError(f"{url} already holds a committed checkpoint; pass overwrite=True")
             self.store.delete(METADATA_KEY)  # un-commit first, so no reader sees a half-deleted checkpoint
+            self._sync()
         elif self.store.exists(SAVING_MARKER):
             if not self.overwrite:
                 raise CheckpointExistsError(
@@ -170,6 +176,12 @@ class ZarrWriter(StoreClient, StorageWriter):
             raise CheckpointExistsError(f"{url} is not empty and holds no zdcp checkpoint; not deleting its files")
         self.store.clear()
         self.store.write_json(SAVING_MARKER, {"world_size": self._world_size})
+        self._sync()  # the marker is on disk before any data is
+
+    def _sync(self) -> None:
+        if self.sync_files:
+            assert self.store is not None
+            self.store.sync()
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         assert self.store is not None
@@ -202,6 +214,7 @@ class ZarrWriter(StoreClient, StorageWriter):
             )
             window.add(write, nbytes)
         window.drain()
+        self._sync()  # this rank's data is on disk before it reports success
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
@@ -254,6 +267,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         writes = [self.store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
         for w in writes:
             w.result()
+        self._sync()
         root["attributes"][ATTR].update(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
@@ -266,6 +280,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
         self.store.write_json(METADATA_KEY, root)  # the commit record: last
+        self._sync()
         self.store.delete(SAVING_MARKER)
 
 
