@@ -2,6 +2,7 @@
 path, and clear errors for each kind of bad input."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -308,3 +309,30 @@ def test_malformed_metadata_is_corruption_not_a_crash(ckpt):
 def test_keys_that_are_not_text_are_refused(ckpt):
     with pytest.raises(zdcp.UnsupportedValueError, match="not valid Unicode"):
         zdcp.save({"m": {"\ud800": torch.ones(1)}}, ckpt)
+
+
+def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
+    """sync_files: the marker, then every rank's chunks, then the node documents, then the
+    commit record each reach the disk (Store.sync) before the step that depends on them."""
+    from zdcp.storage import Store
+
+    seen = []
+
+    def record(store):
+        root = store.spec["path"]
+        files = {str(p.relative_to(root)) for p in pathlib.Path(root).rglob("*") if p.is_file()}
+        seen.append(files)
+
+    monkeypatch.setattr(Store, "sync", record)
+    zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt)
+    marker, data, docs, commit = seen
+    assert marker == {"__zdcp_saving__"}
+    assert data == marker | {"w/c/0", "b/c/0/0"}
+    assert docs == data | {"w/zarr.json", "b/zarr.json", "cfg/zarr.json"}
+    assert commit == docs | {"zarr.json"}
+    assert not (ckpt / "__zdcp_saving__").exists()
+
+    seen.clear()
+    zdcp.save({"w": torch.ones(3)}, ckpt, overwrite=True, sync_files=False)
+    assert seen == []
+    assert_bitwise_equal(zdcp.open(ckpt)["w"][:], torch.ones(3))
