@@ -99,3 +99,52 @@ def test_load_takes_the_direct_path_and_agrees(ckpt, monkeypatch):
     for k in direct:
         assert_bitwise_equal(direct[k], via_ts[k], k)
     assert_bitwise_equal(direct["w"], t)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_direct_writes_make_the_same_files_as_tensorstore(tmp_path, compression):
+    """Small plain chunks and node documents written as plain files are byte for byte what
+    tensorstore writes; larger (sharded) and compressed chunks still go through tensorstore."""
+    import torch.distributed.checkpoint as dcp
+
+    from zdcp.dtypes import _ALL as ALL_DTYPES
+    from zdcp.planner import ZarrSavePlanner
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "dtypes": {d.torch_name: torch.randn(3, 5, generator=g).to(d.torch) for d in ALL_DTYPES},
+        "scalar": torch.tensor(2.5),
+        "large": torch.randn(300, 300, generator=g),  # 360 KB: inner chunks, through tensorstore
+        "empty": torch.empty(0, 4),
+        "opt": {"step": 3, "param_groups": [{"lr": 0.1}]},
+    }
+    trees = {}
+    for direct in (True, False):
+        path = tmp_path / str(direct)
+        writer = zdcp.ZarrWriter(path, compression=compression, direct_writes=direct)
+        dcp.save(state, storage_writer=writer, planner=ZarrSavePlanner(), no_dist=True)
+        trees[direct] = _files(path)
+    assert trees[True] == trees[False]
+    assert "dtypes/float32/c/0/0" in trees[True] and "scalar/c" in trees[True]
+    loaded = zdcp.open(tmp_path / "True").to_state_dict()
+    for name, tensor in state["dtypes"].items():
+        assert_bitwise_equal(loaded["dtypes"][name], tensor)
+    assert_bitwise_equal(loaded["scalar"], state["scalar"])
+    assert_bitwise_equal(loaded["large"], state["large"])
+
+
+def test_direct_writes_take_the_small_chunks(tmp_path, monkeypatch):
+    written = []
+    real = zdcp.direct.LocalFiles.write_plain_chunk
+
+    def recording(self, key, data):
+        written.append(key)
+        real(self, key, data)
+
+    monkeypatch.setattr(zdcp.direct.LocalFiles, "write_plain_chunk", recording)
+    zdcp.save({"small": torch.ones(10), "large": torch.ones(300, 300)}, tmp_path / "c")
+    assert written == ["small/c/0"]

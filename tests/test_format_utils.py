@@ -133,7 +133,9 @@ def test_safetensors_says_what_it_cannot_hold(tmp_path):
 def test_streaming_conversion_holds_one_window_of_tensors(tmp_path, monkeypatch):
     # Conversions into zdcp fetch each tensor when the writer asks for it, and the writer keeps
     # (and references) only its window of them in flight: record the bytes in flight.
-    tensors = {f"t{i}": torch.full((1024,), float(i)) for i in range(12)}  # 4 KiB each
+    # 256 KiB each: large enough to be written through tensorstore and its window (smaller
+    # chunks are written synchronously as plain files, see zdcp.direct).
+    tensors = {f"t{i}": torch.full((65536,), float(i)) for i in range(12)}
     safetensors.torch.save_file(tensors, tmp_path / "m.safetensors")
     in_flight = []
     real_add = zdcp.storage.InflightWindow.add
@@ -143,7 +145,8 @@ def test_streaming_conversion_holds_one_window_of_tensors(tmp_path, monkeypatch)
         in_flight.append(self.bytes)
 
     monkeypatch.setattr(zdcp.storage.InflightWindow, "add", recording)
-    for window, most in [(2 * 4096, 2 * 4096), (None, 12 * 4096)]:
+    size = 65536 * 4
+    for window, most in [(2 * size, 2 * size), (None, 12 * size)]:
         monkeypatch.setattr(fu, "_WINDOW", window)
         in_flight.clear()
         fu.safetensors_to_zdcp(tmp_path / "m.safetensors", tmp_path / f"z{window}")

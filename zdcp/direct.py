@@ -1,16 +1,24 @@
-"""Direct reads of plain row-slab chunks from local files into destination memory.
+"""Direct I/O of plain chunks in local files, where tensorstore's general path costs more.
 
-tensorstore, the general read path, decodes every chunk into a buffer of its own and then copies
-it into the destination: two passes over the data, plus the buffers. For the common case this
-module makes it one: a local file, the plain codec chain (``bytes`` little endian + ``crc32c``,
-optionally inside ``sharding_indexed`` with its index at the end), chunks and inner chunks cut
-along the first dimension only (FSDP's ``Shard(0)``, replicated and single-process tensors), and
-a contiguous CPU destination of the stored dtype for a slab of whole rows. Each (inner) chunk's
+**Reads.** tensorstore decodes every chunk into a buffer of its own and then copies it into the
+destination: two passes over the data, plus the buffers. For the common case this module makes
+it one: a local file, the plain codec chain (``bytes`` little endian + ``crc32c``, optionally
+inside ``sharding_indexed`` with its index at the end), chunks and inner chunks cut along the
+first dimension only (FSDP's ``Shard(0)``, replicated and single-process tensors), and a
+contiguous CPU destination of the stored dtype for a slab of whole rows. Each (inner) chunk's
 bytes are read with ``preadv`` straight into the destination rows and checked there against
-their crc32c; a chunk only partly needed is read into a small buffer first. Anything else goes
-through tensorstore. The layout read here is the one docs/format.md specifies.
-"""
+their crc32c; a chunk only partly needed is read into a small buffer first.
 
+**Writes.** A save of thousands of small tensors is thousands of small files; through
+tensorstore each costs an array open, a lock file and a rename, several times the file write
+itself. :class:`LocalFiles` writes small plain chunks (and the nodes' ``zarr.json``) as plain
+files instead. No rename is needed for atomicity: every file of a save is new (the target was
+cleared first), and the checkpoint only counts once its root document, written last through
+tensorstore, commits it (docs/format.md, section 5).
+
+Anything else goes through tensorstore. The layout read and written here is the one
+docs/format.md specifies.
+"""
 from __future__ import annotations
 
 import math
@@ -26,9 +34,10 @@ from .dtypes import from_zarr
 from .errors import CorruptCheckpointError
 from .layout import chunk_key
 
-__all__ = ["RowSlabs", "row_slabs"]
+__all__ = ["RowSlabs", "row_slabs", "LocalFiles", "plain_chunks_writable", "PLAIN_CODECS"]
 
-_PLAIN = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+#: The codec chain of an unsharded, uncompressed chunk: its bytes, then their crc32c.
+PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 _MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
 
 
@@ -97,12 +106,12 @@ def row_slabs(document: dict[str, Any]) -> RowSlabs | None:
         return None
     codecs = document["codecs"]
     inner_rows, sharded = chunks[0], False
-    if codecs != _PLAIN:
+    if codecs != PLAIN_CODECS:
         config = codecs[0].get("configuration", {}) if len(codecs) == 1 else {}
         plain_shards = (
             codecs[0].get("name") == "sharding_indexed"
-            and config.get("codecs") == _PLAIN
-            and config.get("index_codecs") == _PLAIN
+            and config.get("codecs") == PLAIN_CODECS
+            and config.get("index_codecs") == PLAIN_CODECS
             and config.get("index_location", "end") == "end"
             and list(config["chunk_shape"][1:]) == list(shape[1:])
         )
@@ -120,7 +129,46 @@ def _read_checked(fd: int, offset: int, dest: np.ndarray, where: str, chunk: int
     got = os.preadv(fd, [memoryview(dest).cast("B"), tail], offset)
     if got != dest.nbytes + 4:
         raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is truncated")
-    view = dest.view()
-    view.flags.writeable = False  # google_crc32c reads read-only buffers without copying
-    if google_crc32c.value(view) != int.from_bytes(tail, "little"):
+    if _crc32c(dest) != int.from_bytes(tail, "little"):
         raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} fails its crc32c checksum")
+
+
+def _crc32c(data: np.ndarray) -> int:
+    view = data.view()
+    view.flags.writeable = False  # google_crc32c reads read-only buffers without copying
+    return google_crc32c.value(view)
+
+
+class LocalFiles:
+    """Writes files under a local checkpoint root, creating each directory once."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._dirs: set[str] = set()
+
+    def write(self, key: str, *parts: bytes | memoryview) -> None:
+        """Write the file ``key`` (relative to the root) holding ``parts`` one after another."""
+        path = os.path.join(self.root, key)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def write_plain_chunk(self, key: str, data: np.ndarray) -> None:
+        """Write one whole chunk with the plain codec chain: ``data``'s bytes in C order (the
+        host must be little endian, see :func:`plain_chunks_writable`), then their crc32c."""
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self.write(key, memoryview(raw), _crc32c(raw).to_bytes(4, "little"))
+
+
+def plain_chunks_writable(document: dict[str, Any]) -> bool:
+    """Whether :meth:`LocalFiles.write_plain_chunk` encodes this array's chunks."""
+    return sys.byteorder == "little" and document["codecs"] == PLAIN_CODECS

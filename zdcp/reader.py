@@ -220,7 +220,8 @@ class ZarrReader(StoreClient, StorageReader):
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
         """Read ``item`` with :mod:`zdcp.direct` when its chunks and destination allow it."""
         assert self.store is not None
-        if self.store.spec["driver"] != "file" or not self.direct_reads:
+        root = self.store.local_root
+        if root is None or not self.direct_reads:
             return False
         if dest.device.type != "cpu" or dest.dtype != array.dtype.torch or not dest.is_contiguous():
             return False
@@ -234,7 +235,7 @@ class ZarrReader(StoreClient, StorageReader):
             return False
         rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
         start, stop = item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0]
-        slabs.read(self.store.spec["path"], array.entry.node, describe(array.entry.path), start, stop, rows)
+        slabs.read(root, array.entry.node, describe(array.entry.path), start, stop, rows)
         return True
 
     def _value_bytes(self, source: _Source) -> io.BytesIO:

@@ -21,7 +21,16 @@ import tensorstore as ts
 
 from .errors import CorruptCheckpointError
 
-__all__ = ["Store", "StoreClient", "InflightWindow", "kvstore_spec", "reading", "METADATA_KEY", "SAVING_MARKER"]
+__all__ = [
+    "Store",
+    "StoreClient",
+    "InflightWindow",
+    "kvstore_spec",
+    "encode_json",
+    "reading",
+    "METADATA_KEY",
+    "SAVING_MARKER",
+]
 
 METADATA_KEY = "zarr.json"
 #: Written at the root when a save starts and deleted after its commit: what lets a later save
@@ -74,6 +83,11 @@ class Store:
             self._kv = ts.KvStore.open(self.spec, context=self.context).result()
         return self._kv
 
+    @property
+    def local_root(self) -> str | None:
+        """The root directory when the checkpoint is in the local filesystem, else None."""
+        return self.spec["path"] if self.spec["driver"] == "file" else None
+
     def node_spec(self, node: str) -> dict[str, Any]:
         """The kvstore spec of a node's directory (``node`` is a "/"-joined node path)."""
         return {**self.spec, "path": self.spec["path"] + (node + "/" if node else "")}
@@ -100,9 +114,7 @@ class Store:
 
     def write_json_async(self, key: str, doc: Any) -> ts.Future:
         """Write one JSON document (atomically replacing any old one)."""
-        # Compact: json's C encoder only runs without indent, and the root document of a
-        # checkpoint with thousands of arrays is large.
-        return self.kv.write(key, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+        return self.kv.write(key, encode_json(doc))
 
     def write_json(self, key: str, doc: Any) -> None:
         self.write_json_async(key, doc).result()
@@ -127,6 +139,12 @@ class Store:
         Linux 5.8 it reports write-back errors), ``sync`` elsewhere.
         """
         _syncfs(self.spec["path"])
+
+
+def encode_json(doc: Any) -> bytes:
+    """A JSON document as stored: compact (json's C encoder only runs without indent, and the
+    root document of a checkpoint with thousands of arrays is large), strict (no NaN)."""
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 class StoreClient:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ class Entry:
         """DCP's key paths hold str dict keys and int list indices."""
         return cls(tuple(path), tuple(LIST if isinstance(k, int) else DICT for k in path))
 
-    @property
+    @cached_property
     def node(self) -> str:
         """The leaf's Zarr node path."""
         return join([encode_key(k) for k in self.path])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from . import __version__
+from .direct import LocalFiles, plain_chunks_writable
 from .dtypes import from_torch, tensor_to_numpy
 from .errors import CheckpointExistsError, UnsupportedValueError
 from .keys import describe, encode_key, join
@@ -39,12 +40,14 @@ from .layout import (
     COMPRESSIONS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INNER_CHUNK_BYTES,
     array_document,
+    chunk_key,
     chunk_shape,
     group_document,
     zdcp_attrs,
 )
-from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, StoreClient
+from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, StoreClient, encode_json
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -83,6 +86,9 @@ class ZarrWriter(StoreClient, StorageWriter):
         sync_files: make every rank's data durable before the commit record is written, and
             the commit record before the save returns (as DCP's ``FileSystemWriter``). Off,
             a power loss soon after a save may lose a checkpoint that reads as committed.
+        direct_writes: write small plain chunks and the nodes' ``zarr.json`` of a local
+            checkpoint as plain files (:mod:`zdcp.direct`); ``False`` writes everything through
+            tensorstore. The files are the same either way.
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         compression: str | None = None,
         max_inflight_bytes: int | None = 1 << 30,
         sync_files: bool = True,
+        direct_writes: bool = True,
     ):
         StoreClient.__init__(self, path)
         if compression is not None and compression not in COMPRESSIONS:
@@ -103,6 +110,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         self.compression = compression
         self.max_inflight_bytes = max_inflight_bytes
         self.sync_files = sync_files
+        self.direct_writes = direct_writes
         self.is_coordinator = False
         self._reset_state()
 
@@ -178,6 +186,11 @@ class ZarrWriter(StoreClient, StorageWriter):
         self.store.write_json(SAVING_MARKER, {"world_size": self._world_size})
         self._sync()  # the marker is on disk before any data is
 
+    def _local_files(self) -> LocalFiles | None:
+        assert self.store is not None
+        root = self.store.local_root
+        return LocalFiles(root) if root is not None and self.direct_writes else None
+
     def _sync(self) -> None:
         if self.sync_files:
             assert self.store is not None
@@ -187,7 +200,9 @@ class ZarrWriter(StoreClient, StorageWriter):
         assert self.store is not None
         entries = _entries_of(plan)
         grids: dict[str, tuple[int, ...]] = plan.storage_data or {}
+        documents: dict[str, dict[str, Any]] = {}
         arrays: dict[str, ts.Future] = {}
+        local = self._local_files()
         window = InflightWindow(self.max_inflight_bytes)
         written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
@@ -202,11 +217,17 @@ class ZarrWriter(StoreClient, StorageWriter):
             if nbytes == 0:
                 continue
             fqn = item.index.fqn
-            if fqn not in arrays:
+            if fqn not in documents:
                 dtype = from_torch(item.tensor_data.properties.dtype, key=describe(entry.path))
-                metadata = array_document(list(item.tensor_data.size), dtype, grids[fqn], {}, self.compression)
-                arrays[fqn] = self.store.open_array(entry.node, metadata, write=True)
+                documents[fqn] = array_document(list(item.tensor_data.size), dtype, grids[fqn], {}, self.compression)
             chunk = item.tensor_data.chunk
+            index = _whole_chunk(chunk.offsets, chunk.sizes, grids[fqn])
+            small = nbytes <= INNER_CHUNK_BYTES and plain_chunks_writable(documents[fqn])
+            if local is not None and index is not None and small:
+                local.write_plain_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor))
+                continue
+            if fqn not in arrays:
+                arrays[fqn] = self.store.open_array(entry.node, documents[fqn], write=True)
             region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
             # No copy of the source: the save does not return before the write completes.
             write = arrays[fqn].result()[region].write(
@@ -264,9 +285,14 @@ class ZarrWriter(StoreClient, StorageWriter):
         nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
-        writes = [self.store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
-        for w in writes:
-            w.result()
+        local = self._local_files()
+        if local is not None:
+            for node, doc in nodes.items():
+                local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
+        else:
+            writes = [self.store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
+            for w in writes:
+                w.result()
         self._sync()
         root["attributes"][ATTR].update(
             format=FORMAT_NAME,
@@ -322,12 +348,21 @@ def _tensor_items(item_lists: Iterable[Iterable[WriteItem]]) -> Iterable[WriteIt
                 yield item
 
 
+def _whole_chunk(offsets: Sequence[int], sizes: Sequence[int], grid: Sequence[int]) -> tuple[int, ...] | None:
+    """The index of the chunk that the region ``offsets``/``sizes`` covers exactly, if any."""
+    if list(sizes) != list(grid) or any(o % g for o, g in zip(offsets, grid)):
+        return None
+    return tuple(o // g for o, g in zip(offsets, grid))
+
+
 def _host_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's values on the CPU as a plain (no conj/neg bit) tensor, copied only if needed."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    return tensor.resolve_conj().resolve_neg()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    return tensor
 
 
 def _lookup(planner: SavePlanner, item: WriteItem) -> Any:
