@@ -135,15 +135,19 @@ def test_existing_missing_and_incomplete_checkpoints(ckpt, tmp_path):
     out = {"a": torch.zeros(1)}
     zdcp.load(out, ckpt)
     assert out["a"].item() == 2.0
-    # a save that fails after it started writing (a tensor type zdcp cannot store) never commits
+    # a save that fails after it started writing (a tensor type zdcp cannot store) never
+    # commits, leaves the checkpoint it was to replace as it was, and cleans up after itself
     bad = {"a": torch.ones(1), "q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}
     with pytest.raises(zdcp.UnsupportedValueError, match="'q'"):
         zdcp.save(bad, ckpt, overwrite=True)
-    with pytest.raises(zdcp.IncompleteCheckpointError, match="never committed"):
-        zdcp.load(out, ckpt)
-    with pytest.raises(zdcp.CheckpointExistsError, match="interrupted"):
-        zdcp.save({"a": torch.zeros(1)}, ckpt)
-    zdcp.save({"a": torch.full((1,), 3.0)}, ckpt, overwrite=True)  # clears the leftovers
+    zdcp.load(out, ckpt)
+    assert out["a"].item() == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(zdcp.UnsupportedValueError, match="'q'"):
+        zdcp.save(bad, tmp_path / "new")
+    with pytest.raises(zdcp.CheckpointNotFoundError):
+        zdcp.load(out, tmp_path / "new")
+    zdcp.save({"a": torch.full((1,), 3.0)}, ckpt, overwrite=True)
     zdcp.load(out, ckpt)
     assert out["a"].item() == 3.0 and not (ckpt / "__zdcp_saving__").exists()
 
@@ -312,25 +316,26 @@ def test_keys_that_are_not_text_are_refused(ckpt):
 
 
 def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
-    """sync_files: the marker, then every rank's chunks, then the node documents, then the
-    commit record each reach the disk (Store.sync) before the step that depends on them."""
+    """sync_files: every rank's chunks, then the staged documents, reach the disk (Store.sync)
+    before the commit renames the staging directory into place, and the rename is synced too."""
+    import zdcp.writer
     from zdcp.storage import Store
 
     seen = []
 
     def record(store):
-        root = store.spec["path"]
-        files = {str(p.relative_to(root)) for p in pathlib.Path(root).rglob("*") if p.is_file()}
-        seen.append(files)
+        root = pathlib.Path(store.spec["path"])
+        assert root.name.startswith(".ckpt.zdcp-") and not ckpt.exists()
+        seen.append({str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
 
     monkeypatch.setattr(Store, "sync", record)
+    monkeypatch.setattr(zdcp.writer, "sync_filesystem", lambda path: seen.append((path, (ckpt / "zarr.json").exists())))
     zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt)
-    marker, data, docs, commit = seen
-    assert marker == {"__zdcp_saving__"}
-    assert data == marker | {"w/c/0", "b/c/0/0"}
-    assert docs == data | {"w/zarr.json", "b/zarr.json", "cfg/zarr.json"}
-    assert commit == docs | {"zarr.json"}
-    assert not (ckpt / "__zdcp_saving__").exists()
+    data, staged, committed = seen
+    assert data == {"__zdcp_saving__", "w/c/0", "b/c/0/0"}
+    assert staged == {"w/c/0", "b/c/0/0", "w/zarr.json", "b/zarr.json", "cfg/zarr.json", "zarr.json"}
+    assert committed == (str(ckpt.parent), True)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
 
     seen.clear()
     zdcp.save({"w": torch.ones(3)}, ckpt, overwrite=True, sync_files=False)

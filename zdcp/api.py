@@ -68,13 +68,17 @@ def save(
         sync_files=sync_files,
     )
     with dcp_call(no_dist=no_dist):
-        dcp.save(
-            state_dict,
-            storage_writer=writer,
-            planner=ZarrSavePlanner(allow_pickle=allow_pickle),
-            process_group=process_group,
-            no_dist=no_dist,
-        )
+        try:
+            dcp.save(
+                state_dict,
+                storage_writer=writer,
+                planner=ZarrSavePlanner(allow_pickle=allow_pickle),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+        except BaseException:  # DCP's CheckpointException is one
+            writer.abandon()
+            raise
 
 
 def async_save(

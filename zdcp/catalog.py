@@ -21,6 +21,7 @@ from .errors import (
 )
 from .keys import Key, decode_key
 from .layout import ATTR, FORMAT_NAME, FORMAT_VERSION, zdcp_attrs
+from .staging import interrupted_saves
 from .storage import METADATA_KEY, Store
 from .tree import DICT, LIST, Entry
 from .values import from_json
@@ -83,11 +84,17 @@ class Catalog:
         except ValueError as e:
             raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e})") from None
         if root is None:
-            if store.is_empty():
-                raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
-            raise IncompleteCheckpointError(
-                f"{store.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
-            )
+            if not store.is_empty():
+                raise IncompleteCheckpointError(
+                    f"{store.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
+                )
+            staged = interrupted_saves(store.url) if store.local_root is not None else []
+            if staged:
+                raise IncompleteCheckpointError(
+                    f"no committed checkpoint at {store.url}: a save to it never committed (or is still running); "
+                    f"its files are in {staged[-1]}"
+                )
+            raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
         return cls.parse(root, store.url)
 
     @classmethod

@@ -27,6 +27,7 @@ __all__ = [
     "InflightWindow",
     "kvstore_spec",
     "encode_json",
+    "sync_filesystem",
     "reading",
     "METADATA_KEY",
     "SAVING_MARKER",
@@ -122,15 +123,8 @@ class Store:
     def delete(self, key: str) -> None:
         del self.kv[key]
 
-    def exists(self, key: str) -> bool:
-        return self.kv.read(key).result().state == "value"
-
     def is_empty(self) -> bool:
         return not self.kv.list().result()
-
-    def clear(self) -> None:
-        """Delete every key under the root."""
-        self.kv.delete_range(ts.KvStore.KeyRange()).result()
 
     def sync(self) -> None:
         """Make every completed write and delete under the root durable (on disk).
@@ -138,7 +132,7 @@ class Store:
         ``syncfs`` of the filesystem holding the root on Linux (data and metadata, and since
         Linux 5.8 it reports write-back errors), ``sync`` elsewhere.
         """
-        _syncfs(self.spec["path"])
+        sync_filesystem(self.spec["path"])
 
 
 def encode_json(doc: Any) -> bytes:
@@ -213,7 +207,8 @@ def reading(array: str) -> Iterator[None]:
         raise CorruptCheckpointError(f"array {array!r}: {e}") from None
 
 
-def _syncfs(path: str) -> None:
+def sync_filesystem(path: str) -> None:
+    """Make every completed write and delete on the filesystem holding ``path`` durable."""
     if _SYNCFS is None:
         os.sync()
         return

@@ -2,16 +2,19 @@
 
 The save protocol, in DCP's call order:
 
-1. ``prepare_global_plan`` (coordinator): check the target (refuse to replace a committed
-   checkpoint unless ``overwrite``), derive every array's chunk grid from all ranks' shards,
-   and hand each rank the grids of the arrays it writes (``SavePlan.storage_data``).
-2. ``write_data`` (every rank, concurrently): write its own chunks through tensorstore, with
-   the array metadata known up front (``assume_metadata``), so no rank waits on another and no
-   data passes through the coordinator. Plain values travel back to the coordinator as JSON
+1. ``prepare_global_plan`` (coordinator): derive every array's chunk grid from all ranks'
+   shards, check the target (refuse to replace a committed checkpoint unless ``overwrite``, and
+   anything zdcp did not write always), and create the save's staging directory
+   (:mod:`zdcp.staging`). Each rank's ``SavePlan.storage_data`` tells it where to write and the
+   grids of the arrays it writes.
+2. ``write_data`` (every rank, concurrently): write its own chunks into the staging directory
+   through tensorstore (small plain chunks as plain files, :mod:`zdcp.direct`), with the array
+   metadata known up front, so no rank waits on another and no data passes through the
+   coordinator; then make them durable. Plain values travel back to the coordinator as JSON
    in the ``WriteResult``s.
 3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
-   ``zarr.json`` with all of them consolidated. The root document is the commit record: it is
-   written last, and a checkpoint without it is incomplete.
+   ``zarr.json`` with all of them consolidated, make them durable, and commit: the staging
+   directory is renamed into place (or atomically exchanged with the checkpoint it replaces).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch.futures import Future
 from . import __version__
 from .direct import LocalFiles, plain_chunks_writable
 from .dtypes import from_torch, tensor_to_numpy
-from .errors import CheckpointExistsError, UnsupportedValueError
+from .errors import UnsupportedValueError
 from .keys import describe, encode_key, join
 from .layout import (
     ATTR,
@@ -45,9 +48,9 @@ from .layout import (
     chunk_key,
     chunk_shape,
     group_document,
-    zdcp_attrs,
 )
-from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, StoreClient, encode_json
+from .staging import Staging, stage
+from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, Store, StoreClient, encode_json, sync_filesystem
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -62,6 +65,15 @@ class _Value:
 
     json: Any
     desc: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankPlan:
+    """What the coordinator tells each rank (``SavePlan.storage_data``): the staging directory
+    to write into, and the chunk grid of every array the rank writes."""
+
+    location: str
+    grids: dict[str, tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +128,7 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
+        self._staging: Staging | None = None
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
@@ -139,8 +152,8 @@ class ZarrWriter(StoreClient, StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        assert self.store is not None
         self._world_size = len(plans)
-        self._prepare_target()
         for plan in plans:
             self._entries.update(_entries_of(plan))
         shards: dict[str, list[tuple[Any, Any]]] = {}
@@ -150,66 +163,55 @@ class ZarrWriter(StoreClient, StorageWriter):
             shards.setdefault(fqn, []).append((item.tensor_data.chunk.offsets, item.tensor_data.chunk.sizes))
             shapes[fqn] = item.tensor_data.size
         self._grids = {fqn: chunk_shape(shapes[fqn], s) for fqn, s in shards.items()}
-        # Each rank learns the grids of the arrays it writes.
-        grids_of = [{i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])} for p in plans]
-        return [dataclasses.replace(p, storage_data=g) for p, g in zip(plans, grids_of)]
+        # Last, once the plans are known to be valid: nothing is created for a save that fails
+        # planning.
+        self._staging = stage(
+            self._target(), overwrite=self.overwrite, marker={"world_size": self._world_size, "zdcp": __version__}
+        )
+        # Each rank learns where to write, and the grids of the arrays it writes.
+        return [
+            dataclasses.replace(
+                p,
+                storage_data=_RankPlan(
+                    self._staging.path, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])}
+                ),
+            )
+            for p in plans
+        ]
 
-    def _prepare_target(self) -> None:
-        """Make sure the target may be written, clearing it when ``overwrite`` allows, then mark
-        it as a save in progress.
-
-        Only what zdcp wrote is ever deleted: a committed zdcp checkpoint, or the leftovers of
-        an interrupted zdcp save (they carry the in-progress marker). Any other content is
-        refused, ``overwrite`` or not, so a mistyped path cannot wipe a directory.
-        """
-        assert self.store is not None
-        url = self.store.url
-        try:
-            root = self.store.read_json(METADATA_KEY)
-        except ValueError:  # not JSON: certainly not a checkpoint of ours
-            root = {}
-        if root is not None:
-            if zdcp_attrs(root) is None:
-                raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
-            if not self.overwrite:
-                raise CheckpointExistsError(f"{url} already holds a committed checkpoint; pass overwrite=True")
-            self.store.delete(METADATA_KEY)  # un-commit first, so no reader sees a half-deleted checkpoint
-            self._sync()
-        elif self.store.exists(SAVING_MARKER):
-            if not self.overwrite:
-                raise CheckpointExistsError(
-                    f"{url} holds an interrupted zdcp save (no commit); pass overwrite=True to clear it"
-                )
-        elif not self.store.is_empty():
-            raise CheckpointExistsError(f"{url} is not empty and holds no zdcp checkpoint; not deleting its files")
-        self.store.clear()
-        self.store.write_json(SAVING_MARKER, {"world_size": self._world_size})
-        self._sync()  # the marker is on disk before any data is
-
-    def _local_files(self) -> LocalFiles | None:
+    def _target(self) -> str:
         assert self.store is not None
         root = self.store.local_root
+        if root is None:
+            raise ValueError(f"ZarrWriter writes to local directories; got {self.store.url}")
+        return root.rstrip("/")
+
+    def abandon(self) -> None:
+        """Delete the staging directory of a save that failed (on the coordinator; a no-op
+        elsewhere). :func:`zdcp.save` calls it; the previous checkpoint, if any, is untouched."""
+        if self._staging is not None:
+            self._staging.abandon()
+            self._staging = None
+
+    def _local_files(self, store: Store) -> LocalFiles | None:
+        root = store.local_root
         return LocalFiles(root) if root is not None and self.direct_writes else None
 
-    def _sync(self) -> None:
-        if self.sync_files:
-            assert self.store is not None
-            self.store.sync()
-
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        assert self.store is not None
+        rank_plan: _RankPlan = plan.storage_data
+        store = Store(rank_plan.location)
         entries = _entries_of(plan)
-        grids: dict[str, tuple[int, ...]] = plan.storage_data or {}
+        grids = rank_plan.grids
         documents: dict[str, dict[str, Any]] = {}
         arrays: dict[str, ts.Future] = {}
-        local = self._local_files()
+        local = self._local_files(store)
         window = InflightWindow(self.max_inflight_bytes)
         written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
         for item in plan.items:
             entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
             if item.type == WriteItemType.BYTE_IO:
-                results.append(self._write_value(item, entry, planner))
+                results.append(self._write_value(store, item, entry, planner))
                 continue
             tensor = _host_tensor(planner.resolve_data(item))
             nbytes = tensor.numel() * tensor.element_size()
@@ -227,15 +229,16 @@ class ZarrWriter(StoreClient, StorageWriter):
                 local.write_plain_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor))
                 continue
             if fqn not in arrays:
-                arrays[fqn] = self.store.open_array(entry.node, documents[fqn], write=True)
+                arrays[fqn] = store.open_array(entry.node, documents[fqn], write=True)
             region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
             # No copy of the source: the save does not return before the write completes.
-            write = arrays[fqn].result()[region].write(
-                tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True
+            write = (
+                arrays[fqn].result()[region].write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True)
             )
             window.add(write, nbytes)
         window.drain()
-        self._sync()  # this rank's data is on disk before it reports success
+        if self.sync_files:
+            store.sync()  # this rank's data is on disk before it reports success
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
@@ -247,7 +250,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         future.set_result(results)
         return future
 
-    def _write_value(self, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
+    def _write_value(self, store: Store, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
         value = _lookup(planner, item)
         try:
             j, desc = to_json(value, describe(entry.path))
@@ -256,13 +259,14 @@ class ZarrWriter(StoreClient, StorageWriter):
                 raise
             data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
             metadata = array_document(list(data.shape), _UINT8, data.shape, {})
-            array = self.store.open_array(entry.node, metadata, write=True).result()
+            array = store.open_array(entry.node, metadata, write=True).result()
             array.write(data).result()
             return WriteResult(index=item.index, size_in_bytes=data.size, storage_data=_Pickled(data.size))
         return WriteResult(index=item.index, size_in_bytes=0, storage_data=_Value(j, desc))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        assert self.store is not None
+        assert self._staging is not None
+        store = Store(self._staging.path)
         # Per FQN: a _Value or _Pickled for plain values, the placement layout for tensors
         # (any rank that wrote a shard reports the same one).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}
@@ -285,15 +289,14 @@ class ZarrWriter(StoreClient, StorageWriter):
         nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
-        local = self._local_files()
+        local = self._local_files(store)
         if local is not None:
             for node, doc in nodes.items():
                 local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
         else:
-            writes = [self.store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
+            writes = [store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
             for w in writes:
                 w.result()
-        self._sync()
         root["attributes"][ATTR].update(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
@@ -305,9 +308,12 @@ class ZarrWriter(StoreClient, StorageWriter):
         # children unless siblings are adjacent.
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-        self.store.write_json(METADATA_KEY, root)  # the commit record: last
-        self._sync()
-        self.store.delete(SAVING_MARKER)
+        store.write_json(METADATA_KEY, root)  # the root document: last
+        store.delete(SAVING_MARKER)
+        if self.sync_files:
+            store.sync()  # everything staged is on disk before the commit moves it into place
+        self._staging.commit(sync_filesystem if self.sync_files else None)
+        self._staging = None
 
 
 class _Group:
@@ -371,4 +377,3 @@ def _lookup(planner: SavePlanner, item: WriteItem) -> Any:
     if lookup is not None:
         return lookup(item.index)
     return torch.load(planner.resolve_data(item), weights_only=True)
-
