@@ -12,9 +12,9 @@ import concurrent.futures
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
 from .errors import DistributedError, ZdcpError
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
@@ -29,6 +30,8 @@ from .reader import ZarrReader
 from .writer import ZarrWriter
 
 __all__ = ["save", "async_save", "load"]
+
+T = TypeVar("T")
 
 # One background saver: successive async saves of a process run in the order they were started.
 _SAVER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdcp-async-save")
@@ -60,6 +63,9 @@ def save(
             before returning (default, as DCP); ``False`` trades that for speed.
     """
     no_dist = no_dist or not _distributed()
+    state_dict = _on_every_rank(
+        lambda: _stateful_to_state_dict(state_dict), "state_dict()", no_dist=no_dist, group=process_group
+    )
     writer = ZarrWriter(
         checkpoint_id,
         overwrite=overwrite,
@@ -104,8 +110,11 @@ def async_save(
     # Pinned host memory when a GPU is present; blocking copies, so the staged state is complete
     # when this returns (non-blocking ones would need a stream synchronisation first).
     stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+    plain = _on_every_rank(
+        lambda: _stateful_to_state_dict(state_dict), "state_dict()", no_dist=no_dist, group=process_group
+    )
     try:
-        staged = stager.stage(_stateful_to_state_dict(state_dict))
+        staged = stager.stage(plain)
     finally:
         stager.close()
     return _SAVER.submit(
@@ -146,14 +155,57 @@ def load(
     """
     no_dist = no_dist or not _distributed()
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
+    # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
+    stateful = {k: v for k, v in state_dict.items() if isinstance(v, Stateful)}
+    plain = _on_every_rank(
+        lambda: {k: v.state_dict() if k in stateful else v for k, v in state_dict.items()},
+        "state_dict()",
+        no_dist=no_dist,
+        group=process_group,
+    )
     with dcp_call(no_dist=no_dist, reader=reader):
         dcp.load(
-            state_dict,
+            plain,
             storage_reader=reader,
             planner=ZarrLoadPlanner(allow_partial_load=allow_partial_load),
             process_group=process_group,
             no_dist=no_dist,
         )
+
+    def apply() -> None:
+        for key, value in plain.items():
+            if key in stateful:
+                stateful[key].load_state_dict(value)
+            else:
+                state_dict[key] = value
+
+    _on_every_rank(apply, "load_state_dict()", no_dist=no_dist, group=process_group)
+
+
+def _on_every_rank(fn: Callable[[], T], step: str, *, no_dist: bool, group: dist.ProcessGroup | None) -> T:
+    """Run a rank-local step (user code: a ``Stateful``'s methods) and share its outcome.
+
+    When it fails on some rank, every rank raises a :class:`~zdcp.DistributedError` naming the
+    failed ranks (the failed rank's own error is its cause), instead of the other ranks waiting
+    in the checkpoint's next collective for a rank that left, or returning as if all went well.
+    """
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+    if no_dist:
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
+    outcomes: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    failed = {rank: RuntimeError(message) for rank, message in enumerate(outcomes) if message is not None}
+    if failed:
+        rank = min(failed)
+        raise DistributedError(
+            f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {failed[rank]}", dict(failed)
+        ) from error
+    return result  # type: ignore[return-value]
 
 
 def _distributed() -> bool:

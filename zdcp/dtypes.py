@@ -16,7 +16,15 @@ import torch
 
 from .errors import UnsupportedValueError
 
-__all__ = ["DType", "from_torch", "from_zarr", "from_torch_name", "tensor_to_numpy", "numpy_to_tensor"]
+__all__ = [
+    "DType",
+    "from_torch",
+    "check_storable",
+    "from_zarr",
+    "from_torch_name",
+    "tensor_to_numpy",
+    "numpy_to_tensor",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,21 @@ def from_torch(dtype: torch.dtype, *, key: str = "") -> DType:
     except KeyError:
         where = f" at {key!r}" if key else ""
         raise UnsupportedValueError(f"tensor{where} has dtype {dtype}, which zdcp cannot store") from None
+
+
+def check_storable(tensor: torch.Tensor, *, key: str, allow_meta: bool = False) -> None:
+    """Refuse, naming ``key``, a (local) tensor without dense data that zdcp can store: sparse,
+    nested, on the meta device (unless ``allow_meta``: a placeholder whose data comes later),
+    or of a dtype the format cannot hold."""
+    if tensor.is_nested:
+        raise UnsupportedValueError(f"tensor at {key!r} is a nested tensor, which zdcp cannot store")
+    if tensor.layout != torch.strided:
+        raise UnsupportedValueError(
+            f"tensor at {key!r} has layout {tensor.layout}, which zdcp cannot store; save .to_dense() instead"
+        )
+    if tensor.is_meta and not allow_meta:
+        raise UnsupportedValueError(f"tensor at {key!r} is on the meta device: it has no data to save")
+    from_torch(tensor.dtype, key=key)
 
 
 def from_zarr(name: str) -> DType:

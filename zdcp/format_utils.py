@@ -334,6 +334,8 @@ class _Fetching:
     """A save planner over a skeleton state dict whose tensors are meta placeholders: the real
     tensor is fetched from the source only when the writer asks for it (``resolve_data``)."""
 
+    resolves_placeholders = True
+
     def __init__(self, fetch: Callable[[Any], torch.Tensor], progress: Progress | None, **kwargs: Any):
         super().__init__(**kwargs)
         self.fetch = fetch

@@ -13,13 +13,16 @@ import io
 from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan
 from torch.distributed.checkpoint.planner_helpers import _init_state_dict
+from torch.distributed.tensor import DTensor
 
-from .errors import MismatchError, MissingKeysError
+from .dtypes import check_storable
+from .errors import MismatchError, MissingKeysError, UnsupportedValueError
 from .keys import describe
 from .tree import flatten
 from .values import to_json
@@ -33,6 +36,10 @@ class ZarrSavePlanner(DefaultSavePlanner):
     ``planner_data`` of each local plan maps every FQN (node path) to its
     :class:`~zdcp.tree.Entry`, which the writer uses to build groups and record placements.
     """
+
+    #: Whether ``resolve_data`` supplies the data of meta-device placeholders in the state dict
+    #: (conversions do); otherwise a meta tensor has no data and is refused.
+    resolves_placeholders = False
 
     def __init__(self, *, allow_pickle: bool = False, dedup_save_to_lowest_rank: bool = False):
         super().__init__(
@@ -49,17 +56,43 @@ class ZarrSavePlanner(DefaultSavePlanner):
         is_coordinator: bool = False,
     ) -> None:
         flat, self.mappings = flatten(state_dict)
-        if not self.allow_pickle:
-            # Refuse what JSON cannot hold now, on every rank, before anything is written.
-            for fqn, value in flat.items():
-                if not isinstance(value, torch.Tensor):
-                    to_json(value, describe(self.mappings[fqn].path))
+        # Refuse what the format cannot hold now, on every rank, before anything is written.
+        for fqn, value in flat.items():
+            key = describe(self.mappings[fqn].path)
+            if isinstance(value, torch.Tensor):
+                for local in _local_tensors(value):
+                    check_storable(local, key=key, allow_meta=self.resolves_placeholders)
+            elif not self.allow_pickle:
+                to_json(value, key)
         super().set_up_planner(flat, storage_meta, is_coordinator)
 
     def create_local_plan(self) -> SavePlan:
         plan = super().create_local_plan()
         self.plan = dataclasses.replace(plan, planner_data=self.mappings)
         return self.plan
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """DCP's global plan, after checking that the ranks agree on every tensor's shape and
+        dtype; DCP's own check that the shards tile each tensor (no overlap, no gap) raises
+        :class:`~zdcp.UnsupportedValueError` too."""
+        seen: dict[str, tuple[int, tuple[Any, ...]]] = {}
+        for rank, plan in enumerate(all_plans):
+            for item in plan.items:
+                if item.tensor_data is None:
+                    continue
+                this = (tuple(item.tensor_data.size), item.tensor_data.properties.dtype)
+                first_rank, first = seen.setdefault(item.index.fqn, (rank, this))
+                if this != first:
+                    raise UnsupportedValueError(
+                        f"ranks disagree on tensor {item.index.fqn!r}: shape {first[0]} and dtype {first[1]} on "
+                        f"rank {first_rank}, shape {this[0]} and dtype {this[1]} on rank {rank}"
+                    )
+        try:
+            return super().create_global_plan(all_plans)
+        except ValueError as e:
+            if not str(e).startswith("Failed to validate global plan"):
+                raise
+            raise UnsupportedValueError(f"the ranks' shards do not tile their tensors: {e}") from None
 
 
 class ZarrLoadPlanner(DefaultLoadPlanner):
@@ -122,3 +155,12 @@ def _check_fits(key: str, stored: Any, dest: Any) -> None:
         raise MismatchError(
             f"key {key!r}: checkpoint has shape {tuple(stored.size)}, destination {tuple(dest.size())}"
         )
+
+
+def _local_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding this rank's data of a (possibly distributed) tensor."""
+    if isinstance(tensor, DTensor):
+        return [tensor.to_local()]
+    if isinstance(tensor, ShardedTensor):
+        return [shard.tensor for shard in tensor.local_shards()]
+    return [tensor]
