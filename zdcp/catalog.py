@@ -9,6 +9,7 @@ one this zdcp understands.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,8 @@ class Catalog:
     def read(cls, store: Store) -> Catalog:
         try:
             root = store.read_json(METADATA_KEY)
-        except ValueError as e:
-            raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
+            raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e!r})") from None
         if root is None:
             if not store.is_empty():
                 raise IncompleteCheckpointError(
@@ -115,7 +116,7 @@ class Catalog:
         nodes[""] = root
         try:
             return cls._build(info, nodes)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             raise CorruptCheckpointError(f"{where}/zarr.json: malformed node metadata ({e!r})") from None
 
     @classmethod
@@ -172,9 +173,16 @@ class Catalog:
 
 
 def _grid_ok(shape: tuple[Any, ...], chunks: tuple[Any, ...]) -> bool:
-    """A shape of non-negative ints with a chunk shape of positive ints, one per dimension."""
+    """A shape of non-negative ints with a chunk shape of positive ints, one per dimension, and
+    no more elements in the array or in a chunk than an int64 counts (a crafted shape must not
+    reach an allocation)."""
     ints = all(type(n) is int for n in shape + chunks)
-    return ints and len(shape) == len(chunks) and all(n >= 0 for n in shape) and all(c >= 1 for c in chunks)
+    if not (ints and len(shape) == len(chunks) and all(n >= 0 for n in shape) and all(c >= 1 for c in chunks)):
+        return False
+    return math.prod(shape) < _MAX_ELEMENTS and math.prod(chunks) < _MAX_ELEMENTS
+
+
+_MAX_ELEMENTS = 2**63
 
 
 def _composites(

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan
 from torch.distributed.checkpoint.planner_helpers import _init_state_dict
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .dtypes import check_storable
 from .errors import MismatchError, MissingKeysError, UnsupportedValueError
@@ -62,6 +63,8 @@ class ZarrSavePlanner(DefaultSavePlanner):
             if isinstance(value, torch.Tensor):
                 for local in _local_tensors(value):
                     check_storable(local, key=key, allow_meta=self.resolves_placeholders)
+                if isinstance(value, DTensor):
+                    _check_dtensor_shard(value, key)
             elif not self.allow_pickle:
                 to_json(value, key)
         super().set_up_planner(flat, storage_meta, is_coordinator)
@@ -72,9 +75,8 @@ class ZarrSavePlanner(DefaultSavePlanner):
         return self.plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        """DCP's global plan, after checking that the ranks agree on every tensor's shape and
-        dtype; DCP's own check that the shards tile each tensor (no overlap, no gap) raises
-        :class:`~zdcp.UnsupportedValueError` too."""
+        """DCP's global plan (which checks that the shards tile each tensor), after checking that
+        the ranks agree on every tensor's shape and dtype."""
         seen: dict[str, tuple[int, tuple[Any, ...]]] = {}
         for rank, plan in enumerate(all_plans):
             for item in plan.items:
@@ -87,12 +89,7 @@ class ZarrSavePlanner(DefaultSavePlanner):
                         f"ranks disagree on tensor {item.index.fqn!r}: shape {first[0]} and dtype {first[1]} on "
                         f"rank {first_rank}, shape {this[0]} and dtype {this[1]} on rank {rank}"
                     )
-        try:
-            return super().create_global_plan(all_plans)
-        except ValueError as e:
-            if not str(e).startswith("Failed to validate global plan"):
-                raise
-            raise UnsupportedValueError(f"the ranks' shards do not tile their tensors: {e}") from None
+        return super().create_global_plan(all_plans)
 
 
 class ZarrLoadPlanner(DefaultLoadPlanner):
@@ -164,3 +161,16 @@ def _local_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     if isinstance(tensor, ShardedTensor):
         return [shard.tensor for shard in tensor.local_shards()]
     return [tensor]
+
+
+def _check_dtensor_shard(tensor: DTensor, key: str) -> None:
+    """Refuse a DTensor whose local shard is not the shape its placement gives this rank (built
+    with ``from_local(..., run_check=False)`` and a wrong ``shape``): it would write elsewhere
+    than the ranks' plans say."""
+    expected, _ = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    local = tuple(tensor.to_local().shape)
+    if local != tuple(expected):
+        raise UnsupportedValueError(
+            f"DTensor at {key!r}: this rank's local shard has shape {local}, but global shape "
+            f"{tuple(tensor.shape)} with placements {tuple(tensor.placements)} gives it {tuple(expected)}"
+        )

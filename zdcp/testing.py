@@ -14,14 +14,15 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks"]
+__all__ = ["run_ranks", "ranks_running"]
 
 
 def _entry(rank: int, world_size: int, init_method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -43,6 +44,28 @@ def _entry(rank: int, world_size: int, init_method: str, fn: Callable[..., Any],
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextmanager
+def ranks_running(world_size: int, fn: Callable[..., Any], *args: Any) -> Iterator[list[Any]]:
+    """Start ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and yield their
+    processes without waiting for them, for tests that kill ranks; any still running at the end
+    are killed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = f"file://{os.path.join(tmp, 'store')}"
+        ctx = mp.get_context("spawn")
+        processes = [
+            ctx.Process(target=_entry, args=(rank, world_size, init_method, fn, args)) for rank in range(world_size)
+        ]
+        for p in processes:
+            p.start()
+        try:
+            yield processes
+        finally:
+            for p in processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0) -> None:

@@ -1,0 +1,308 @@
+"""Faults injected for real, and what each leaves behind (docs/reliability.md): saves and ranks
+killed with SIGKILL, ranks that fail, concurrent saves to one path, damaged files, and input
+the format cannot hold."""
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+import zdcp
+from zdcp.staging import interrupted_saves
+from zdcp.testing import ranks_running, run_ranks
+
+
+def versioned(v):
+    """A state whose every tensor and value says which save it came from: 30 small tensors
+    (plain files) and a 2 MiB one (inner chunks, through tensorstore)."""
+    model = {f"w{j}": torch.full((16384,), float(v)) for j in range(30)}
+    return {"model": model | {"big": torch.full((512, 1024), float(v))}, "version": v}
+
+
+def committed_version(path):
+    """The version of the checkpoint at ``path``, checked whole and consistent; None when no save
+    ever committed there (then loading is refused as incomplete or missing)."""
+    out = versioned(-1)
+    try:
+        zdcp.load(out, path)
+    except (zdcp.IncompleteCheckpointError, zdcp.CheckpointNotFoundError):
+        return None
+    v = out["version"]
+    assert all(torch.all(t == v) for t in out["model"].values()), "a mix of saves"
+    assert zdcp.verify(path).ok
+    return v
+
+
+# -- saves killed at chosen points and at random moments -----------------------------------------
+
+KILL_POINTS = {  # where: the function patched to SIGKILL the saving process
+    "writing chunks": "zdcp.direct:LocalFiles.write_plain_chunk",
+    "before the documents": "zdcp.writer:ZarrWriter.finish",
+    "before the commit": "zdcp.staging:Staging.commit",
+    "after the exchange": "zdcp.staging:_delete_if_ours",  # the new one is in place, the old not yet deleted
+}
+
+
+def _save_killed_at(path, version, where):
+    import importlib
+
+    module, _, attr = KILL_POINTS[where].partition(":")
+    owner = importlib.import_module(module)
+    *outer, name = attr.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    setattr(owner, name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+    zdcp.save(versioned(version), path, overwrite=True)
+
+
+def _run(target, *args):
+    process = mp.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    process.join(120)
+    return process.exitcode
+
+
+@pytest.mark.parametrize("where", KILL_POINTS)
+def test_a_save_killed_at_each_step_leaves_the_old_or_the_new_checkpoint(tmp_path, where):
+    path = tmp_path / "ckpt"
+    commits = where == "after the exchange"
+    if commits:  # a first save has nothing to exchange with: it completes
+        assert _run(_save_killed_at, path, 1, where) == 0
+    else:
+        assert _run(_save_killed_at, path, 1, where) == -signal.SIGKILL
+        # nothing committed: refused as incomplete, naming the leftovers
+        with pytest.raises(zdcp.IncompleteCheckpointError, match="never committed"):
+            zdcp.load(versioned(-1), path)
+        zdcp.save(versioned(1), path)
+    assert committed_version(path) == 1
+    assert _run(_save_killed_at, path, 2, where) == -signal.SIGKILL
+    assert committed_version(path) == (2 if commits else 1)
+    assert interrupted_saves(path), "a killed save leaves its staging directory (or the replaced one)"
+
+
+def _save_versions_forever(path, first_version, committed, started):
+    version = first_version
+    started.set()
+    while True:
+        zdcp.save(versioned(version), path, overwrite=True)
+        committed.value = version
+        version += 1
+
+
+def test_saves_killed_at_random_moments_never_leave_a_partial_checkpoint(tmp_path):
+    path, earlier = tmp_path / "ckpt", tmp_path / "earlier"
+    zdcp.save(versioned(7), earlier)
+    ctx = mp.get_context("spawn")
+    committed = ctx.Value("q", -1)
+    rng = random.Random(5)
+    newest = None
+    for round_ in range(1, 6):
+        committed.value = -1
+        started = ctx.Event()
+        saver = ctx.Process(target=_save_versions_forever, args=(path, 1000 * round_, committed, started))
+        saver.start()
+        assert started.wait(120)
+        time.sleep(rng.uniform(0.0, 0.6))
+        saver.kill()
+        saver.join()
+        found = committed_version(path)
+        reported = committed.value
+        if reported < 0:  # nothing reported: the previous state, or this round's first save
+            allowed = {newest, 1000 * round_}
+        else:  # the last save reported as done, or the next one, committed but not yet reported
+            allowed = {reported, reported + 1}
+        assert found in allowed, (found, allowed)
+        newest = found
+    assert committed_version(earlier) == 7
+
+
+# -- ranks killed, ranks failing ------------------------------------------------------------------
+
+
+def _rank_saves_forever(rank, world_size, path):
+    version = 0
+    while True:
+        version += 1
+        zdcp.save(versioned(version), path, overwrite=True)
+
+
+def test_a_killed_rank_makes_the_others_fail_promptly(tmp_path):
+    path = tmp_path / "ckpt"
+    with ranks_running(2, _rank_saves_forever, path) as (rank0, rank1):
+        deadline = time.monotonic() + 120
+        while not (path / "zarr.json").exists():  # the ranks are up and saving
+            assert time.monotonic() < deadline and rank0.is_alive() and rank1.is_alive()
+            time.sleep(0.05)
+        time.sleep(random.Random(1).uniform(0, 0.5))
+        rank1.kill()
+        rank0.join(60)
+        assert rank0.exitcode not in (None, 0), "the surviving rank hung or claimed success"
+    assert committed_version(path) >= 1
+
+
+class _Failing:
+    """A Stateful that fails in ``state_dict`` or ``load_state_dict`` on one rank."""
+
+    def __init__(self, rank, fail_in):
+        self.rank, self.fail_in = rank, fail_in
+
+    def state_dict(self):
+        if self.rank == 1 and self.fail_in == "state_dict":
+            raise RuntimeError("state_dict failed on purpose")
+        return {"x": torch.ones(2)}
+
+    def load_state_dict(self, state):
+        if self.rank == 1 and self.fail_in == "load_state_dict":
+            raise RuntimeError("load_state_dict failed on purpose")
+
+
+def _one_rank_fails(rank, world_size, root):
+    import zdcp.direct
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    full = torch.arange(12.0).reshape(6, 2)
+
+    def state(fail_in=None):
+        return {"w": DTensor.from_local(full.chunk(world_size)[rank], mesh, [Shard(0)]), "app": _Failing(rank, fail_in)}
+
+    # a save failing on one rank, before planning: every rank raises, nothing is created
+    with pytest.raises(zdcp.DistributedError, match=r"rank\(s\) \[1\].*failed on purpose"):
+        zdcp.save(state("state_dict"), root / "a")
+    # a save failing on one rank while it writes: every rank raises, nothing is committed
+    real = zdcp.direct.LocalFiles.write_plain_chunk
+    if rank == 1:
+        zdcp.direct.LocalFiles.write_plain_chunk = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left"))
+    with pytest.raises(zdcp.ZdcpError, match="No space left"):
+        zdcp.save(state(), root / "b")
+    zdcp.direct.LocalFiles.write_plain_chunk = real
+    dist.barrier()
+    assert not (root / "a").exists() and not (root / "b").exists()
+    assert not interrupted_saves(root / "b"), "a failed save removes its staging directory"
+    # loads failing on one rank: every rank raises
+    zdcp.save(state(), root / "c")
+    with pytest.raises(zdcp.DistributedError, match="load_state_dict failed on purpose"):
+        zdcp.load(state("load_state_dict"), root / "c")
+    wrong = {
+        "w": DTensor.from_local(torch.zeros(3 + rank, 2), mesh, [Shard(0)], run_check=False),
+        "app": _Failing(rank, None),
+    }
+    with pytest.raises(zdcp.ZdcpError):
+        zdcp.load(wrong, root / "c")
+
+
+def test_a_failure_on_one_rank_fails_every_rank_promptly(tmp_path):
+    run_ranks(2, _one_rank_fails, tmp_path, timeout=120)
+
+
+def _inconsistent_shards(rank, world_size, root):
+    mesh = init_device_mesh("cpu", (world_size,))
+    # the ranks disagree on the tensor's shape
+    with pytest.raises(zdcp.UnsupportedValueError, match="ranks disagree on tensor 'w'"):
+        zdcp.save({"w": torch.ones(3 + rank)}, root / "a")
+    # a local shard that is not what its placement says: rank 1 holds 3 rows of a 5-row tensor
+    local = torch.ones(3, 2)
+    bad = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size([5, 2]), stride=(2, 1))
+    with pytest.raises(zdcp.UnsupportedValueError, match=r"local shard has shape \(3, 2\).*gives it \(2, 2\)"):
+        zdcp.save({"w": bad}, root / "b")
+    dist.barrier()
+    assert not any(root.iterdir())
+
+
+def test_inconsistent_shards_are_refused_before_writing(tmp_path):
+    run_ranks(2, _inconsistent_shards, tmp_path, timeout=120)
+
+
+# -- concurrent saves to one path -----------------------------------------------------------------
+
+
+def _concurrent_save(path, version, overwrite, barrier, results):
+    barrier.wait()
+    try:
+        zdcp.save(versioned(version), path, overwrite=overwrite)
+        results.put((version, "ok"))
+    except zdcp.CheckpointExistsError as e:
+        results.put((version, str(e)))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_concurrent_saves_to_one_path_leave_one_whole_checkpoint(tmp_path, overwrite):
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):
+        path = tmp_path / f"ckpt{attempt}"
+        if overwrite:
+            zdcp.save(versioned(0), path)
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        savers = [ctx.Process(target=_concurrent_save, args=(path, v, overwrite, barrier, results)) for v in (1, 2)]
+        for p in savers:
+            p.start()
+        outcomes = dict(results.get(timeout=120) for _ in savers)
+        for p in savers:
+            p.join(60)
+        found = committed_version(path)
+        succeeded = [v for v, outcome in outcomes.items() if outcome == "ok"]
+        if overwrite:  # each replaces what it found: the later commit wins, whole
+            assert found in succeeded
+        else:  # exactly one commits; the other fails cleanly
+            assert len(succeeded) == 1 and found == succeeded[0], outcomes
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging left behind"
+
+
+# -- input the format cannot hold, and crafted checkpoints ---------------------------------------
+
+UNSTORABLE = {
+    "sparse": (lambda: torch.eye(3).to_sparse(), "layout torch.sparse_coo"),
+    "sparse_csr": (lambda: torch.eye(3).to_sparse_csr(), "layout torch.sparse_csr"),
+    "nested": (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested tensor"),
+    "meta": (lambda: torch.empty(3, device="meta"), "meta device"),
+    "quantized": (lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8), "dtype torch.qint8"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", UNSTORABLE)
+def test_unstorable_tensors_are_refused_naming_the_key(tmp_path, kind):
+    make, message = UNSTORABLE[kind]
+    with pytest.raises(zdcp.UnsupportedValueError, match=f"'model/layers/0/w'.*{message}"):
+        zdcp.save({"model": {"layers": [{"w": make()}]}, "ok": torch.ones(2)}, tmp_path / "c")
+    assert not any(tmp_path.iterdir()), "refused before anything was written"
+
+
+CRAFTED = {
+    "huge shape": lambda doc: doc["consolidated_metadata"]["metadata"]["w"].update(shape=[2**63]),
+    "shape of strings": lambda doc: doc["consolidated_metadata"]["metadata"]["w"].update(shape=["4"]),
+    "attributes not a dict": lambda doc: doc["consolidated_metadata"]["metadata"]["cfg"].update(attributes=[1]),
+    "node type unknown": lambda doc: doc["consolidated_metadata"]["metadata"]["cfg"].update(node_type="link"),
+    "escaping node name": lambda doc: doc["consolidated_metadata"]["metadata"].update(
+        {"../outside": doc["consolidated_metadata"]["metadata"]["w"]}
+    ),
+}
+
+
+@pytest.mark.parametrize("craft", CRAFTED)
+def test_crafted_metadata_is_refused_as_corrupt_or_unsafe(tmp_path, craft):
+    path = tmp_path / "c"
+    zdcp.save({"w": torch.ones(4), "cfg": {"lr": 0.1}}, path)
+    doc = json.loads((path / "zarr.json").read_text())
+    CRAFTED[craft](doc)
+    (path / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises((zdcp.CorruptCheckpointError, zdcp.UnsafeError)):
+        zdcp.load({"w": torch.zeros(4), "cfg": {"lr": 0.0}}, path)
+    with pytest.raises((zdcp.CorruptCheckpointError, zdcp.UnsafeError)):
+        zdcp.open(path)
+
+
+def test_deeply_nested_metadata_is_corrupt_not_a_crash(tmp_path):
+    path = tmp_path / "c"
+    zdcp.save({"w": torch.ones(4)}, path)
+    doc = (path / "zarr.json").read_text()
+    (path / "zarr.json").write_text(doc[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(zdcp.CorruptCheckpointError, match="not valid JSON"):
+        zdcp.load({"w": torch.zeros(4)}, path)
