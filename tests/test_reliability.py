@@ -306,3 +306,80 @@ def test_deeply_nested_metadata_is_corrupt_not_a_crash(tmp_path):
     (path / "zarr.json").write_text(doc[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(zdcp.CorruptCheckpointError, match="not valid JSON"):
         zdcp.load({"w": torch.zeros(4)}, path)
+
+
+# -- damaged files --------------------------------------------------------------------------------
+
+
+def _damage_cases(path):
+    """(description, file, damaged bytes) for each chunk file: a flipped bit at a random place,
+    and the file cut short."""
+    rng = random.Random(3)
+    for chunk in sorted(p for p in path.rglob("*") if p.is_file() and "/c/" in f"/{p.relative_to(path)}"):
+        data = chunk.read_bytes()
+        flipped = bytearray(data)
+        bit = rng.randrange(len(data) * 8)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        yield f"bit {bit} of {chunk.name}", chunk, bytes(flipped)
+        yield f"{chunk.name} truncated", chunk, data[: rng.randrange(len(data))]
+
+
+@pytest.mark.parametrize("direct_reads", [True, False])
+def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path, direct_reads):
+    import torch.distributed.checkpoint as dcp
+
+    from zdcp.api import dcp_call
+    from zdcp.planner import ZarrLoadPlanner
+
+    path = tmp_path / "c"
+    state = {"plain": torch.randn(10, 3), "inner": torch.randn(4, 300, 100)}  # 120 KB: 4 inner chunks
+    zdcp.save(state, path)
+    cases = list(_damage_cases(path))
+    assert len(cases) == 4
+    for what, chunk, damaged in cases:
+        good = chunk.read_bytes()
+        chunk.write_bytes(damaged)
+        array = chunk.relative_to(path).parts[0]
+        with pytest.raises(zdcp.CorruptCheckpointError, match=f"'{array}'") as raised:
+            reader = zdcp.ZarrReader(path, direct_reads=direct_reads)
+            with dcp_call(no_dist=True, reader=reader):
+                dest = {k: torch.zeros_like(v) for k, v in state.items()}
+                dcp.load(dest, storage_reader=reader, planner=ZarrLoadPlanner(), no_dist=True)
+        assert "chunk" in str(raised.value), (what, raised.value)
+        faults = zdcp.verify(path).faults
+        assert len(faults) == 1 and faults[0].node == array and faults[0].chunk is not None, (what, faults)
+        chunk.write_bytes(good)
+    zdcp.load({k: torch.zeros_like(v) for k, v in state.items()}, path)
+
+
+def test_missing_or_corrupt_node_documents_are_named_by_verify(tmp_path):
+    """Loads read every node's metadata from the root document (the commit record); the nodes'
+    own zarr.json serve other Zarr readers, and verify checks each one against it."""
+    path = tmp_path / "c"
+    zdcp.save({"model": {"w": torch.ones(3)}, "cfg": {"lr": 0.1}}, path)
+    (path / "model/w/zarr.json").unlink()
+    (path / "cfg/zarr.json").write_text("{")
+    faults = {f.node: f.message for f in zdcp.verify(path).faults}
+    assert faults == {"model/w": "zarr.json is missing", "cfg": faults["cfg"]}
+    assert "not valid JSON" in faults["cfg"]
+
+
+# -- resuming after a crash -----------------------------------------------------------------------
+
+
+def test_latest_checkpoint_skips_what_a_crash_or_damage_left(tmp_path):
+    assert zdcp.latest_checkpoint(tmp_path / "none yet") is None
+    for step in (1, 2, 5, 10):
+        zdcp.save(versioned(step), tmp_path / f"step_{step}")
+    (tmp_path / "step_10" / "zarr.json").unlink()  # never committed (written by other means)
+    assert _run(_save_killed_at, tmp_path / "step_20", 20, "before the commit") == -signal.SIGKILL
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    chunk = tmp_path / "step_5" / "model" / "w3" / "c" / "0"
+    data = chunk.read_bytes()
+    chunk.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # damaged data: only verify sees it
+    assert zdcp.latest_checkpoint(tmp_path) == tmp_path / "step_5"
+    assert zdcp.latest_checkpoint(tmp_path, verify=True) == tmp_path / "step_2"
+    out = versioned(-1)
+    zdcp.load(out, zdcp.latest_checkpoint(tmp_path, verify=True))
+    assert out["version"] == 2

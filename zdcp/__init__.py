@@ -4,7 +4,8 @@
     zdcp.save({"app": app_state}, "ckpt/step_100")   # every rank writes its own shards
     zdcp.load({"app": app_state}, "ckpt/step_100")   # any world size, any placement
 
-Without the training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)``
+A job restarted after a crash resumes from ``zdcp.latest_checkpoint("ckpt")``. Without the
+training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)``
 to check every chunk, ``zdcp.format_utils`` for conversions, and the ``zdcp`` command.
 
 Importing zdcp also registers bfloat16 and float8 with zarr-python, so that plain zarr code
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 from . import errors as _errors
 from . import zarr_dtypes as _zarr_dtypes
 from .api import async_save, load, save
+from .checkpoints import latest_checkpoint
 from .errors import *  # noqa: F403  (the error classes are public API)
 from .reader import ZarrReader
 from .verify import Report, verify
@@ -33,6 +35,7 @@ __all__ = [
     "Array",
     "verify",
     "Report",
+    "latest_checkpoint",
     "ZarrWriter",
     "ZarrReader",
     *_errors.__all__,

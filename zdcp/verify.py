@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .catalog import ArrayNode, Catalog
 from .errors import ZdcpError
 from .layout import chunk_key
-from .storage import METADATA_KEY, SAVING_MARKER, Store
+from .storage import METADATA_KEY, Store
 
 __all__ = ["verify", "Fault", "Report"]
 
@@ -73,7 +73,7 @@ def verify(checkpoint_id: str | os.PathLike[str], *, progress: Callable[[int], N
             report.faults.append(Fault(node, "zarr.json is missing"))
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
-    expected = {METADATA_KEY, SAVING_MARKER} | {f"{node}/{METADATA_KEY}" for node in consolidated}
+    expected = {METADATA_KEY} | {f"{node}/{METADATA_KEY}" for node in consolidated}
     for node, array in catalog.arrays.items():
         report.arrays += 1
         expected.update(_check_array(store, node, array, report, progress))
