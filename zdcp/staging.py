@@ -54,7 +54,7 @@ class Staging:
         ``sync(path)`` makes everything under the filesystem of ``path`` durable; it runs after
         the moves so that the new name survives a crash (None: no syncing).
         """
-        if not self.replaces:
+        if not self.replaces or not os.path.lexists(self.target):  # (removed by someone meanwhile)
             try:
                 os.rename(self.path, self.target)
             except OSError as e:
