@@ -47,7 +47,7 @@ KILL_POINTS = {  # where: the function patched to SIGKILL the saving process
     "writing chunks": "zdcp.direct:LocalFiles.write_plain_chunk",
     "before the documents": "zdcp.writer:ZarrWriter.finish",
     "before the commit": "zdcp.staging:Staging.commit",
-    "after the exchange": "zdcp.staging:_delete_if_ours",  # the new one is in place, the old not yet deleted
+    "after the exchange": "zdcp.staging:_delete_replaced",  # the new one is in place, the old not yet deleted
 }
 
 
@@ -187,6 +187,16 @@ def _one_rank_fails(rank, world_size, root):
     dist.barrier()
     assert not (root / "a").exists() and not (root / "b").exists()
     assert not interrupted_saves(root / "b"), "a failed save removes its staging directory"
+    # ... and one replacing a checkpoint leaves that checkpoint as it was
+    zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank] * 0, mesh, [Shard(0)])}, root / "b")
+    if rank == 1:
+        zdcp.direct.LocalFiles.write_plain_chunk = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left"))
+    with pytest.raises(zdcp.ZdcpError, match="No space left"):
+        zdcp.save(state(), root / "b", overwrite=True)
+    zdcp.direct.LocalFiles.write_plain_chunk = real
+    assert torch.equal(zdcp.open(root / "b")["w"][:], torch.zeros(6, 2))
+    dist.barrier()
+    assert not interrupted_saves(root / "b")
     # loads failing on one rank: every rank raises
     zdcp.save(state(), root / "c")
     with pytest.raises(zdcp.DistributedError, match="load_state_dict failed on purpose"):
@@ -238,7 +248,7 @@ def test_concurrent_saves_to_one_path_leave_one_whole_checkpoint(tmp_path, overw
     ctx = mp.get_context("spawn")
     for attempt in range(2):
         path = tmp_path / f"ckpt{attempt}"
-        if overwrite:
+        if overwrite and attempt == 0:  # both replace a checkpoint; then both are first saves
             zdcp.save(versioned(0), path)
         barrier, results = ctx.Barrier(2), ctx.Queue()
         savers = [ctx.Process(target=_concurrent_save, args=(path, v, overwrite, barrier, results)) for v in (1, 2)]
@@ -249,8 +259,8 @@ def test_concurrent_saves_to_one_path_leave_one_whole_checkpoint(tmp_path, overw
             p.join(60)
         found = committed_version(path)
         succeeded = [v for v, outcome in outcomes.items() if outcome == "ok"]
-        if overwrite:  # each replaces what it found: the later commit wins, whole
-            assert found in succeeded
+        if overwrite:  # each replaces what it finds at its commit: both succeed, the later wins
+            assert sorted(succeeded) == [1, 2] and found in succeeded, outcomes
         else:  # exactly one commits; the other fails cleanly
             assert len(succeeded) == 1 and found == succeeded[0], outcomes
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging left behind"
@@ -390,3 +400,80 @@ def test_latest_checkpoint_skips_what_a_crash_or_damage_left(tmp_path):
     out = versioned(-1)
     zdcp.load(out, zdcp.latest_checkpoint(tmp_path, verify=True))
     assert out["version"] == 2
+
+
+# -- DCP features the Zarr storage cannot honour, and commit corner cases ------------------------
+
+
+def test_dcp_plan_caching_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    state = {"w": torch.ones(3)}
+    for step in (1, 2):
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        writer = zdcp.ZarrWriter(tmp_path / f"step_{step}")
+        if step == 1:  # nothing cached yet
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+        else:  # the cached plan would send the chunks to step 1's staging directory
+            with pytest.raises(BaseException, match="plan caching"):
+                dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+    assert zdcp.verify(tmp_path / "step_1").ok and not (tmp_path / "step_2").exists()
+
+
+def _without_collectives(rank, world_size, root):
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.raises(zdcp.UsageError, match="use_collectives"):
+        dcp.save({"w": torch.ones(2)}, storage_writer=zdcp.ZarrWriter(root / "c"), use_collectives=False)
+
+
+def test_saving_without_collectives_on_several_ranks_is_refused(tmp_path):
+    run_ranks(2, _without_collectives, tmp_path, timeout=120)
+    assert not any(tmp_path.iterdir())
+
+
+def test_replacing_without_an_atomic_exchange_puts_the_old_one_back_on_failure(tmp_path, monkeypatch):
+    import zdcp.staging
+
+    path = tmp_path / "ckpt"
+    zdcp.save(versioned(1), path)
+    monkeypatch.setattr(zdcp.staging, "_RENAMEAT2", None)  # as on NFS or macOS
+    zdcp.save(versioned(2), path, overwrite=True)  # two renames
+    assert committed_version(path) == 2
+    real_rename = os.rename
+
+    def failing_second_rename(src, dst):
+        if ".zdcp-" in os.fspath(src) and os.fspath(dst) == str(path):
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(zdcp.staging.os, "rename", failing_second_rename)
+    with pytest.raises(zdcp.ZdcpError, match="Input/output error"):
+        zdcp.save(versioned(3), path, overwrite=True)
+    monkeypatch.setattr(zdcp.staging.os, "rename", real_rename)
+    assert committed_version(path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_failed_save_leaves_no_write_behind(tmp_path, monkeypatch):
+    """Writes still in flight when a save fails complete before its staging directory is
+    removed, so none of them recreates it afterwards."""
+    import zdcp.writer
+
+    real, calls = zdcp.writer._host_tensor, []
+
+    def failing_late(tensor):
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("device lost")
+        return real(tensor)
+
+    state = {f"w{i}": torch.randn(512, 1024) for i in range(10)}  # 2 MiB each: tensorstore writes
+    zdcp.save(versioned(1), tmp_path / "ckpt")
+    monkeypatch.setattr(zdcp.writer, "_host_tensor", failing_late)
+    with pytest.raises(zdcp.ZdcpError, match="device lost"):
+        zdcp.save(state, tmp_path / "ckpt", overwrite=True)
+    time.sleep(0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert committed_version(tmp_path / "ckpt") == 1

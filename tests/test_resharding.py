@@ -2,6 +2,7 @@
 another; chunk grids equal the save-time shards; errors reach every rank."""
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -177,6 +178,14 @@ def dcp_plugin_path(rank, world_size, root):
     state["step"] = 8
     assert future.result() is None
     load_and_check(root / "async", mesh, LOAD_1D)
+    # two async saves in flight at once (one rank slower to start the second): their
+    # collectives run in order on the saver thread, never interleaved
+    first = zdcp.async_save({"model": dtensors(mesh, SAVE_1D), "step": 1}, root / "async1", process_group=group)
+    if rank == 1:
+        time.sleep(0.5)
+    second = zdcp.async_save({"model": dtensors(mesh, SAVE_1D), "step": 7}, root / "async2", process_group=group)
+    assert first.result() is None and second.result() is None
+    load_and_check(root / "async2", mesh, LOAD_1D)
     # DCP's own async flow with the zdcp writer
     state = {"model": dtensors(mesh, SAVE_1D), "step": 7}
     response = dcp.async_save(state, storage_writer=zdcp.ZarrWriter(root / "dcp_async"), process_group=group)

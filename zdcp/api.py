@@ -63,22 +63,38 @@ def save(
             before returning (default, as DCP); ``False`` trades that for speed.
     """
     no_dist = no_dist or not _distributed()
-    state_dict = _on_every_rank(
-        lambda: _stateful_to_state_dict(state_dict), "state_dict()", no_dist=no_dist, group=process_group
-    )
-    writer = ZarrWriter(
+    plain, error = _attempt(lambda: _stateful_to_state_dict(state_dict))
+    _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
+    _save_plain(
+        plain,
         checkpoint_id,
-        overwrite=overwrite,
-        allow_pickle=allow_pickle,
-        compression=compression,
-        sync_files=sync_files,
+        no_dist=no_dist,
+        process_group=process_group,
+        writer=ZarrWriter(
+            checkpoint_id,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            compression=compression,
+            sync_files=sync_files,
+        ),
     )
+
+
+def _save_plain(
+    state_dict: dict[str, Any],
+    checkpoint_id: str | os.PathLike[str],
+    *,
+    no_dist: bool,
+    process_group: dist.ProcessGroup | None,
+    writer: ZarrWriter,
+) -> None:
+    """The collective part of a save, for a state dict without ``Stateful`` values."""
     with dcp_call(no_dist=no_dist):
         try:
             dcp.save(
                 state_dict,
                 storage_writer=writer,
-                planner=ZarrSavePlanner(allow_pickle=allow_pickle),
+                planner=ZarrSavePlanner(allow_pickle=writer.allow_pickle),
                 process_group=process_group,
                 no_dist=no_dist,
             )
@@ -107,27 +123,24 @@ def async_save(
     (``dist.new_group(backend="gloo")``) when training runs collectives meanwhile.
     """
     no_dist = no_dist or not _distributed()
+    writer = ZarrWriter(
+        checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression, sync_files=sync_files
+    )
     # Pinned host memory when a GPU is present; blocking copies, so the staged state is complete
     # when this returns (non-blocking ones would need a stream synchronisation first).
     stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
-    plain = _on_every_rank(
-        lambda: _stateful_to_state_dict(state_dict), "state_dict()", no_dist=no_dist, group=process_group
-    )
     try:
-        staged = stager.stage(plain)
+        staged, error = _attempt(lambda: stager.stage(_stateful_to_state_dict(state_dict)))
     finally:
         stager.close()
-    return _SAVER.submit(
-        save,
-        staged,
-        checkpoint_id,
-        process_group=process_group,
-        no_dist=no_dist,
-        overwrite=overwrite,
-        allow_pickle=allow_pickle,
-        compression=compression,
-        sync_files=sync_files,
-    )
+
+    def in_background() -> None:
+        # Every collective of an async save runs on the saver thread, in the order the saves
+        # were started, so that two saves in flight never interleave their collectives.
+        _agree(error, "state_dict() and staging", no_dist=no_dist, group=process_group)
+        _save_plain(staged, checkpoint_id, no_dist=no_dist, process_group=process_group, writer=writer)
+
+    return _SAVER.submit(in_background)
 
 
 def load(
@@ -156,13 +169,11 @@ def load(
     no_dist = no_dist or not _distributed()
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
     # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
-    stateful = {k: v for k, v in state_dict.items() if isinstance(v, Stateful)}
-    plain = _on_every_rank(
-        lambda: {k: v.state_dict() if k in stateful else v for k, v in state_dict.items()},
-        "state_dict()",
-        no_dist=no_dist,
-        group=process_group,
-    )
+    # In sorted key order, as DCP, so that Stateful methods running collectives match up.
+    keys = sorted(state_dict)
+    stateful = {k: state_dict[k] for k in keys if isinstance(state_dict[k], Stateful)}
+    plain, error = _attempt(lambda: {k: stateful[k].state_dict() if k in stateful else state_dict[k] for k in keys})
+    _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
     with dcp_call(no_dist=no_dist, reader=reader):
         dcp.load(
             plain,
@@ -173,30 +184,35 @@ def load(
         )
 
     def apply() -> None:
-        for key, value in plain.items():
+        for key in keys:
             if key in stateful:
-                stateful[key].load_state_dict(value)
+                stateful[key].load_state_dict(plain[key])
             else:
-                state_dict[key] = value
+                state_dict[key] = plain[key]
 
-    _on_every_rank(apply, "load_state_dict()", no_dist=no_dist, group=process_group)
+    _, error = _attempt(apply)
+    _agree(error, "load_state_dict()", no_dist=no_dist, group=process_group)
 
 
-def _on_every_rank(fn: Callable[[], T], step: str, *, no_dist: bool, group: dist.ProcessGroup | None) -> T:
-    """Run a rank-local step (user code: a ``Stateful``'s methods) and share its outcome.
-
-    When it fails on some rank, every rank raises a :class:`~zdcp.DistributedError` naming the
-    failed ranks (the failed rank's own error is its cause), instead of the other ranks waiting
-    in the checkpoint's next collective for a rank that left, or returning as if all went well.
-    """
+def _attempt(fn: Callable[[], T]) -> tuple[T, Exception | None]:
+    """``fn()``'s result, or its exception (rank-local user code: a ``Stateful``'s methods)."""
     try:
-        result, error = fn(), None
+        return fn(), None
     except Exception as e:
-        result, error = None, e
+        return None, e  # type: ignore[return-value]
+
+
+def _agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.ProcessGroup | None) -> None:
+    """Share the outcome of a rank-local step; raise on every rank when it failed on any.
+
+    Every rank raises a :class:`~zdcp.DistributedError` naming the failed ranks (a failed rank's
+    own error is its cause), instead of the others waiting in the checkpoint's next collective
+    for a rank that left, or returning as if all went well.
+    """
     if no_dist:
         if error is not None:
             raise error
-        return result  # type: ignore[return-value]
+        return
     outcomes: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
     failed = {rank: RuntimeError(message) for rank, message in enumerate(outcomes) if message is not None}
@@ -205,7 +221,6 @@ def _on_every_rank(fn: Callable[[], T], step: str, *, no_dist: bool, group: dist
         raise DistributedError(
             f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {failed[rank]}", dict(failed)
         ) from error
-    return result  # type: ignore[return-value]
 
 
 def _distributed() -> bool:

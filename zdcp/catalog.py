@@ -93,7 +93,7 @@ class Catalog:
             if staged:
                 raise IncompleteCheckpointError(
                     f"no committed checkpoint at {store.url}: a save to it never committed (or is still running); "
-                    f"its files are in {staged[-1]}"
+                    f"what saves left is in {', '.join(staged)}"
                 )
             raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
         return cls.parse(root, store.url)

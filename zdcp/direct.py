@@ -12,9 +12,9 @@ their crc32c; a chunk only partly needed is read into a small buffer first.
 **Writes.** A save of thousands of small tensors is thousands of small files; through
 tensorstore each costs an array open, a lock file and a rename, several times the file write
 itself. :class:`LocalFiles` writes small plain chunks (and the nodes' ``zarr.json``) as plain
-files instead. No rename is needed for atomicity: every file of a save is new (the target was
-cleared first), and the checkpoint only counts once its root document, written last through
-tensorstore, commits it (docs/format.md, section 5).
+files instead. No rename is needed for atomicity: every file of a save is new (it goes into
+the save's own staging directory), and the checkpoint only counts once that directory is
+committed, renamed into place (docs/format.md, section 5).
 
 Anything else goes through tensorstore. The layout read and written here is the one
 docs/format.md specifies.

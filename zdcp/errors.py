@@ -21,6 +21,7 @@ __all__ = [
     "UnsupportedValueError",
     "UnsafeError",
     "DistributedError",
+    "UsageError",
 ]
 
 
@@ -73,3 +74,8 @@ class DistributedError(ZdcpError):
     def __init__(self, message: str, failures: dict[int, BaseException]):
         super().__init__(message)
         self.failures = failures
+
+
+class UsageError(ZdcpError, ValueError):
+    """zdcp was called with an argument or in a mode it does not support (a bad option value,
+    or a DCP feature that the Zarr storage cannot honour)."""

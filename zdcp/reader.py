@@ -38,7 +38,7 @@ from torch.futures import Future
 from .catalog import ArrayNode, Catalog
 from .direct import RowSlabs, row_slabs
 from .dtypes import numpy_to_tensor, tensor_to_numpy
-from .errors import MismatchError, UnsafeError, ZdcpError
+from .errors import MismatchError, UnsafeError, UsageError, ZdcpError
 from .keys import describe
 from .storage import METADATA_KEY, InflightWindow, Store, StoreClient, reading
 from .tree import dotted
@@ -157,7 +157,7 @@ class ZarrReader(StoreClient, StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if not isinstance(metadata.storage_data, CatalogViews):
-            raise ValueError("ZarrReader got metadata it did not read itself")
+            raise UsageError("ZarrReader got metadata it did not read itself")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan

@@ -5,17 +5,21 @@ sibling, ``.<name>.zdcp-<id>`` (``<id>`` is random, so concurrent saves never sh
 rank writes its chunks there, the coordinator writes the ``zarr.json`` documents there with the
 root document last, and then the commit moves the whole directory into place with one rename:
 
-- no checkpoint at the path yet (or an empty directory): ``rename``, which fails, leaving the
-  path alone, if another save committed there in the meantime;
-- a committed checkpoint and ``overwrite``: ``renameat2(RENAME_EXCHANGE)`` swaps the two
-  directories atomically, and the replaced checkpoint, now under the staging name, is deleted.
-  A reader sees the old checkpoint or the new one, never neither and never a mix. Where the
-  filesystem cannot exchange (not Linux, or NFS), the old one is renamed aside first and the
-  path is missing between the two renames; docs/reliability.md says what is left after a crash.
+- no checkpoint at the path (or an empty directory): ``rename``;
+- a committed checkpoint, found when the save began or committed by another save since, and
+  ``overwrite``: ``renameat2(RENAME_EXCHANGE)`` swaps the two directories atomically, and the
+  replaced checkpoint, now under the staging name, is deleted. A reader sees the old
+  checkpoint or the new one, never neither and never a mix. Where the filesystem cannot
+  exchange (not Linux, or NFS), the old one is renamed aside first (and back if the second
+  rename fails), so the path is missing between the two renames; docs/reliability.md says what
+  is left after a crash;
+- a committed checkpoint without ``overwrite`` (another save committed since this one began):
+  the save is discarded with :class:`~zdcp.CheckpointExistsError`.
 
 So a crash at any moment leaves the previous checkpoint untouched, plus at most a staging
-directory that nothing loads (:func:`interrupted_saves` finds them). Only what zdcp wrote is ever
-deleted: a committed zdcp checkpoint it replaces, or the staging directory of a save that failed.
+directory that nothing loads (:func:`interrupted_saves` finds them). zdcp deletes only a
+committed zdcp checkpoint that a save with ``overwrite`` replaced (its whole directory, files
+added to it since included), and the staging directory of a save that failed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,33 +51,41 @@ class Staging:
 
     target: str
     path: str
-    replaces: bool  # the target held a committed checkpoint when the save began
+    overwrite: bool
 
     def commit(self, sync: Callable[[str], None] | None) -> None:
-        """Move the staged checkpoint to the target (see the module docstring).
+        """Move the staged checkpoint to the target (see the module docstring), deciding by what
+        the target holds now: another save may have committed there since this one began.
 
         ``sync(path)`` makes everything under the filesystem of ``path`` durable; it runs after
         the moves so that the new name survives a crash (None: no syncing).
         """
-        if not self.replaces or not os.path.lexists(self.target):  # (removed by someone meanwhile)
-            try:
-                os.rename(self.path, self.target)
-            except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise
-                shutil.rmtree(self.path, ignore_errors=True)
-                raise CheckpointExistsError(
-                    f"{self.target} was written by another save while this one ran; this save is discarded"
-                ) from None
-        elif _exchange(self.path, self.target):
-            _delete_if_ours(self.path)
-        else:
-            aside = _staging_name(self.target)
-            os.rename(self.target, aside)
-            os.rename(self.path, self.target)
-            _delete_if_ours(aside)
+        try:
+            os.rename(self.path, self.target)  # no target, or an empty directory
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            self._replace()
         if sync is not None:
             sync(os.path.dirname(self.target))
+
+    def _replace(self) -> None:
+        if not self.overwrite or _kind(self.target) != "committed":
+            self.abandon()
+            raise CheckpointExistsError(
+                f"{self.target} was written by another save while this one ran; this save is discarded"
+            )
+        if _exchange(self.path, self.target):
+            _delete_replaced(self.path)
+            return
+        aside = _staging_name(self.target)
+        os.rename(self.target, aside)
+        try:
+            os.rename(self.path, self.target)
+        except BaseException:
+            os.rename(aside, self.target)  # put the previous checkpoint back
+            raise
+        _delete_replaced(aside)
 
     def abandon(self) -> None:
         """Delete the staging directory of a failed save."""
@@ -87,7 +100,6 @@ def stage(target: str, *, overwrite: bool, marker: dict[str, object]) -> Staging
     (without ``overwrite``), or anything zdcp did not write (always).
     """
     target = os.path.realpath(target)
-    replaces = False
     if os.path.lexists(target):
         if not os.path.isdir(target):
             raise CheckpointExistsError(f"{target} exists and is not a directory")
@@ -98,13 +110,12 @@ def stage(target: str, *, overwrite: bool, marker: dict[str, object]) -> Staging
             raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
         if kind == "committed" and not overwrite:
             raise CheckpointExistsError(f"{target} already holds a committed checkpoint; pass overwrite=True")
-        replaces = kind == "committed"
     os.makedirs(os.path.dirname(target), exist_ok=True)
     path = _staging_name(target)
     os.mkdir(path)
     with open(os.path.join(path, SAVING_MARKER), "w") as f:
         json.dump({**marker, "target": target}, f)
-    return Staging(target, path, replaces)
+    return Staging(target, path, overwrite)
 
 
 def interrupted_saves(target: str) -> list[str]:
@@ -125,6 +136,8 @@ def _staging_name(target: str) -> str:
 def _kind(directory: str) -> str:
     """What a directory holds: empty, committed (a zdcp checkpoint), foreign (a Zarr hierarchy
     zdcp did not write) or other."""
+    if not os.path.isdir(directory):
+        return "other"
     root = os.path.join(directory, METADATA_KEY)
     if os.path.exists(root):
         try:
@@ -136,9 +149,14 @@ def _kind(directory: str) -> str:
     return "empty" if not os.listdir(directory) else "other"
 
 
-def _delete_if_ours(directory: str) -> None:
-    if _kind(directory) in ("committed", "empty"):
-        shutil.rmtree(directory)
+def _delete_replaced(directory: str) -> None:
+    """Delete the checkpoint a commit replaced. The new one is in place by now, so a failure
+    here only leaves the old one behind (under a staging name), with a warning."""
+    try:
+        if _kind(directory) in ("committed", "empty"):
+            shutil.rmtree(directory)
+    except OSError as e:
+        warnings.warn(f"the replaced checkpoint was left at {directory}: {e}", stacklevel=3)
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UsageError
 
 __all__ = [
     "Store",
@@ -48,7 +48,7 @@ def kvstore_spec(checkpoint_id: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = os.fspath(checkpoint_id)
     if not isinstance(path, str) or not path:
-        raise ValueError(f"checkpoint_id must be a non-empty path, got {checkpoint_id!r}")
+        raise UsageError(f"checkpoint_id must be a non-empty path, got {checkpoint_id!r}")
     return {"driver": "file", "path": os.path.abspath(path).rstrip("/") + "/"}
 
 
@@ -160,7 +160,7 @@ class StoreClient:
             self.store = Store(checkpoint_id)
         if self.store is None:
             name = type(self).__name__
-            raise ValueError(f"{name} needs a path: pass it to {name}(...) or as checkpoint_id")
+            raise UsageError(f"{name} needs a path: pass it to {name}(...) or as checkpoint_id")
         return self.store
 
 
@@ -187,6 +187,16 @@ class InflightWindow:
     def drain(self) -> None:
         while self.pending:
             self._complete_oldest()
+
+    def settle(self) -> None:
+        """Wait for every operation in flight, ignoring their outcomes (after a failure)."""
+        while self.pending:
+            future, _, _ = self.pending.popleft()
+            try:
+                future.result()
+            except Exception:
+                pass
+        self.bytes = 0
 
     def _complete_oldest(self) -> None:
         future, nbytes, on_done = self.pending.popleft()

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -36,7 +37,7 @@ from torch.futures import Future
 from . import __version__
 from .direct import LocalFiles, plain_chunks_writable
 from .dtypes import from_torch, tensor_to_numpy
-from .errors import UnsupportedValueError
+from .errors import UnsupportedValueError, UsageError
 from .keys import describe, encode_key, join
 from .layout import (
     ATTR,
@@ -88,8 +89,8 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     Args:
         path: the checkpoint directory; may also come later as DCP's ``checkpoint_id``.
-        overwrite: replace a committed checkpoint (or clear the leftovers of an interrupted
-            save) at ``path``; without it such a save raises :class:`~zdcp.CheckpointExistsError`.
+        overwrite: replace a committed checkpoint at ``path`` (atomically: see
+            :mod:`zdcp.staging`); without it such a save raises :class:`~zdcp.CheckpointExistsError`.
         allow_pickle: store values JSON cannot hold as pickles instead of refusing them.
         compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
         max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight (``None``:
@@ -116,7 +117,7 @@ class ZarrWriter(StoreClient, StorageWriter):
     ):
         StoreClient.__init__(self, path)
         if compression is not None and compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
+            raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self.compression = compression
@@ -147,12 +148,19 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
+        if kwargs.get("use_collectives", True) is False and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank would plan, stage and commit alone: each commit would hold one rank's shards.
+            raise UsageError("ZarrWriter needs DCP's collectives when several ranks save (use_collectives=True)")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         assert self.store is not None
+        if not all(getattr(p, "usable", True) for p in plans):
+            # A rank whose plan is unchanged reuses its cached final plan, which would send its
+            # chunks to the previous save's staging directory.
+            raise UsageError("ZarrWriter does not support DCP's plan caching (enable_plan_caching=True)")
         self._world_size = len(plans)
         for plan in plans:
             self._entries.update(_entries_of(plan))
@@ -183,7 +191,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         assert self.store is not None
         root = self.store.local_root
         if root is None:
-            raise ValueError(f"ZarrWriter writes to local directories; got {self.store.url}")
+            raise UsageError(f"ZarrWriter writes to local directories; got {self.store.url}")
         return root.rstrip("/")
 
     def abandon(self) -> None:
@@ -193,52 +201,26 @@ class ZarrWriter(StoreClient, StorageWriter):
             self._staging.abandon()
             self._staging = None
 
-    def _local_files(self, store: Store) -> LocalFiles | None:
-        root = store.local_root
-        return LocalFiles(root) if root is not None and self.direct_writes else None
-
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank_plan: _RankPlan = plan.storage_data
-        store = Store(rank_plan.location)
+        chunks = _ChunkWriter(Store(rank_plan.location), rank_plan, self)
         entries = _entries_of(plan)
-        grids = rank_plan.grids
-        documents: dict[str, dict[str, Any]] = {}
-        arrays: dict[str, ts.Future] = {}
-        local = self._local_files(store)
-        window = InflightWindow(self.max_inflight_bytes)
         written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
-        for item in plan.items:
-            entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
-            if item.type == WriteItemType.BYTE_IO:
-                results.append(self._write_value(store, item, entry, planner))
-                continue
-            tensor = _host_tensor(planner.resolve_data(item))
-            nbytes = tensor.numel() * tensor.element_size()
-            written.append((item, nbytes))
-            if nbytes == 0:
-                continue
-            fqn = item.index.fqn
-            if fqn not in documents:
-                dtype = from_torch(item.tensor_data.properties.dtype, key=describe(entry.path))
-                documents[fqn] = array_document(list(item.tensor_data.size), dtype, grids[fqn], {}, self.compression)
-            chunk = item.tensor_data.chunk
-            index = _whole_chunk(chunk.offsets, chunk.sizes, grids[fqn])
-            small = nbytes <= INNER_CHUNK_BYTES and plain_chunks_writable(documents[fqn])
-            if local is not None and index is not None and small:
-                local.write_plain_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor))
-                continue
-            if fqn not in arrays:
-                arrays[fqn] = store.open_array(entry.node, documents[fqn], write=True)
-            region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
-            # No copy of the source: the save does not return before the write completes.
-            write = (
-                arrays[fqn].result()[region].write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True)
-            )
-            window.add(write, nbytes)
-        window.drain()
+        try:
+            for item in plan.items:
+                entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
+                if item.type == WriteItemType.BYTE_IO:
+                    results.append(self._write_value(chunks.store, item, entry, planner))
+                else:
+                    tensor = _host_tensor(planner.resolve_data(item))
+                    written.append((item, chunks.write(item, entry, tensor)))
+            chunks.drain()
+        except BaseException:
+            chunks.settle()  # no write of this failed save may land after the caller cleans up
+            raise
         if self.sync_files:
-            store.sync()  # this rank's data is on disk before it reports success
+            chunks.store.sync()  # this rank's data is on disk before it reports success
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
@@ -289,7 +271,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
-        local = self._local_files(store)
+        local = _local_files(store, self.direct_writes)
         if local is not None:
             for node, doc in nodes.items():
                 local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
@@ -339,6 +321,55 @@ class _Group:
         if self.types:
             attrs["types"] = self.types
         return group_document(self.values, attrs)
+
+
+class _ChunkWriter:
+    """One rank's chunk writes into the staging directory: small plain chunks of a local
+    checkpoint as plain files (:mod:`zdcp.direct`), the rest through tensorstore with a window
+    of writes in flight."""
+
+    def __init__(self, store: Store, plan: _RankPlan, writer: ZarrWriter):
+        self.store = store
+        self.grids = plan.grids
+        self.compression = writer.compression
+        self.local = _local_files(store, writer.direct_writes)
+        self.window = InflightWindow(writer.max_inflight_bytes)
+        self.documents: dict[str, dict[str, Any]] = {}
+        self.arrays: dict[str, ts.Future] = {}
+
+    def write(self, item: WriteItem, entry: Entry, tensor: torch.Tensor) -> int:
+        """Start writing ``tensor``, the shard ``item`` describes; returns its size in bytes."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:
+            return 0
+        fqn, chunk = item.index.fqn, item.tensor_data.chunk
+        if fqn not in self.documents:
+            dtype = from_torch(item.tensor_data.properties.dtype, key=describe(entry.path))
+            shape = list(item.tensor_data.size)
+            self.documents[fqn] = array_document(shape, dtype, self.grids[fqn], {}, self.compression)
+        index = _whole_chunk(chunk.offsets, chunk.sizes, self.grids[fqn])
+        small = nbytes <= INNER_CHUNK_BYTES and plain_chunks_writable(self.documents[fqn])
+        if self.local is not None and index is not None and small:
+            self.local.write_plain_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor))
+            return nbytes
+        if fqn not in self.arrays:
+            self.arrays[fqn] = self.store.open_array(entry.node, self.documents[fqn], write=True)
+        region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+        target = self.arrays[fqn].result()[region]
+        # No copy of the source: the save does not return before the write completes.
+        self.window.add(target.write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True), nbytes)
+        return nbytes
+
+    def drain(self) -> None:
+        self.window.drain()
+
+    def settle(self) -> None:
+        self.window.settle()
+
+
+def _local_files(store: Store, direct_writes: bool) -> LocalFiles | None:
+    root = store.local_root
+    return LocalFiles(root) if root is not None and direct_writes else None
 
 
 def _entries_of(plan: SavePlan) -> dict[str, Entry]:
