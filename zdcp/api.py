@@ -9,7 +9,6 @@ and errors, which are zdcp's own ``Exception`` subclasses raised on every rank i
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dic
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .errors import DistributedError, ZdcpError
+from .locations import CheckpointId
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
 from .reader import ZarrReader
 from .writer import ZarrWriter
@@ -39,7 +39,7 @@ _SAVER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix
 
 def save(
     state_dict: dict[str, Any],
-    checkpoint_id: str | os.PathLike[str],
+    checkpoint_id: CheckpointId,
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
@@ -82,7 +82,7 @@ def save(
 
 def _save_plain(
     state_dict: dict[str, Any],
-    checkpoint_id: str | os.PathLike[str],
+    checkpoint_id: CheckpointId,
     *,
     no_dist: bool,
     process_group: dist.ProcessGroup | None,
@@ -105,7 +105,7 @@ def _save_plain(
 
 def async_save(
     state_dict: dict[str, Any],
-    checkpoint_id: str | os.PathLike[str],
+    checkpoint_id: CheckpointId,
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
@@ -145,7 +145,7 @@ def async_save(
 
 def load(
     state_dict: dict[str, Any],
-    checkpoint_id: str | os.PathLike[str],
+    checkpoint_id: CheckpointId,
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .direct import RowSlabs, row_slabs
 from .dtypes import numpy_to_tensor, tensor_to_numpy
 from .errors import MismatchError, UnsafeError, UsageError, ZdcpError
 from .keys import describe
+from .locations import CheckpointId
 from .storage import METADATA_KEY, InflightWindow, Store, StoreClient, reading
 from .tree import dotted
 
@@ -95,7 +95,7 @@ class ZarrReader(StoreClient, StorageReader):
 
     def __init__(
         self,
-        path: str | os.PathLike[str] | None = None,
+        path: CheckpointId | None = None,
         *,
         allow_cast: bool = False,
         allow_pickle: bool = False,
@@ -113,13 +113,13 @@ class ZarrReader(StoreClient, StorageReader):
         self.views = CatalogViews(CatalogView(), CatalogView())
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
         try:
             return Store(checkpoint_id).read_json(METADATA_KEY) is not None
-        except (TypeError, ValueError):
+        except ValueError:  # UsageError included
             return False
 
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+    def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
         self._use(checkpoint_id)
         self._slabs.clear()
         self.catalog = None

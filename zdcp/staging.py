@@ -20,6 +20,16 @@ So a crash at any moment leaves the previous checkpoint untouched, plus at most 
 directory that nothing loads (:func:`interrupted_saves` finds them). zdcp deletes only a
 committed zdcp checkpoint that a save with ``overwrite`` replaced (its whole directory, files
 added to it since included), and the staging directory of a save that failed.
+
+**Object stores** (``s3://``, ``gs://``, ``memory://``) have no rename. There a save writes in
+place, under the checkpoint's own prefix, and the root document, written last, is the commit
+(:class:`InPlace`). The coordinator first creates the marker ``__zdcp_saving__`` with a
+conditional write that succeeds only if it does not exist yet, so of two saves started at the
+same time one fails cleanly; a later save finds the marker of an interrupted (or running) one
+and refuses unless ``overwrite``. Replacing a committed checkpoint deletes its root document
+first, so no reader ever sees the old root over new chunks, and then the old objects: on an
+object store, the old checkpoint is gone before the new one commits (save each step under a
+new prefix to keep the previous one until then).
 """
 
 from __future__ import annotations
@@ -34,12 +44,15 @@ import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import tensorstore as ts
 
 from .errors import CheckpointExistsError
 from .layout import zdcp_attrs
-from .storage import METADATA_KEY, SAVING_MARKER
+from .storage import METADATA_KEY, SAVING_MARKER, Store, encode_json
 
-__all__ = ["Staging", "stage", "interrupted_saves", "STAGING_INFIX"]
+__all__ = ["Staging", "InPlace", "stage", "interrupted_saves", "STAGING_INFIX"]
 
 #: Staging directories are named ``.<name>` + STAGING_INFIX + <32 hex digits>``.
 STAGING_INFIX = ".zdcp-"
@@ -52,6 +65,11 @@ class Staging:
     target: str
     path: str
     overwrite: bool
+
+    @property
+    def location(self) -> dict[str, Any]:
+        """The kvstore spec the ranks write into."""
+        return {"driver": "file", "path": self.path + "/"}
 
     def commit(self, sync: Callable[[str], None] | None) -> None:
         """Move the staged checkpoint to the target (see the module docstring), deciding by what
@@ -92,13 +110,77 @@ class Staging:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def stage(target: str, *, overwrite: bool, marker: dict[str, object]) -> Staging:
-    """Check that a save may go to ``target``, then create its staging directory (with the
-    in-progress ``marker`` in it).
+@dataclass(frozen=True)
+class InPlace:
+    """A save written in place under an object store prefix (see the module docstring)."""
+
+    store: Store
+
+    @property
+    def location(self) -> dict[str, Any]:
+        return self.store.spec
+
+    def commit(self, sync: Callable[[str], None] | None) -> None:
+        """Nothing left to do: the root document, written last, committed the checkpoint."""
+
+    def abandon(self) -> None:
+        """Delete what a failed save wrote, its marker included."""
+        self.store.kv.delete_range(ts.KvStore.KeyRange()).result()
+
+
+def stage(store: Store, *, overwrite: bool, marker: dict[str, object]) -> Staging | InPlace:
+    """Check that a save may go to ``store``'s location, then prepare it: a staging directory
+    beside a local target, the in-progress marker under an object store prefix.
 
     Raises :class:`~zdcp.CheckpointExistsError` when the target holds a committed checkpoint
-    (without ``overwrite``), or anything zdcp did not write (always).
+    (without ``overwrite``), an interrupted or running save (object stores, without
+    ``overwrite``), or anything zdcp did not write (always).
     """
+    if store.local_root is None:
+        return _stage_in_place(store, overwrite=overwrite, marker=marker)
+    return _stage_beside(store.local_root.rstrip("/"), overwrite=overwrite, marker=marker)
+
+
+def _stage_in_place(store: Store, *, overwrite: bool, marker: dict[str, object]) -> InPlace:
+    url = store.url
+    try:
+        root = store.read_json(METADATA_KEY)
+    except ValueError:  # not JSON: certainly not a checkpoint of ours
+        raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
+    found = store.kv.read(SAVING_MARKER).result()
+    if root is not None:
+        if zdcp_attrs(root) is None:
+            raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+        if not overwrite:
+            raise CheckpointExistsError(f"{url} already holds a committed checkpoint; pass overwrite=True")
+    elif found.state == "value":
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
+                "(make sure no other save to it is running)"
+            )
+    elif not store.is_empty():
+        raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
+    # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
+    expected = found.stamp.generation if found.state == "value" else _NO_VALUE
+    written = store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected).result()
+    if not written.generation:
+        raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
+    if root is not None:
+        store.delete(METADATA_KEY)  # un-commit first: no reader sees the old root over new chunks
+    # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
+    store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)).result()
+    store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")).result()
+    return InPlace(store)
+
+
+#: tensorstore's storage generation of a key that has no value: a write on this condition
+#: creates the key only if it does not exist (S3 ``If-None-Match: *``).
+_NO_VALUE = b"\x02"
+
+
+def _stage_beside(target: str, *, overwrite: bool, marker: dict[str, object]) -> Staging:
+    """The staging directory of a local save, with the in-progress ``marker`` in it."""
     target = os.path.realpath(target)
     if os.path.lexists(target):
         if not os.path.isdir(target):

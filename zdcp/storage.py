@@ -20,12 +20,12 @@ from typing import Any
 import tensorstore as ts
 
 from .errors import CorruptCheckpointError, UsageError
+from .locations import CheckpointId, kvstore_spec, url_of
 
 __all__ = [
     "Store",
     "StoreClient",
     "InflightWindow",
-    "kvstore_spec",
     "encode_json",
     "sync_filesystem",
     "reading",
@@ -39,17 +39,7 @@ METADATA_KEY = "zarr.json"
 #: starting with "__" can never be a node name (docs/format.md, section 2).
 SAVING_MARKER = "__zdcp_saving__"
 
-
-def kvstore_spec(checkpoint_id: str | os.PathLike[str]) -> dict[str, Any]:
-    """The tensorstore kvstore spec of a checkpoint's root directory.
-
-    A local path for now (relative paths are made absolute, so that every rank resolves the same
-    directory no matter where it runs from); object-store URLs slot in here.
-    """
-    path = os.fspath(checkpoint_id)
-    if not isinstance(path, str) or not path:
-        raise UsageError(f"checkpoint_id must be a non-empty path, got {checkpoint_id!r}")
-    return {"driver": "file", "path": os.path.abspath(path).rstrip("/") + "/"}
+_MEMORY = ts.Context()
 
 
 class Store:
@@ -64,10 +54,11 @@ class Store:
     chunk files and ``zarr.json`` documents made small-array saves 2x slower (docs/benchmarks.md).
     """
 
-    def __init__(self, checkpoint_id: str | os.PathLike[str]):
+    def __init__(self, checkpoint_id: CheckpointId):
         self.checkpoint_id = checkpoint_id
         self.spec = kvstore_spec(checkpoint_id)
-        self.context = ts.Context({"file_io_sync": False})
+        # memory:// stores live in a context: one for the process, so that they outlive a call
+        self.context = _MEMORY if self.spec["driver"] == "memory" else ts.Context({"file_io_sync": False})
         self._kv: ts.KvStore | None = None
 
     def __repr__(self) -> str:
@@ -75,8 +66,8 @@ class Store:
 
     @property
     def url(self) -> str:
-        """A human-readable name for messages."""
-        return self.spec["path"].rstrip("/")
+        """A human-readable name for messages: the local path, or the URL."""
+        return url_of(self.spec)
 
     @property
     def kv(self) -> ts.KvStore:
@@ -129,10 +120,12 @@ class Store:
     def sync(self) -> None:
         """Make every completed write and delete under the root durable (on disk).
 
-        ``syncfs`` of the filesystem holding the root on Linux (data and metadata, and since
-        Linux 5.8 it reports write-back errors), ``sync`` elsewhere.
+        For a local checkpoint, ``syncfs`` of the filesystem holding the root on Linux (data and
+        metadata, and since Linux 5.8 it reports write-back errors), ``sync`` elsewhere. An
+        object store has made a write durable when it acknowledges it: nothing to do.
         """
-        sync_filesystem(self.spec["path"])
+        if self.local_root is not None:
+            sync_filesystem(self.local_root)
 
 
 def encode_json(doc: Any) -> bytes:
@@ -148,14 +141,14 @@ class StoreClient:
     constructor; either way the plugin ends up with one :class:`Store`.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None):
+    def __init__(self, path: CheckpointId | None):
         self.store: Store | None = Store(path) if path is not None else None
 
     @property
-    def checkpoint_id(self) -> str | os.PathLike[str] | None:
+    def checkpoint_id(self) -> CheckpointId | None:
         return self.store.checkpoint_id if self.store else None
 
-    def _use(self, checkpoint_id: str | os.PathLike[str] | None) -> Store:
+    def _use(self, checkpoint_id: CheckpointId | None) -> Store:
         if checkpoint_id is not None:
             self.store = Store(checkpoint_id)
         if self.store is None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .catalog import ArrayNode, Catalog
 from .errors import ZdcpError
 from .layout import chunk_key
+from .locations import CheckpointId
 from .storage import METADATA_KEY, Store
 
 __all__ = ["verify", "Fault", "Report"]
@@ -53,7 +53,7 @@ class Report:
         return not self.faults
 
 
-def verify(checkpoint_id: str | os.PathLike[str], *, progress: Callable[[int], None] | None = None) -> Report:
+def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | None = None) -> Report:
     """Read every chunk and document of a checkpoint; return a :class:`Report` of the faults."""
     store = Store(checkpoint_id)
     report = Report(store.url)

@@ -14,7 +14,6 @@ only the stored chunks the index touches and returns a CPU tensor.
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,12 +25,13 @@ from .catalog import ArrayNode, Catalog, GroupNode
 from .dtypes import numpy_to_tensor
 from .errors import UnsafeError
 from .keys import Key, describe
+from .locations import CheckpointId
 from .storage import Store, reading
 from .tree import LIST
 
 __all__ = ["open", "Group", "Array"]
 
-def open(checkpoint_id: str | os.PathLike[str], *, allow_pickle: bool = False) -> Group:  # noqa: A001
+def open(checkpoint_id: CheckpointId, *, allow_pickle: bool = False) -> Group:  # noqa: A001
     """Open a committed checkpoint read-only; returns its root :class:`Group`.
 
     Args:

@@ -20,7 +20,6 @@ The save protocol, in DCP's call order:
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -50,7 +49,8 @@ from .layout import (
     chunk_shape,
     group_document,
 )
-from .staging import Staging, stage
+from .locations import CheckpointId, kvstore_spec
+from .staging import InPlace, Staging, stage
 from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, Store, StoreClient, encode_json, sync_filesystem
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
@@ -73,7 +73,7 @@ class _RankPlan:
     """What the coordinator tells each rank (``SavePlan.storage_data``): the staging directory
     to write into, and the chunk grid of every array the rank writes."""
 
-    location: str
+    location: dict[str, Any]  # kvstore spec
     grids: dict[str, tuple[int, ...]]
 
 
@@ -106,7 +106,7 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     def __init__(
         self,
-        path: str | os.PathLike[str] | None = None,
+        path: CheckpointId | None = None,
         *,
         overwrite: bool = False,
         allow_pickle: bool = False,
@@ -129,20 +129,20 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
-        self._staging: Staging | None = None
+        self._staging: Staging | InPlace | None = None
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
         try:
-            os.fspath(checkpoint_id)
-        except TypeError:
+            kvstore_spec(checkpoint_id)
+        except UsageError:
             return False
         return True
 
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+    def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
         self._use(checkpoint_id)
         self._reset_state()
 
@@ -174,25 +174,18 @@ class ZarrWriter(StoreClient, StorageWriter):
         # Last, once the plans are known to be valid: nothing is created for a save that fails
         # planning.
         self._staging = stage(
-            self._target(), overwrite=self.overwrite, marker={"world_size": self._world_size, "zdcp": __version__}
+            self.store, overwrite=self.overwrite, marker={"world_size": self._world_size, "zdcp": __version__}
         )
         # Each rank learns where to write, and the grids of the arrays it writes.
         return [
             dataclasses.replace(
                 p,
                 storage_data=_RankPlan(
-                    self._staging.path, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])}
+                    self._staging.location, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])}
                 ),
             )
             for p in plans
         ]
-
-    def _target(self) -> str:
-        assert self.store is not None
-        root = self.store.local_root
-        if root is None:
-            raise UsageError(f"ZarrWriter writes to local directories; got {self.store.url}")
-        return root.rstrip("/")
 
     def abandon(self) -> None:
         """Delete the staging directory of a save that failed (on the coordinator; a no-op
@@ -248,7 +241,7 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._staging is not None
-        store = Store(self._staging.path)
+        store = Store(self._staging.location)
         # Per FQN: a _Value or _Pickled for plain values, the placement layout for tensors
         # (any rank that wrote a shard reports the same one).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}

@@ -1,0 +1,87 @@
+"""Where a checkpoint is: a ``checkpoint_id`` turned into a tensorstore kvstore spec, and back.
+
+Accepted, everywhere a ``checkpoint_id`` is (save, load, open, verify, convert, the CLI):
+
+- a local path, or a ``file://`` URL (relative paths are made absolute, so that every rank
+  resolves the same directory wherever it runs from);
+- ``s3://bucket/prefix``: endpoint and region from the standard AWS environment variables
+  (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_REGION`` or ``AWS_DEFAULT_REGION``),
+  credentials from tensorstore's default AWS chain (``AWS_ACCESS_KEY_ID``/
+  ``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, instance metadata);
+- ``gs://bucket/prefix``: Google Cloud Storage, with Application Default Credentials;
+- ``memory://name``: a store in this process's memory, shared by every zdcp call in the
+  process (for tests and experiments; other processes do not see it);
+- a tensorstore kvstore spec as a dict, for full control (``{"driver": "s3", "bucket": ...,
+  "endpoint": ..., "aws_credentials": {...}}``); its ``path`` is the checkpoint's prefix.
+
+Nothing is hard-coded: what the environment does not say, tensorstore's defaults decide.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import UsageError
+
+__all__ = ["CheckpointId", "kvstore_spec", "url_of"]
+
+CheckpointId = str | os.PathLike[str] | dict[str, Any]
+
+
+def kvstore_spec(checkpoint_id: CheckpointId) -> dict[str, Any]:
+    """The tensorstore kvstore spec of a checkpoint's root; its ``path`` ends with "/"."""
+    if isinstance(checkpoint_id, dict):
+        if "driver" not in checkpoint_id:
+            raise UsageError(f"a kvstore spec needs a 'driver': {checkpoint_id!r}")
+        spec = dict(checkpoint_id)
+        if spec["driver"] == "file":
+            spec["path"] = os.path.abspath(spec.get("path", "")).rstrip("/") + "/"
+        else:
+            spec["path"] = _prefix(spec.get("path", ""))
+        return spec
+    try:
+        text = os.fspath(checkpoint_id)
+    except TypeError:
+        text = None
+    if not isinstance(text, str) or not text:
+        raise UsageError(f"checkpoint_id must be a path, a URL or a kvstore spec dict, got {checkpoint_id!r}")
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("", "file"):
+        path = text[len("file://") :] if scheme else text
+        return {"driver": "file", "path": os.path.abspath(path).rstrip("/") + "/"}
+    parts = urlsplit(text)
+    if scheme == "memory":
+        return {"driver": "memory", "path": _prefix(parts.netloc + parts.path)}
+    if scheme in ("s3", "gs"):
+        if not parts.netloc:
+            raise UsageError(f"{text}: no bucket name")
+        if scheme == "gs":
+            return {"driver": "gcs", "bucket": parts.netloc, "path": _prefix(parts.path)}
+        spec: dict[str, Any] = {"driver": "s3", "bucket": parts.netloc, "path": _prefix(parts.path)}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        if region:
+            spec["aws_region"] = region
+        return spec
+    raise UsageError(f"{text}: unsupported scheme {scheme!r} (use a path, file://, s3://, gs:// or memory://)")
+
+
+def url_of(spec: dict[str, Any]) -> str:
+    """A URL naming the checkpoint, for messages (a local path for local checkpoints)."""
+    path = spec.get("path", "").rstrip("/")
+    driver = spec["driver"]
+    if driver == "file":
+        return path
+    if driver in ("s3", "gcs"):
+        return f"{'s3' if driver == 's3' else 'gs'}://{spec['bucket']}/{path}".rstrip("/")
+    return f"{driver}://{path}"
+
+
+def _prefix(path: str) -> str:
+    """A key prefix: no leading "/", one trailing "/" (none for the root of a bucket)."""
+    path = path.strip("/")
+    return path + "/" if path else ""
