@@ -22,6 +22,7 @@ __all__ = [
     "UnsafeError",
     "DistributedError",
     "UsageError",
+    "StorageError",
 ]
 
 
@@ -79,3 +80,8 @@ class DistributedError(ZdcpError):
 class UsageError(ZdcpError, ValueError):
     """zdcp was called with an argument or in a mode it does not support (a bad option value,
     or a DCP feature that the Zarr storage cannot honour)."""
+
+
+class StorageError(ZdcpError, OSError):
+    """The storage refused or failed a request: a missing bucket, bad credentials, no access,
+    the service unreachable. Not a property of the checkpoint: retrying may help."""

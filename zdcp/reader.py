@@ -203,7 +203,7 @@ class ZarrReader(StoreClient, StorageReader):
                 planner.commit_tensor(item, dest)
                 continue
             if node not in stores:
-                stores[node] = self.store.open_array(node, array.document).result()
+                stores[node] = self.store.wait(self.store.open_array(node, array.document))
             region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
             in_place = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
             if in_place:  # tensorstore writes into the destination's memory: no staging copy
@@ -211,7 +211,8 @@ class ZarrReader(StoreClient, StorageReader):
             else:
                 future = region.read()
             nbytes = dest.numel() * dest.element_size()
-            window.add(future, nbytes, functools.partial(_finish_read, planner, item, dest, array, in_place))
+            finish = functools.partial(_finish_read, planner, item, dest, array, in_place, self.store.url)
+            window.add(future, nbytes, finish)
         window.drain()
         done: Future[None] = Future()
         done.set_result(None)
@@ -244,7 +245,7 @@ class ZarrReader(StoreClient, StorageReader):
         if source.node in self.catalog.arrays:
             assert self.store is not None
             array = self.catalog.arrays[source.node]
-            with reading(describe(array.entry.path)):
+            with reading(describe(array.entry.path), self.store.url):
                 data = self.store.open_array(source.node, array.document).result().read().result()
             value = pickle.loads(data.tobytes())
         else:
@@ -258,9 +259,9 @@ class ZarrReader(StoreClient, StorageReader):
 
 
 def _finish_read(
-    planner: LoadPlanner, item: ReadItem, dest: torch.Tensor, array: ArrayNode, in_place: bool, future: Any
+    planner: LoadPlanner, item: ReadItem, dest: torch.Tensor, array: ArrayNode, in_place: bool, url: str, future: Any
 ) -> None:
-    with reading(describe(array.entry.path)):
+    with reading(describe(array.entry.path), url):
         result = future.result()
     if not in_place:
         dest.copy_(numpy_to_tensor(result, array.dtype.torch))

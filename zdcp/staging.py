@@ -125,7 +125,7 @@ class InPlace:
 
     def abandon(self) -> None:
         """Delete what a failed save wrote, its marker included."""
-        self.store.kv.delete_range(ts.KvStore.KeyRange()).result()
+        self.store.wait(self.store.kv.delete_range(ts.KvStore.KeyRange()))
 
 
 def stage(store: Store, *, overwrite: bool, marker: dict[str, object]) -> Staging | InPlace:
@@ -147,7 +147,7 @@ def _stage_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         root = store.read_json(METADATA_KEY)
     except ValueError:  # not JSON: certainly not a checkpoint of ours
         raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
-    found = store.kv.read(SAVING_MARKER).result()
+    found = store.wait(store.kv.read(SAVING_MARKER))
     if root is not None:
         if zdcp_attrs(root) is None:
             raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
@@ -163,14 +163,14 @@ def _stage_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
     # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
     expected = found.stamp.generation if found.state == "value" else _NO_VALUE
-    written = store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected).result()
+    written = store.wait(store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
     if not written.generation:
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
     if root is not None:
         store.delete(METADATA_KEY)  # un-commit first: no reader sees the old root over new chunks
     # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
-    store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)).result()
-    store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")).result()
+    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
+    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
     return InPlace(store)
 
 

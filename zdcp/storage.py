@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from .errors import CorruptCheckpointError, UsageError
+from .errors import CorruptCheckpointError, StorageError, UsageError
 from .locations import CheckpointId, kvstore_spec, url_of
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "encode_json",
     "sync_filesystem",
     "reading",
+    "storage_access",
     "METADATA_KEY",
     "SAVING_MARKER",
 ]
@@ -72,8 +73,13 @@ class Store:
     @property
     def kv(self) -> ts.KvStore:
         if self._kv is None:
-            self._kv = ts.KvStore.open(self.spec, context=self.context).result()
+            self._kv = self.wait(ts.KvStore.open(self.spec, context=self.context))
         return self._kv
+
+    def wait(self, future: ts.Future) -> Any:
+        """``future.result()``, with a refused or failed request raised as a StorageError."""
+        with storage_access(self.url):
+            return future.result()
 
     @property
     def local_root(self) -> str | None:
@@ -99,7 +105,7 @@ class Store:
 
     def read_json(self, key: str) -> Any | None:
         """The parsed JSON document at ``key``, or None when there is none."""
-        result = self.kv.read(key).result()
+        result = self.wait(self.kv.read(key))
         if result.state != "value":
             return None
         return json.loads(result.value)
@@ -109,13 +115,13 @@ class Store:
         return self.kv.write(key, encode_json(doc))
 
     def write_json(self, key: str, doc: Any) -> None:
-        self.write_json_async(key, doc).result()
+        self.wait(self.write_json_async(key, doc))
 
     def delete(self, key: str) -> None:
-        del self.kv[key]
+        self.wait(self.kv.write(key, None))
 
     def is_empty(self) -> bool:
-        return not self.kv.list().result()
+        return not self.wait(self.kv.list())
 
     def sync(self) -> None:
         """Make every completed write and delete under the root durable (on disk).
@@ -201,13 +207,42 @@ class InflightWindow:
 
 
 @contextmanager
-def reading(array: str) -> Iterator[None]:
+def reading(array: str, url: str) -> Iterator[None]:
     """Turn tensorstore's error for bad or missing data (a ``ValueError``: checksum mismatch,
-    missing or truncated chunk) into a :class:`~zdcp.CorruptCheckpointError` naming the array."""
+    missing or truncated chunk) into a :class:`~zdcp.CorruptCheckpointError` naming the array;
+    a refused or failed request is a :class:`~zdcp.StorageError` instead."""
+    try:
+        with storage_access(url):
+            yield
+    except ValueError as e:
+        raise CorruptCheckpointError(f"array {array!r}: {e}") from None
+
+
+@contextmanager
+def storage_access(url: str) -> Iterator[None]:
+    """Turn tensorstore's error for a request the storage refused or failed (no such bucket,
+    bad credentials, no access, unreachable) into a :class:`~zdcp.StorageError` naming ``url``.
+    Other errors pass through."""
     try:
         yield
     except ValueError as e:
-        raise CorruptCheckpointError(f"array {array!r}: {e}") from None
+        text = str(e)
+        if text.startswith(_ACCESS_CODES) or "NoSuchBucket" in text:
+            raise StorageError(f"{url}: {text.split(' [', 1)[0]}") from None
+        raise
+
+
+# tensorstore status codes of requests that failed for reasons outside the checkpoint
+# (NOT_FOUND also means a missing chunk, DATA_LOSS a checksum mismatch: those are damage).
+_ACCESS_CODES = (
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "CANCELLED",
+)
 
 
 def sync_filesystem(path: str) -> None:

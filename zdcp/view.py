@@ -54,7 +54,7 @@ class _Source:
     def array(self, node: ArrayNode) -> ts.TensorStore:
         path = node.entry.node
         if path not in self._arrays:
-            self._arrays[path] = self.store.open_array(path, node.document).result()
+            self._arrays[path] = self.store.wait(self.store.open_array(path, node.document))
         return self._arrays[path]
 
     def child(self, node: str) -> Any:
@@ -72,7 +72,7 @@ class _Source:
                 f"{describe(array.entry.path)!r} is a pickled value; reading it runs code from the "
                 "checkpoint: open with allow_pickle=True only if you trust it"
             )
-        return pickle.loads(_read(self.array(array), ..., array).numpy().tobytes())
+        return pickle.loads(_read(self.array(array), ..., array, self.store.url).numpy().tobytes())
 
 
 class Group(Mapping[Key, Any]):
@@ -198,7 +198,7 @@ class Array:
         return self._node.shape[0]
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        return _read(self._source.array(self._node), index, self._node)
+        return _read(self._source.array(self._node), index, self._node, self._source.store.url)
 
     def read(self) -> torch.Tensor:
         """The whole tensor, on the CPU."""
@@ -208,8 +208,8 @@ class Array:
         return f"<zdcp array {describe(self.path)!r} shape={tuple(self.shape)} dtype={self.dtype} chunks={self.chunks}>"
 
 
-def _read(store: ts.TensorStore, index: Any, node: ArrayNode) -> torch.Tensor:
-    with reading(describe(node.entry.path)):
+def _read(store: ts.TensorStore, index: Any, node: ArrayNode, url: str) -> torch.Tensor:
+    with reading(describe(node.entry.path), url):
         data = store[index].read().result()
     return numpy_to_tensor(data, node.dtype.torch)
 

@@ -51,7 +51,16 @@ from .layout import (
 )
 from .locations import CheckpointId, kvstore_spec
 from .staging import InPlace, Staging, stage
-from .storage import METADATA_KEY, SAVING_MARKER, InflightWindow, Store, StoreClient, encode_json, sync_filesystem
+from .storage import (
+    METADATA_KEY,
+    SAVING_MARKER,
+    InflightWindow,
+    Store,
+    StoreClient,
+    encode_json,
+    storage_access,
+    sync_filesystem,
+)
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -208,7 +217,8 @@ class ZarrWriter(StoreClient, StorageWriter):
                 else:
                     tensor = _host_tensor(planner.resolve_data(item))
                     written.append((item, chunks.write(item, entry, tensor)))
-            chunks.drain()
+            with storage_access(chunks.store.url):
+                chunks.drain()
         except BaseException:
             chunks.settle()  # no write of this failed save may land after the caller cleans up
             raise
