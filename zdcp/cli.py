@@ -167,7 +167,9 @@ def _stored_bytes(path: str) -> int | None:
 
 def detect_format(path: str | os.PathLike[str], *, exists: bool = True) -> str | None:
     """The checkpoint format at ``path`` (or, for a path that does not exist yet, the one its
-    name implies); None when it cannot be told."""
+    name implies); None when it cannot be told. Object store locations hold zdcp checkpoints."""
+    if _is_url(path):
+        return "zdcp"
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix in (".pt", ".pth", ".bin"):
@@ -219,9 +221,15 @@ _CONVERSIONS: dict[tuple[str, str], Callable[[str, str, argparse.Namespace, Any]
 
 
 def _existing(path: str) -> str:
-    if not os.path.exists(path):
+    if not _is_url(path) and not os.path.exists(path):
         raise ZdcpError(f"{path}: no such file or directory")
     return path
+
+
+def _is_url(path: str | os.PathLike[str]) -> bool:
+    """An object store or memory location (zdcp checkpoints only), not a local path."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
 
 
 @contextmanager

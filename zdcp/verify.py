@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .catalog import ArrayNode, Catalog
-from .errors import ZdcpError
+from .errors import StorageError, ZdcpError
 from .layout import chunk_key
 from .locations import CheckpointId
 from .storage import METADATA_KEY, Store, storage_access
@@ -59,6 +59,8 @@ def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | Non
     report = Report(store.url)
     try:
         catalog = Catalog.read(store)
+    except StorageError:  # the storage failed, not the checkpoint
+        raise
     except ZdcpError as e:
         report.faults.append(Fault("", str(e)))
         return report
