@@ -12,7 +12,8 @@ are printed as markdown (docs/benchmarks.md keeps them, with the machine).
 Workloads (issue 4): 1 large tensors, 2 many small tensors, 3 an FSDP2 model + Adam saved by 4
 gloo ranks and loaded at 3 and 1, 4 read amplification (bytes read / bytes needed) of a
 resharded load and of a 1% slice, 5 peak memory above the state's size, 6 how long
-``zdcp.async_save`` blocks, against copying the state to host memory.
+``zdcp.async_save`` blocks, against copying the state to host memory; and (issue 6) ``s3``:
+objects and S3 requests of saves and loads of workloads 1-3 on a moto server on loopback.
 """
 
 from __future__ import annotations
@@ -430,6 +431,78 @@ def async_blocking(root: Path, rounds: int) -> dict[str, Any]:
     return {k: median(v) for k, v in times.items()}
 
 
+# -- object stores: objects and requests on S3 (moto on loopback) ------------------------------
+
+
+def s3_counts() -> dict[str, int]:
+    """This process's S3 requests so far, by kind, from tensorstore's metrics."""
+    import tensorstore as ts
+
+    counts = {}
+    for metric in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/s3/"):
+        kind = metric["name"].rsplit("/", 1)[1]
+        if kind in ("read", "write", "list", "delete_range") and "value" in metric["values"][0]:
+            counts[kind] = int(metric["values"][0]["value"])
+    return counts
+
+
+def _requests_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in ("read", "write", "list", "delete_range")}
+
+
+def _sharded_s3(rank: int, world_size: int, url: str, op: str, out: Path) -> None:
+    state = _fsdp_state(world_size, 0)
+    before = s3_counts()
+    if op == "save":
+        zdcp.save(state, url)
+    else:
+        zdcp.load(state, url)
+    counts = _requests_between(before, s3_counts())
+    totals = torch.tensor([counts[k] for k in sorted(counts)], dtype=torch.int64)
+    dist.all_reduce(totals)
+    if rank == 0:
+        torch.save(dict(zip(sorted(counts), totals.tolist())), out)
+
+
+def s3_requests(root: Path) -> list[dict[str, Any]]:
+    """Objects and S3 requests of a save and a load of the benchmark states on a moto server,
+    and the objects DCP writes through its fsspec writer (s3fs) for the same states."""
+    import boto3
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    from zdcp.testing import moto_server
+
+    rows = []
+    root.mkdir(parents=True, exist_ok=True)
+    with moto_server() as endpoint:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1",
+                          AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")  # fmt: skip
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+
+        def objects(prefix: str) -> int:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix + "/")
+            return sum(len(page.get("Contents", [])) for page in pages)
+
+        for name, state in (("large: 16 x 32 MiB fp32", large_state()), ("many small: 2000 x 1-4 KiB", small_state())):
+            before = s3_counts()
+            zdcp.save(state, f"s3://bench/{name[:5]}")
+            saved = _requests_between(before, s3_counts())
+            before = s3_counts()
+            zdcp.load(empty_like(state), f"s3://bench/{name[:5]}")
+            loaded = _requests_between(before, s3_counts())
+            dcp.save(state, storage_writer=FsspecWriter(f"s3://bench/dcp-{name[:5]}"), no_dist=True)
+            rows.append({"workload": name, "ranks": "1 / 1", "objects": objects(name[:5]),
+                         "dcp_objects": objects(f"dcp-{name[:5]}"), "save": saved, "load": loaded})  # fmt: skip
+        url = "s3://bench/sharded"
+        run_ranks(4, _sharded_s3, url, "save", root / "s3save.pt", timeout=600)
+        run_ranks(3, _sharded_s3, url, "load", root / "s3load.pt", timeout=600)
+        rows.append({"workload": "sharded (FSDP2+Adam)", "ranks": "4 / 3", "objects": objects("sharded"),
+                     "dcp_objects": 4 + 1, "save": torch.load(root / "s3save.pt"),
+                     "load": torch.load(root / "s3load.pt")})  # fmt: skip
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -448,6 +521,7 @@ def report(
     mem: list[dict[str, Any]],
     asynchronous: dict[str, float] | None,
     root: Path,
+    s3: list[dict[str, Any]] | None = None,
 ) -> str:
     out = [f"Machine: {machine()}. Storage: the filesystem under `{root}`; page cache warm.", ""]
     if rows:
@@ -482,6 +556,20 @@ def report(
         copy = asynchronous["copy to host"]
         out += ["", "| async save, 512 MiB (`large`) | s | / copy to host |", "| --- | --- | --- |"]
         out += [f"| {k} | {v:.3f} | {v / copy:.2f}x |" for k, v in asynchronous.items()]
+    if s3:
+        out += [
+            "",
+            "| on S3 (moto) | ranks save / load | objects | DCP objects | save: writes / reads / lists / "
+            "range deletes | load: reads / lists |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in s3:
+            sv, ld = r["save"], r["load"]
+            save = f"{sv['write']} / {sv['read']} / {sv['list']} / {sv['delete_range']}"
+            out.append(
+                f"| {r['workload']} | {r['ranks']} | {r['objects']} | {r['dcp_objects']} | {save} "
+                f"| {ld['read']} / {ld['list']} |"
+            )
     return "\n".join(out)
 
 
@@ -489,7 +577,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", default="large,small,sharded,slice,memory,async")
+    parser.add_argument("--workloads", default="large,small,sharded,slice,memory,async,s3")
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -509,7 +597,8 @@ def main() -> None:
     if "memory" in chosen:
         mem = memory(args.dir)
     asynchronous = async_blocking(args.dir, args.rounds) if "async" in chosen else None
-    print(report(rows, amplification, mem, asynchronous, args.dir))
+    s3 = s3_requests(args.dir / "s3") if "s3" in chosen else None
+    print(report(rows, amplification, mem, asynchronous, args.dir, s3))
 
 
 if __name__ == "__main__":

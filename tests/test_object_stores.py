@@ -5,11 +5,6 @@ interrupted save, concurrent saves). Plus ``memory://`` and the parsing of every
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
@@ -23,42 +18,27 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 import zdcp
 from zdcp.cli import main as cli
 from zdcp.locations import kvstore_spec, url_of
-from zdcp.testing import run_ranks
+from zdcp.testing import moto_server, run_ranks
 
 boto3 = pytest.importorskip("boto3")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(env=None):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            return server, endpoint
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server; the AWS environment variables point at it (ranks inherit them)."""
-    server, endpoint = _start_moto()
+    with moto_server() as endpoint:
+        saved = _point_aws_at(endpoint)
+        try:
+            yield boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _point_aws_at(endpoint):
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_REGION": "us-east-1",
@@ -67,16 +47,7 @@ def s3():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    try:
-        yield boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.kill()
-        server.wait()
+    return saved
 
 
 @pytest.fixture
@@ -207,8 +178,7 @@ def test_a_missing_bucket_is_a_storage_error_naming_it(s3):
 
 def test_bad_credentials_are_a_storage_error(monkeypatch, tmp_path):
     # a server that checks credentials once its first request (creating the bucket) is done
-    server, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "1"})
-    try:
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "1"}) as endpoint:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="locked")
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         monkeypatch.setenv("AWS_REGION", "us-east-1")
@@ -218,9 +188,6 @@ def test_bad_credentials_are_a_storage_error(monkeypatch, tmp_path):
             zdcp.save({"w": torch.ones(2)}, "s3://locked/x")
         with pytest.raises(zdcp.StorageError, match="s3://locked/x"):
             zdcp.load({"w": torch.ones(2)}, "s3://locked/x")
-    finally:
-        server.kill()
-        server.wait()
 
 
 def _save_then_die(url, started):

@@ -1,5 +1,5 @@
 """Helpers for zdcp's tests and benchmarks: run a function on W gloo ranks in fresh processes,
-with a deadline.
+with a deadline; start an S3-compatible server (moto) on loopback.
 
 Real multi-process runs, as in training: ``torch.multiprocessing`` spawns the ranks, each joins
 a gloo process group over a file store, and a rank's exception fails the caller with that
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "ranks_running"]
+__all__ = ["run_ranks", "ranks_running", "moto_server"]
 
 
 def _entry(rank: int, world_size: int, init_method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -81,3 +84,34 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
                 for p in ctx.processes:
                     p.kill()
                 raise TimeoutError(f"{world_size} ranks running {fn.__name__} did not finish in {timeout} s")
+
+
+@contextmanager
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run moto's S3 server (``pip install "moto[server]"``) on a free loopback port for the
+    duration of the block, and yield its endpoint URL. ``env`` adds to the server's environment
+    (``{"INITIAL_NO_AUTH_ACTION_COUNT": "1"}`` makes it check credentials after one request)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.kill()
+        server.wait()
