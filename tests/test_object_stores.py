@@ -3,6 +3,7 @@ loopback, started here): save, load with resharding across gloo ranks, open, ver
 zarr-python reading the same objects, and the failures (missing bucket, bad credentials, an
 interrupted save, concurrent saves). Plus ``memory://`` and the parsing of every location form."""
 
+import json
 import os
 import signal
 import uuid
@@ -71,23 +72,27 @@ def test_every_location_form_becomes_a_kvstore_spec(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     assert kvstore_spec("ck") == {"driver": "file", "path": f"{tmp_path}/ck/"}
     assert kvstore_spec(f"file://{tmp_path}/ck/") == {"driver": "file", "path": f"{tmp_path}/ck/"}
-    assert kvstore_spec("s3://b/run/step_1") == {"driver": "s3", "bucket": "b", "path": "run/step_1/"}
+    assert kvstore_spec("s3://bkt/run/step_1") == {"driver": "s3", "bucket": "bkt", "path": "run/step_1/"}
+    assert kvstore_spec("s3://bkt/my%20run/") == {"driver": "s3", "bucket": "bkt", "path": "my run/"}
+    assert kvstore_spec("file://localhost/tmp/x")["path"] == "/tmp/x/"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    assert kvstore_spec("s3://b/x") == {
-        "driver": "s3", "bucket": "b", "path": "x/", "endpoint": "http://minio:9000", "aws_region": "eu-west-1",
+    assert kvstore_spec("s3://bkt/x") == {
+        "driver": "s3", "bucket": "bkt", "path": "x/", "endpoint": "http://minio:9000", "aws_region": "eu-west-1",
     }  # fmt: skip
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:9000")
     monkeypatch.setenv("AWS_REGION", "us-west-2")
-    assert kvstore_spec("s3://b")["endpoint"] == "http://s3only:9000" and kvstore_spec("s3://b")["path"] == ""
-    assert kvstore_spec("s3://b")["aws_region"] == "us-west-2"
-    assert kvstore_spec("gs://g/a/b/") == {"driver": "gcs", "bucket": "g", "path": "a/b/"}
+    assert kvstore_spec("s3://bkt")["endpoint"] == "http://s3only:9000" and kvstore_spec("s3://bkt")["path"] == ""
+    assert kvstore_spec("s3://bkt")["aws_region"] == "us-west-2"
+    assert kvstore_spec("gs://gbkt/a/b/") == {"driver": "gcs", "bucket": "gbkt", "path": "a/b/"}
     assert kvstore_spec("memory://tests/x") == {"driver": "memory", "path": "tests/x/"}
-    spec = {"driver": "s3", "bucket": "b", "path": "/p", "aws_credentials": {"type": "anonymous"}}
+    spec = {"driver": "s3", "bucket": "bkt", "path": "/p", "aws_credentials": {"type": "anonymous"}}
     assert kvstore_spec(spec) == {**spec, "path": "p/"}
-    for url in ("s3://b/run/step_1", "gs://g/a", "memory://tests/x"):
+    for url in ("s3://bkt/run/step_1", "gs://gbkt/a", "memory://tests/x"):
         assert url_of(kvstore_spec(url)) == url
-    for bad in ("ftp://host/x", "s3:///nobucket", "", {"bucket": "b"}, 3):
+    bad_ones = ["ftp://host/x", "s3:///nobucket", "", {"bucket": "bkt"}, 3, "s3://bkt/run#3", "s3://bkt/x?v=2",
+                "file://otherhost/x", {"driver": "nosuchdriver"}, {"driver": "s3", "path": "x"}, "s3://b/x"]
+    for bad in bad_ones:
         with pytest.raises(zdcp.UsageError):
             kvstore_spec(bad)
 
@@ -164,6 +169,15 @@ def test_cli_on_an_s3_path(s3, bucket, capsys, tmp_path):
     assert torch.equal(torch.load(tmp_path / "c.pt")["model"]["w"], torch.arange(12.0).reshape(3, 4))
     assert cli(["convert", str(tmp_path / "c.pt"), f"s3://{bucket}/d", "-q"]) == 0
     assert zdcp.open(f"s3://{bucket}/d")["step"] == 3
+    capsys.readouterr()
+    assert cli(["inspect", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == url
+    # DCP, torch.save and safetensors files are local: no URL on that side
+    assert cli(["convert", url, f"s3://{bucket}/as_dcp", "--to", "dcp"]) == 1
+    assert "local files only" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
+    zdcp.save({"w": torch.ones(2)}, tmp_path / "local")
+    assert cli(["inspect", f"file://{tmp_path}/local"]) == 0
 
 
 # -- S3: failures ---------------------------------------------------------------------------------
@@ -302,3 +316,63 @@ def test_a_kvstore_spec_gives_full_control(s3, bucket):
     zdcp.load(out, f"s3://{bucket}/explicit/step_1")
     assert_bitwise_equal(out["w"], state["w"]) and out["step"] == 1
     assert zdcp.verify(spec).ok and zdcp.open(spec)["step"] == 1
+
+
+def test_an_overwrite_that_takes_over_a_running_save_on_s3_wins_whole(s3, bucket, monkeypatch):
+    import threading
+
+    import zdcp.staging
+
+    url = f"s3://{bucket}/c"
+    paused, release = threading.Event(), threading.Event()
+    real_commit = zdcp.staging.InPlace.commit
+
+    def slow_commit(self, root, *, sync):
+        if threading.current_thread().name == "first":
+            paused.set()
+            release.wait(60)
+        real_commit(self, root, sync=sync)
+
+    monkeypatch.setattr(zdcp.staging.InPlace, "commit", slow_commit)
+    errors = []
+
+    def first():
+        try:
+            zdcp.save({"w": torch.full((64,), 1.0), "only_in_first": torch.ones(2)}, url)
+        except zdcp.ZdcpError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    assert paused.wait(60)
+    zdcp.save({"w": torch.full((64,), 2.0)}, url, overwrite=True)  # takes the prefix over
+    release.set()
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], zdcp.CheckpointExistsError) and "took it over" in str(errors[0])
+    out = {"w": torch.zeros(64)}
+    zdcp.load(out, url)
+    assert torch.all(out["w"] == 2.0) and zdcp.verify(url).ok
+    assert not [k for k in objects(s3, bucket) if "only_in_first" in k]
+
+
+def test_saving_at_a_bucket_root_or_to_memory_from_several_ranks_is_refused(s3, bucket):
+    for url in (f"s3://{bucket}", "memory://"):
+        with pytest.raises(zdcp.UsageError, match="under a prefix"):
+            zdcp.save({"w": torch.ones(2)}, url)
+    run_ranks(2, _save_to_memory, timeout=120)
+
+
+def _save_to_memory(rank, world_size):
+    with pytest.raises(zdcp.UsageError, match="lives in one process"):
+        zdcp.save({"w": torch.ones(2)}, "memory://shared/c")
+
+
+def test_an_unreachable_endpoint_is_a_storage_error():
+    # tensorstore retries a failed request (s3_request_retries: 32 times, up to 32 s apart, by
+    # default); a kvstore spec can carry its own context to give up sooner
+    retries = {"max_retries": 1, "initial_delay": "10ms", "max_delay": "20ms"}
+    spec = {"driver": "s3", "bucket": "nowhere", "path": "x", "endpoint": "http://127.0.0.1:9",
+            "context": {"s3_request_retries": retries}}  # fmt: skip
+    for call in (lambda u: zdcp.save({"w": torch.ones(2)}, u), lambda u: zdcp.load({"w": torch.ones(2)}, u)):
+        with pytest.raises(zdcp.StorageError, match="s3://nowhere/x.*retry attempts failed"):
+            call(spec)

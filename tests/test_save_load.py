@@ -318,7 +318,7 @@ def test_keys_that_are_not_text_are_refused(ckpt):
 def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
     """sync_files: every rank's chunks, then the staged documents, reach the disk (Store.sync)
     before the commit renames the staging directory into place, and the rename is synced too."""
-    import zdcp.writer
+    import zdcp.staging
     from zdcp.storage import Store
 
     seen = []
@@ -329,7 +329,8 @@ def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
         seen.append({str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
 
     monkeypatch.setattr(Store, "sync", record)
-    monkeypatch.setattr(zdcp.writer, "sync_filesystem", lambda path: seen.append((path, (ckpt / "zarr.json").exists())))
+    committed_then = lambda path: seen.append((path, (ckpt / "zarr.json").exists()))  # noqa: E731
+    monkeypatch.setattr(zdcp.staging, "sync_filesystem", committed_then)
     zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt)
     data, staged, committed = seen
     assert data == {"__zdcp_saving__", "w/c/0", "b/c/0/0"}

@@ -25,6 +25,7 @@ from typing import Any
 from . import format_utils
 from .errors import ZdcpError
 from .keys import describe
+from .storage import Store
 from .view import Array, Group
 from .view import open as open_checkpoint
 
@@ -79,7 +80,7 @@ def _inspect(args: argparse.Namespace) -> int:
     info = root.info
     if args.json:
         nodes = [_node_json(path, child) for path, child in root.walk()]
-        print(json.dumps({"path": os.path.abspath(args.path), "committed": True, "info": info, "nodes": nodes}))
+        print(json.dumps({"path": Store(args.path).url, "committed": True, "info": info, "nodes": nodes}))
         return 0
     print(
         f"{args.path}: zdcp format {info.get('format_version')}, committed, saved by {info.get('world_size')} "
@@ -170,7 +171,7 @@ def detect_format(path: str | os.PathLike[str], *, exists: bool = True) -> str |
     name implies); None when it cannot be told. Object store locations hold zdcp checkpoints."""
     if _is_url(path):
         return "zdcp"
-    p = Path(path)
+    p = Path(_local(os.fspath(path)))
     suffix = p.suffix.lower()
     if suffix in (".pt", ".pth", ".bin"):
         return "torch"
@@ -194,6 +195,9 @@ def _convert(args: argparse.Namespace) -> int:
         raise ZdcpError(f"cannot tell which format {args.dst} should be: pass --to {{{','.join(FORMATS[1:])}}}")
     if (source == "zdcp") == (target == "zdcp"):
         raise ZdcpError(f"convert goes to or from zdcp, not {source} -> {target}")
+    for path, kind in ((src, source), (args.dst, target)):
+        if kind != "zdcp" and _is_url(path):
+            raise ZdcpError(f"{path}: {kind} checkpoints are read and written in local files only")
     total = _stored_bytes(src) if source == "zdcp" else None
     with _progress(args.quiet, total, f"{source} -> {target}") as progress:
         _CONVERSIONS[(source, target)](src, args.dst, args, progress)
@@ -221,7 +225,7 @@ _CONVERSIONS: dict[tuple[str, str], Callable[[str, str, argparse.Namespace, Any]
 
 
 def _existing(path: str) -> str:
-    if not _is_url(path) and not os.path.exists(path):
+    if not _is_url(path) and not os.path.exists(_local(path)):
         raise ZdcpError(f"{path}: no such file or directory")
     return path
 
@@ -230,6 +234,11 @@ def _is_url(path: str | os.PathLike[str]) -> bool:
     """An object store or memory location (zdcp checkpoints only), not a local path."""
     text = os.fspath(path)
     return "://" in text and not text.startswith("file://")
+
+
+def _local(path: str) -> str:
+    """A local path, given as a path or a ``file://`` URL."""
+    return Store(path).url if path.startswith("file://") else path
 
 
 @contextmanager

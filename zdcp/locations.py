@@ -4,7 +4,8 @@ Accepted, everywhere a ``checkpoint_id`` is (save, load, open, verify, convert, 
 
 - a local path, or a ``file://`` URL (relative paths are made absolute, so that every rank
   resolves the same directory wherever it runs from);
-- ``s3://bucket/prefix``: endpoint and region from the standard AWS environment variables
+- ``s3://bucket/prefix`` (percent-escapes in the prefix are decoded, as tensorstore does; no
+  ``?`` or ``#``): endpoint and region from the standard AWS environment variables
   (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_REGION`` or ``AWS_DEFAULT_REGION``),
   credentials from tensorstore's default AWS chain (``AWS_ACCESS_KEY_ID``/
   ``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, instance metadata);
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+import tensorstore as ts
 
 from .errors import UsageError
 
@@ -31,7 +34,17 @@ CheckpointId = str | os.PathLike[str] | dict[str, Any]
 
 
 def kvstore_spec(checkpoint_id: CheckpointId) -> dict[str, Any]:
-    """The tensorstore kvstore spec of a checkpoint's root; its ``path`` ends with "/"."""
+    """The tensorstore kvstore spec of a checkpoint's root; its ``path`` ends with "/" (or is
+    empty: the root of a bucket). Raises :class:`~zdcp.UsageError` for anything else."""
+    spec = _spec(checkpoint_id)
+    try:
+        ts.KvStore.Spec(spec)
+    except ValueError as e:
+        raise UsageError(f"{checkpoint_id!r} is not a valid location: {e}") from None
+    return spec
+
+
+def _spec(checkpoint_id: CheckpointId) -> dict[str, Any]:
     if isinstance(checkpoint_id, dict):
         if "driver" not in checkpoint_id:
             raise UsageError(f"a kvstore spec needs a 'driver': {checkpoint_id!r}")
@@ -48,18 +61,23 @@ def kvstore_spec(checkpoint_id: CheckpointId) -> dict[str, Any]:
     if not isinstance(text, str) or not text:
         raise UsageError(f"checkpoint_id must be a path, a URL or a kvstore spec dict, got {checkpoint_id!r}")
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme in ("", "file"):
-        path = text[len("file://") :] if scheme else text
-        return {"driver": "file", "path": os.path.abspath(path).rstrip("/") + "/"}
+    if not scheme:
+        return {"driver": "file", "path": os.path.abspath(text).rstrip("/") + "/"}
     parts = urlsplit(text)
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise UsageError(f"{text}: a location has no query or fragment ('?', '#')")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise UsageError(f"{text}: file:// URLs name local paths (file:///path)")
+        return {"driver": "file", "path": os.path.abspath(unquote(parts.path)).rstrip("/") + "/"}
     if scheme == "memory":
-        return {"driver": "memory", "path": _prefix(parts.netloc + parts.path)}
+        return {"driver": "memory", "path": _prefix(unquote(parts.netloc + parts.path))}
     if scheme in ("s3", "gs"):
         if not parts.netloc:
             raise UsageError(f"{text}: no bucket name")
         if scheme == "gs":
-            return {"driver": "gcs", "bucket": parts.netloc, "path": _prefix(parts.path)}
-        spec: dict[str, Any] = {"driver": "s3", "bucket": parts.netloc, "path": _prefix(parts.path)}
+            return {"driver": "gcs", "bucket": parts.netloc, "path": _prefix(unquote(parts.path))}
+        spec: dict[str, Any] = {"driver": "s3", "bucket": parts.netloc, "path": _prefix(unquote(parts.path))}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if endpoint:

@@ -8,8 +8,9 @@ root document last, and then the commit moves the whole directory into place wit
 - no checkpoint at the path (or an empty directory): ``rename``;
 - a committed checkpoint, found when the save began or committed by another save since, and
   ``overwrite``: ``renameat2(RENAME_EXCHANGE)`` swaps the two directories atomically, and the
-  replaced checkpoint, now under the staging name, is deleted. A reader sees the old
-  checkpoint or the new one, never neither and never a mix. Where the filesystem cannot
+  replaced checkpoint, now under the staging name, is deleted. A load that starts finds the
+  old checkpoint or the new one, never neither and never a mix (a reader already reading
+  while the checkpoint is replaced may read the new chunks: replace only what nobody reads). Where the filesystem cannot
   exchange (not Linux, or NFS), the old one is renamed aside first (and back if the second
   rename fails), so the path is missing between the two renames; docs/reliability.md says what
   is left after a crash;
@@ -27,7 +28,7 @@ place, under the checkpoint's own prefix, and the root document, written last, i
 conditional write that succeeds only if it does not exist yet, so of two saves started at the
 same time one fails cleanly; a later save finds the marker of an interrupted (or running) one
 and refuses unless ``overwrite``. Replacing a committed checkpoint deletes its root document
-first, so no reader ever sees the old root over new chunks, and then the old objects: on an
+first, so no load that starts finds the old root over new chunks, and then the old objects: on an
 object store, the old checkpoint is gone before the new one commits (save each step under a
 new prefix to keep the previous one until then).
 """
@@ -48,9 +49,9 @@ from typing import Any
 
 import tensorstore as ts
 
-from .errors import CheckpointExistsError
+from .errors import CheckpointExistsError, UsageError, ZdcpError
 from .layout import zdcp_attrs
-from .storage import METADATA_KEY, SAVING_MARKER, Store, encode_json
+from .storage import METADATA_KEY, SAVING_MARKER, Store, encode_json, sync_filesystem
 
 __all__ = ["Staging", "InPlace", "stage", "interrupted_saves", "STAGING_INFIX"]
 
@@ -71,25 +72,31 @@ class Staging:
         """The kvstore spec the ranks write into."""
         return {"driver": "file", "path": self.path + "/"}
 
-    def commit(self, sync: Callable[[str], None] | None) -> None:
-        """Move the staged checkpoint to the target (see the module docstring), deciding by what
-        the target holds now: another save may have committed there since this one began.
-
-        ``sync(path)`` makes everything under the filesystem of ``path`` durable; it runs after
-        the moves so that the new name survives a crash (None: no syncing).
-        """
+    def commit(self, root: dict[str, Any], *, sync: bool) -> None:
+        """Write the root document into the staging directory, make everything durable (when
+        ``sync``), and move it to the target (see the module docstring), deciding by what the
+        target holds now: another save may have committed there since this one began. Until the
+        move succeeds, a failure removes the staging directory."""
         try:
-            os.rename(self.path, self.target)  # no target, or an empty directory
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise
-            self._replace()
-        if sync is not None:
-            sync(os.path.dirname(self.target))
+            store = Store(self.location)
+            store.write_json(METADATA_KEY, root)
+            store.delete(SAVING_MARKER)
+            if sync:
+                store.sync()  # everything staged is on disk before the move
+            try:
+                os.rename(self.path, self.target)  # no target, or an empty directory
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                self._replace()
+        except BaseException:
+            self.abandon()
+            raise
+        if sync:
+            sync_filesystem(os.path.dirname(self.target))  # the new name survives a crash
 
     def _replace(self) -> None:
         if not self.overwrite or _kind(self.target) != "committed":
-            self.abandon()
             raise CheckpointExistsError(
                 f"{self.target} was written by another save while this one ran; this save is discarded"
             )
@@ -112,20 +119,48 @@ class Staging:
 
 @dataclass(frozen=True)
 class InPlace:
-    """A save written in place under an object store prefix (see the module docstring)."""
+    """A save written in place under an object store prefix (see the module docstring).
+
+    ``generation`` is the storage generation of this save's marker: the save owns the prefix
+    while the marker is unchanged, and commits or cleans up only then.
+    """
 
     store: Store
+    generation: bytes
 
     @property
     def location(self) -> dict[str, Any]:
         return self.store.spec
 
-    def commit(self, sync: Callable[[str], None] | None) -> None:
-        """Nothing left to do: the root document, written last, committed the checkpoint."""
+    def commit(self, root: dict[str, Any], *, sync: bool) -> None:
+        """Write the root document, the commit, if the prefix is still this save's; then
+        remove the marker (a failure there only leaves a harmless marker beside the root)."""
+        self._check_owned()
+        try:
+            self.store.write_json(METADATA_KEY, root)
+        except BaseException:
+            self.abandon()
+            raise
+        try:
+            self.store.wait(self.store.kv.write(SAVING_MARKER, None, if_equal=self.generation))
+        except ZdcpError as e:
+            warnings.warn(f"{self.store.url} is committed, but its save marker stays: {e}", stacklevel=3)
 
     def abandon(self) -> None:
-        """Delete what a failed save wrote, its marker included."""
+        """Delete what a failed save wrote, its marker included, unless another save has taken
+        the prefix over (``overwrite``) since: then what is there is that save's."""
+        try:
+            self._check_owned()
+        except CheckpointExistsError:
+            return
         self.store.wait(self.store.kv.delete_range(ts.KvStore.KeyRange()))
+
+    def _check_owned(self) -> None:
+        found = self.store.wait(self.store.kv.read(SAVING_MARKER))
+        if found.state != "value" or found.stamp.generation != self.generation:
+            raise CheckpointExistsError(
+                f"another save to {self.store.url} took it over while this one ran; this save is not committed"
+            )
 
 
 def stage(store: Store, *, overwrite: bool, marker: dict[str, object]) -> Staging | InPlace:
@@ -143,6 +178,9 @@ def stage(store: Store, *, overwrite: bool, marker: dict[str, object]) -> Stagin
 
 def _stage_in_place(store: Store, *, overwrite: bool, marker: dict[str, object]) -> InPlace:
     url = store.url
+    if not store.spec["path"]:
+        # Replacing or cleaning up would delete every object of the bucket (or memory store).
+        raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
     try:
         root = store.read_json(METADATA_KEY)
     except ValueError:  # not JSON: certainly not a checkpoint of ours
@@ -166,12 +204,13 @@ def _stage_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
     written = store.wait(store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
     if not written.generation:
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
+    in_place = InPlace(store, written.generation)
     if root is not None:
         store.delete(METADATA_KEY)  # un-commit first: no reader sees the old root over new chunks
     # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
-    return InPlace(store)
+    return in_place
 
 
 #: tensorstore's storage generation of a key that has no value: a write on this condition

@@ -77,9 +77,12 @@ class Store:
         return self._kv
 
     def wait(self, future: ts.Future) -> Any:
-        """``future.result()``, with a refused or failed request raised as a StorageError."""
-        with storage_access(self.url):
+        """``future.result()`` of a key-value operation (or an open), with any failure raised
+        as a StorageError: these carry no checkpoint data whose damage could be the cause."""
+        try:
             return future.result()
+        except ValueError as e:
+            raise StorageError(f"{self.url}: {_short(e)}") from None
 
     @property
     def local_root(self) -> str | None:
@@ -227,13 +230,19 @@ def storage_access(url: str) -> Iterator[None]:
         yield
     except ValueError as e:
         text = str(e)
-        if text.startswith(_ACCESS_CODES) or "NoSuchBucket" in text:
-            raise StorageError(f"{url}: {text.split(' [', 1)[0]}") from None
+        if text.startswith(_ACCESS_CODES) or "NoSuchBucket" in text or "http_response_code=" in text:
+            raise StorageError(f"{url}: {_short(e)}") from None
         raise
 
 
-# tensorstore status codes of requests that failed for reasons outside the checkpoint
-# (NOT_FOUND also means a missing chunk, DATA_LOSS a checksum mismatch: those are damage).
+def _short(error: Exception) -> str:
+    """tensorstore's message without the HTTP response it quotes."""
+    return str(error).split(" [", 1)[0]
+
+
+# tensorstore status codes of requests that failed for reasons outside the checkpoint (NOT_FOUND
+# also means a missing chunk, DATA_LOSS a checksum mismatch: those are damage); any error that
+# quotes an HTTP response is a failed request too.
 _ACCESS_CODES = (
     "PERMISSION_DENIED",
     "UNAUTHENTICATED",

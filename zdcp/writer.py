@@ -51,16 +51,7 @@ from .layout import (
 )
 from .locations import CheckpointId, kvstore_spec
 from .staging import InPlace, Staging, stage
-from .storage import (
-    METADATA_KEY,
-    SAVING_MARKER,
-    InflightWindow,
-    Store,
-    StoreClient,
-    encode_json,
-    storage_access,
-    sync_filesystem,
-)
+from .storage import METADATA_KEY, InflightWindow, Store, StoreClient, encode_json, storage_access
 from .tree import DICT, Entry, tensor_layout
 from .values import to_json
 
@@ -171,6 +162,8 @@ class ZarrWriter(StoreClient, StorageWriter):
             # chunks to the previous save's staging directory.
             raise UsageError("ZarrWriter does not support DCP's plan caching (enable_plan_caching=True)")
         self._world_size = len(plans)
+        if self.store.spec["driver"] == "memory" and self._world_size > 1:
+            raise UsageError(f"{self.store.url}: a memory:// store lives in one process; several ranks cannot share it")
         for plan in plans:
             self._entries.update(_entries_of(plan))
         shards: dict[str, list[tuple[Any, Any]]] = {}
@@ -206,19 +199,11 @@ class ZarrWriter(StoreClient, StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank_plan: _RankPlan = plan.storage_data
         chunks = _ChunkWriter(Store(rank_plan.location), rank_plan, self)
-        entries = _entries_of(plan)
         written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
         try:
-            for item in plan.items:
-                entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
-                if item.type == WriteItemType.BYTE_IO:
-                    results.append(self._write_value(chunks.store, item, entry, planner))
-                else:
-                    tensor = _host_tensor(planner.resolve_data(item))
-                    written.append((item, chunks.write(item, entry, tensor)))
             with storage_access(chunks.store.url):
-                chunks.drain()
+                self._write_items(plan, planner, chunks, written, results)
         except BaseException:
             chunks.settle()  # no write of this failed save may land after the caller cleans up
             raise
@@ -234,6 +219,24 @@ class ZarrWriter(StoreClient, StorageWriter):
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+    def _write_items(
+        self,
+        plan: SavePlan,
+        planner: SavePlanner,
+        chunks: _ChunkWriter,
+        written: list[tuple[WriteItem, int]],
+        results: list[WriteResult],
+    ) -> None:
+        entries = _entries_of(plan)
+        for item in plan.items:
+            entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
+            if item.type == WriteItemType.BYTE_IO:
+                results.append(self._write_value(chunks.store, item, entry, planner))
+            else:
+                tensor = _host_tensor(planner.resolve_data(item))
+                written.append((item, chunks.write(item, entry, tensor)))
+        chunks.drain()
 
     def _write_value(self, store: Store, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
         value = _lookup(planner, item)
@@ -281,7 +284,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         else:
             writes = [store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
             for w in writes:
-                w.result()
+                store.wait(w)
         root["attributes"][ATTR].update(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
@@ -293,12 +296,10 @@ class ZarrWriter(StoreClient, StorageWriter):
         # children unless siblings are adjacent.
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-        store.write_json(METADATA_KEY, root)  # the root document: last
-        store.delete(SAVING_MARKER)
-        if self.sync_files:
-            store.sync()  # everything staged is on disk before the commit moves it into place
-        self._staging.commit(sync_filesystem if self.sync_files else None)
-        self._staging = None
+        # From here the staging object cleans up after itself: a failure once the checkpoint is
+        # committed must not delete it.
+        staging, self._staging = self._staging, None
+        staging.commit(root, sync=self.sync_files)
 
 
 class _Group:
