@@ -206,7 +206,7 @@ def _stage_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
     in_place = InPlace(store, written.generation)
     if root is not None:
-        store.delete(METADATA_KEY)  # un-commit first: no reader sees the old root over new chunks
+        store.delete(METADATA_KEY)  # un-commit first: no load finds the old root over new chunks
     # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))

@@ -4,9 +4,10 @@ The save protocol, in DCP's call order:
 
 1. ``prepare_global_plan`` (coordinator): derive every array's chunk grid from all ranks'
    shards, check the target (refuse to replace a committed checkpoint unless ``overwrite``, and
-   anything zdcp did not write always), and create the save's staging directory
-   (:mod:`zdcp.staging`). Each rank's ``SavePlan.storage_data`` tells it where to write and the
-   grids of the arrays it writes.
+   anything zdcp did not write always), and prepare where the save goes (:mod:`zdcp.staging`:
+   a staging directory beside a local target, the in-progress marker under an object store
+   prefix). Each rank's ``SavePlan.storage_data`` tells it where to write and the grids of the
+   arrays it writes.
 2. ``write_data`` (every rank, concurrently): write its own chunks into the staging directory
    through tensorstore (small plain chunks as plain files, :mod:`zdcp.direct`), with the array
    metadata known up front, so no rank waits on another and no data passes through the
@@ -14,7 +15,8 @@ The save protocol, in DCP's call order:
    in the ``WriteResult``s.
 3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
    ``zarr.json`` with all of them consolidated, make them durable, and commit: the staging
-   directory is renamed into place (or atomically exchanged with the checkpoint it replaces).
+   directory is renamed into place (or atomically exchanged with the checkpoint it replaces);
+   on an object store the root document, written last, is the commit.
 """
 
 from __future__ import annotations
