@@ -316,29 +316,38 @@ def test_keys_that_are_not_text_are_refused(ckpt):
 
 
 def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
-    """sync_files: every rank's chunks, then the staged documents, reach the disk (Store.sync)
-    before the commit renames the staging directory into place, and the rename is synced too."""
-    import zdcp.staging
-    from zdcp.storage import Store
+    """sync_files: every rank's chunks, then the staged documents, reach the disk (a sync of
+    the staging directory's filesystem) before the commit renames the staging directory into
+    place, and the rename is synced too; each sync handle was opened before the writes it covers."""
+    from zdcp.storage import FilesystemSync
 
     seen = []
+    real_init = FilesystemSync.__init__
 
-    def record(store):
-        root = pathlib.Path(store.spec["path"])
-        assert root.name.startswith(".ckpt.zdcp-") and not ckpt.exists()
-        seen.append({str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
+    def opened(self, path):
+        real_init(self, path)
+        self.files_at_open = _files(path)
 
-    monkeypatch.setattr(Store, "sync", record)
-    committed_then = lambda path: seen.append((path, (ckpt / "zarr.json").exists()))  # noqa: E731
-    monkeypatch.setattr(zdcp.staging, "sync_filesystem", committed_then)
+    def record(self):
+        assert pathlib.Path(self.path).name.startswith(".ckpt.zdcp-")
+        seen.append((self.files_at_open, _files(self.path), (ckpt / "zarr.json").exists()))
+
+    monkeypatch.setattr(FilesystemSync, "__init__", opened)
+    monkeypatch.setattr(FilesystemSync, "sync", record)
     zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt)
-    data, staged, committed = seen
+    (opened_for_data, data, _), (opened_for_commit, staged, before_move), (_, _, after_move) = seen
+    assert opened_for_data == {"__zdcp_saving__"} and opened_for_commit == set()
     assert data == {"__zdcp_saving__", "w/c/0", "b/c/0/0"}
     assert staged == {"w/c/0", "b/c/0/0", "w/zarr.json", "b/zarr.json", "cfg/zarr.json", "zarr.json"}
-    assert committed == (str(ckpt.parent), True)
+    assert not before_move and after_move
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
 
     seen.clear()
     zdcp.save({"w": torch.ones(3)}, ckpt, overwrite=True, sync_files=False)
     assert seen == []
     assert_bitwise_equal(zdcp.open(ckpt)["w"][:], torch.ones(3))
+
+
+def _files(root):
+    root = pathlib.Path(root)
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()

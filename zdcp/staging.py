@@ -51,7 +51,7 @@ import tensorstore as ts
 
 from .errors import CheckpointExistsError, UsageError, ZdcpError
 from .layout import zdcp_attrs
-from .storage import METADATA_KEY, SAVING_MARKER, Store, encode_json, sync_filesystem
+from .storage import METADATA_KEY, SAVING_MARKER, FilesystemSync, Store, encode_json
 
 __all__ = ["Staging", "InPlace", "stage", "interrupted_saves", "STAGING_INFIX"]
 
@@ -66,6 +66,7 @@ class Staging:
     target: str
     path: str
     overwrite: bool
+    durable: FilesystemSync  # opened when the staging directory was created, before any write
 
     @property
     def location(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ class Staging:
             store.write_json(METADATA_KEY, root)
             store.delete(SAVING_MARKER)
             if sync:
-                store.sync()  # everything staged is on disk before the move
+                self.durable.sync()  # everything staged is on disk before the move
             try:
                 os.rename(self.path, self.target)  # no target, or an empty directory
             except OSError as e:
@@ -92,8 +93,11 @@ class Staging:
         except BaseException:
             self.abandon()
             raise
-        if sync:
-            sync_filesystem(os.path.dirname(self.target))  # the new name survives a crash
+        try:
+            if sync:
+                self.durable.sync()  # the new name survives a crash (same filesystem)
+        finally:
+            self.durable.close()
 
     def _replace(self) -> None:
         if not self.overwrite or _kind(self.target) != "committed":
@@ -114,6 +118,7 @@ class Staging:
 
     def abandon(self) -> None:
         """Delete the staging directory of a failed save."""
+        self.durable.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -234,9 +239,10 @@ def _stage_beside(target: str, *, overwrite: bool, marker: dict[str, object]) ->
     os.makedirs(os.path.dirname(target), exist_ok=True)
     path = _staging_name(target)
     os.mkdir(path)
+    durable = FilesystemSync(path)
     with open(os.path.join(path, SAVING_MARKER), "w") as f:
         json.dump({**marker, "target": target}, f)
-    return Staging(target, path, overwrite)
+    return Staging(target, path, overwrite, durable)
 
 
 def interrupted_saves(target: str) -> list[str]:

@@ -27,7 +27,7 @@ __all__ = [
     "StoreClient",
     "InflightWindow",
     "encode_json",
-    "sync_filesystem",
+    "FilesystemSync",
     "reading",
     "storage_access",
     "METADATA_KEY",
@@ -50,9 +50,10 @@ class Store:
     save or load draws on one pool of file-I/O and copy threads.
 
     Writes are not synced one by one (tensorstore's ``file_io_sync`` is off): a writer that
-    needs them on disk calls :meth:`sync` once its writes are done. One sync of the filesystem
-    costs about what a single ``fsync`` does, where a per-file ``fsync`` of thousands of small
-    chunk files and ``zarr.json`` documents made small-array saves 2x slower (docs/benchmarks.md).
+    needs them on disk syncs the filesystem once its writes are done (:meth:`filesystem_sync`).
+    One sync of the filesystem costs about what a single ``fsync`` does, where a per-file
+    ``fsync`` of thousands of small chunk files and ``zarr.json`` documents made small-array
+    saves 2x slower (docs/benchmarks.md).
     """
 
     def __init__(self, checkpoint_id: CheckpointId):
@@ -126,15 +127,11 @@ class Store:
     def is_empty(self) -> bool:
         return not self.wait(self.kv.list())
 
-    def sync(self) -> None:
-        """Make every completed write and delete under the root durable (on disk).
-
-        For a local checkpoint, ``syncfs`` of the filesystem holding the root on Linux (data and
-        metadata, and since Linux 5.8 it reports write-back errors), ``sync`` elsewhere. An
-        object store has made a write durable when it acknowledges it: nothing to do.
-        """
-        if self.local_root is not None:
-            sync_filesystem(self.local_root)
+    def filesystem_sync(self) -> FilesystemSync | None:
+        """For a local checkpoint, a handle that makes writes under the root durable; open it
+        before writing (see :class:`FilesystemSync`). None for an object store, which has made
+        a write durable when it acknowledges it."""
+        return FilesystemSync(self.local_root) if self.local_root is not None else None
 
 
 def encode_json(doc: Any) -> bytes:
@@ -254,18 +251,30 @@ _ACCESS_CODES = (
 )
 
 
-def sync_filesystem(path: str) -> None:
-    """Make every completed write and delete on the filesystem holding ``path`` durable."""
-    if _SYNCFS is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _SYNCFS(fd) != 0:
+class FilesystemSync:
+    """Makes every completed write and delete on the filesystem holding ``path`` durable:
+    ``syncfs`` on Linux (data and metadata), ``sync`` elsewhere.
+
+    Open it before the writes it is to cover: since Linux 5.8, ``syncfs`` reports a write-back
+    error to every handle opened before the error happened, so a handle opened first learns of
+    a failed write-back of these writes even when another process's sync saw it first.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY) if _SYNCFS is not None else None
+
+    def sync(self) -> None:
+        if self.fd is None:
+            os.sync()
+        elif _SYNCFS(self.fd) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"syncfs failed: {os.strerror(err)}", path)
-    finally:
-        os.close(fd)
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", self.path)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _libc_syncfs() -> Callable[[int], int] | None:

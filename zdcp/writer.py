@@ -200,17 +200,22 @@ class ZarrWriter(StoreClient, StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank_plan: _RankPlan = plan.storage_data
-        chunks = _ChunkWriter(Store(rank_plan.location), rank_plan, self)
+        store = Store(rank_plan.location)
+        durable = store.filesystem_sync() if self.sync_files else None  # opened before the writes
+        chunks = _ChunkWriter(store, rank_plan, self)
         written: list[tuple[WriteItem, int]] = []
         results: list[WriteResult] = []
         try:
-            with storage_access(chunks.store.url):
+            with storage_access(store.url):
                 self._write_items(plan, planner, chunks, written, results)
+            if durable is not None:
+                durable.sync()  # this rank's data is on disk before it reports success
         except BaseException:
             chunks.settle()  # no write of this failed save may land after the caller cleans up
             raise
-        if self.sync_files:
-            chunks.store.sync()  # this rank's data is on disk before it reports success
+        finally:
+            if durable is not None:
+                durable.close()
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
