@@ -118,7 +118,9 @@ def test_direct_writes_make_the_same_files_as_tensorstore(tmp_path, compression)
     state = {
         "dtypes": {d.torch_name: torch.randn(3, 5, generator=g).to(d.torch) for d in ALL_DTYPES},
         "scalar": torch.tensor(2.5),
-        "large": torch.randn(300, 300, generator=g),  # 360 KB: inner chunks, through tensorstore
+        "large": torch.randn(300, 300, generator=g),  # 360 KB: inner chunks of 100 rows
+        "wide": torch.randn(4, 70000, generator=g),  # a row is 280 KB: inner chunks of 1 x 17500
+        "huge": torch.randn(1100, 1024, generator=g),  # 4.3 MiB: through tensorstore
         "empty": torch.empty(0, 4),
         "opt": {"step": 3, "param_groups": [{"lr": 0.1}]},
     }
@@ -134,17 +136,20 @@ def test_direct_writes_make_the_same_files_as_tensorstore(tmp_path, compression)
     for name, tensor in state["dtypes"].items():
         assert_bitwise_equal(loaded["dtypes"][name], tensor)
     assert_bitwise_equal(loaded["scalar"], state["scalar"])
-    assert_bitwise_equal(loaded["large"], state["large"])
+    for name in ("large", "wide", "huge"):
+        assert_bitwise_equal(loaded[name], state[name])
 
 
-def test_direct_writes_take_the_small_chunks(tmp_path, monkeypatch):
+def test_direct_writes_take_small_chunks_and_shards_up_to_4_mib(tmp_path, monkeypatch):
     written = []
-    real = zdcp.direct.LocalFiles.write_plain_chunk
+    for method in ("write_plain_chunk", "write_sharded_chunk"):
+        real = getattr(zdcp.direct.LocalFiles, method)
 
-    def recording(self, key, data):
-        written.append(key)
-        real(self, key, data)
+        def recording(self, key, *args, real=real):
+            written.append(key)
+            real(self, key, *args)
 
-    monkeypatch.setattr(zdcp.direct.LocalFiles, "write_plain_chunk", recording)
-    zdcp.save({"small": torch.ones(10), "large": torch.ones(300, 300)}, tmp_path / "c")
-    assert written == ["small/c/0"]
+        monkeypatch.setattr(zdcp.direct.LocalFiles, method, recording)
+    state = {"small": torch.ones(10), "large": torch.ones(300, 300), "huge": torch.ones(1100, 1024)}
+    zdcp.save(state, tmp_path / "c")
+    assert sorted(written) == ["large/c/0/0", "small/c/0"]

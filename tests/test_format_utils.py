@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import zdcp
 import zdcp.storage
+import zdcp.writer
 from zdcp import format_utils as fu
 
 
@@ -133,8 +134,9 @@ def test_safetensors_says_what_it_cannot_hold(tmp_path):
 def test_streaming_conversion_holds_one_window_of_tensors(tmp_path, monkeypatch):
     # Conversions into zdcp fetch each tensor when the writer asks for it, and the writer keeps
     # (and references) only its window of them in flight: record the bytes in flight.
-    # 256 KiB each: large enough to be written through tensorstore and its window (smaller
-    # chunks are written synchronously as plain files, see zdcp.direct).
+    # 256 KiB each, and no direct shard writes: every chunk goes through tensorstore and its
+    # window (zdcp.direct writes small chunks synchronously, holding nothing).
+    monkeypatch.setattr(zdcp.writer, "_DIRECT_SHARD_BYTES", 0)
     tensors = {f"t{i}": torch.full((65536,), float(i)) for i in range(12)}
     safetensors.torch.save_file(tensors, tmp_path / "m.safetensors")
     in_flight = []

@@ -11,8 +11,9 @@ their crc32c; a chunk only partly needed is read into a small buffer first.
 
 **Writes.** A save of thousands of small tensors is thousands of small files; through
 tensorstore each costs an array open, a lock file and a rename, several times the file write
-itself. :class:`LocalFiles` writes small plain chunks (and the nodes' ``zarr.json``) as plain
-files instead. No rename is needed for atomicity: every file of a save is new (it goes into
+itself. :class:`LocalFiles` writes small plain chunks, shards of a few MiB (``sharding_indexed``
+with plain inner chunks, encoded here byte for byte as tensorstore does) and the nodes'
+``zarr.json`` as plain files instead. No rename is needed for atomicity: every file of a save is new (it goes into
 the save's own staging directory), and the checkpoint only counts once that directory is
 committed, renamed into place (docs/format.md, section 5).
 
@@ -34,7 +35,7 @@ from .dtypes import from_zarr
 from .errors import CorruptCheckpointError
 from .layout import chunk_key
 
-__all__ = ["RowSlabs", "row_slabs", "LocalFiles", "plain_chunks_writable", "PLAIN_CODECS"]
+__all__ = ["RowSlabs", "row_slabs", "LocalFiles", "plain_chunks_writable", "inner_chunks_writable", "PLAIN_CODECS"]
 
 #: The codec chain of an unsharded, uncompressed chunk: its bytes, then their crc32c.
 PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
@@ -162,11 +163,40 @@ class LocalFiles:
         finally:
             os.close(fd)
 
+    def write_sharded_chunk(self, key: str, data: np.ndarray, inner: tuple[int, ...]) -> None:
+        """Write one whole chunk with the ``sharding_indexed`` codec: its inner chunks of shape
+        ``inner`` in C order, each as its bytes and their crc32c, then the index of
+        ``(offset, nbytes)`` pairs (little-endian uint64, C order) and its crc32c; what
+        tensorstore writes for a whole shard, byte for byte."""
+        grid = [n // i for n, i in zip(data.shape, inner)]
+        parts: list[bytes | memoryview] = []
+        index = np.empty((*grid, 2), dtype="<u8")
+        offset = 0
+        for position in np.ndindex(*grid):
+            block = data[tuple(slice(p * i, (p + 1) * i) for p, i in zip(position, inner))]
+            raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+            parts += [memoryview(raw), _crc32c(raw).to_bytes(4, "little")]
+            index[position] = (offset, raw.size + 4)
+            offset += raw.size + 4
+        table = index.reshape(-1).view(np.uint8)
+        self.write(key, *parts, memoryview(table), _crc32c(table).to_bytes(4, "little"))
+
     def write_plain_chunk(self, key: str, data: np.ndarray) -> None:
         """Write one whole chunk with the plain codec chain: ``data``'s bytes in C order (the
         host must be little endian, see :func:`plain_chunks_writable`), then their crc32c."""
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         self.write(key, memoryview(raw), _crc32c(raw).to_bytes(4, "little"))
+
+
+def inner_chunks_writable(document: dict[str, Any]) -> tuple[int, ...] | None:
+    """The inner chunk shape when :meth:`LocalFiles.write_sharded_chunk` encodes this array's
+    chunks (``sharding_indexed`` of plain inner chunks, plain index at the end), else None."""
+    codecs = document["codecs"]
+    if sys.byteorder != "little" or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    config = codecs[0].get("configuration", {})
+    plain = config.get("codecs") == PLAIN_CODECS and config.get("index_codecs") == PLAIN_CODECS
+    return tuple(config["chunk_shape"]) if plain and config.get("index_location", "end") == "end" else None
 
 
 def plain_chunks_writable(document: dict[str, Any]) -> bool:
