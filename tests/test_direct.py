@@ -15,8 +15,8 @@ from zdcp.storage import Store
 
 CASES = [
     # shape, dtype, chunk rows: sharded (inner chunks), plain, edge-padded, several dims
-    ((1000, 300), torch.float32, 400),  # 480 KB chunks -> 100-row inner chunks; last chunk padded
-    ((1000, 300), torch.float32, 100),  # plain 120 KB chunks
+    ((1000, 300), torch.float32, 400),  # 480 KB chunks -> 50-row inner chunks; last chunk padded
+    ((1000, 300), torch.float32, 50),  # plain 60 KB chunks
     ((37, 5, 7), torch.bfloat16, 10),  # 3-d, plain, last chunk 7 of 10 rows
     ((4096, 64), torch.bool, 4096),  # one sharded chunk of bools
     ((50, 3), torch.complex64, 16),
@@ -64,10 +64,13 @@ def test_damage_is_refused(tmp_path):
     dest = np.empty((1000, slabs.row_bytes), dtype=np.uint8)
     shard = tmp_path / "a/c/1/0"
     data = bytearray(shard.read_bytes())
-    index = np.frombuffer(bytes(data[-(4 * 16 + 4) : -4]), dtype="<u8").reshape(4, 2)
-    data[int(index[2, 0]) + 5] ^= 0x10  # inner chunk 2 of chunk 1: rows 600-699
+    count = 400 // slabs.inner_rows
+    index = np.frombuffer(bytes(data[-(count * 16 + 4) : -4]), dtype="<u8").reshape(count, 2)
+    damaged = (650 - 400) // slabs.inner_rows  # the inner chunk of chunk 1 holding row 650
+    data[int(index[damaged, 0]) + 5] ^= 0x10
     shard.write_bytes(bytes(data))
-    slabs.read(store.spec["path"], "a", "a", 0, 600, dest[:600])  # rows before it still read
+    first_damaged_row = 400 + damaged * slabs.inner_rows
+    slabs.read(store.spec["path"], "a", "a", 0, first_damaged_row, dest[:first_damaged_row])  # rows before it
     with pytest.raises(zdcp.CorruptCheckpointError, match="'a': chunk 1 fails its crc32c"):
         slabs.read(store.spec["path"], "a", "a", 650, 700, dest[:50])
     data[-10] ^= 0x01  # the index itself

@@ -72,18 +72,18 @@ def test_data_types_are_declared_as_zarr_entry_points():
 
 
 def test_large_shards_have_checksummed_inner_chunks(ckpt):
-    t = torch.randn(1024, 1024).bfloat16()  # 2 MiB in one chunk: 64-row (128 KiB) inner chunks
+    t = torch.randn(1024, 1024).bfloat16()  # 2 MiB in one chunk: 32-row (64 KiB) inner chunks
     zdcp.save({"w": t}, ckpt)
     doc = json.loads((ckpt / "w/zarr.json").read_text())
     (sharding,) = doc["codecs"]
     assert sharding["name"] == "sharding_indexed"
-    assert sharding["configuration"]["chunk_shape"] == [64, 1024]
+    assert sharding["configuration"]["chunk_shape"] == [32, 1024]
     assert {"name": "crc32c"} in sharding["configuration"]["codecs"]
     assert {"name": "crc32c"} in sharding["configuration"]["index_codecs"]
     assert sorted(p.name for p in (ckpt / "w/c/0").iterdir()) == ["0"]  # still one object per shard
 
     z = zarr.open_group(ckpt, mode="r")["w"]
-    assert z.shards == (1024, 1024) and z.chunks == (64, 1024)
+    assert z.shards == (1024, 1024) and z.chunks == (32, 1024)
     assert np.array_equal(z[100:300].view(np.int16), t[100:300].view(torch.int16).numpy())
     out = {"w": torch.zeros_like(t)}
     zdcp.load(out, ckpt)
@@ -94,9 +94,9 @@ def test_large_shards_have_checksummed_inner_chunks(ckpt):
     shard = ckpt / "w/c/0/0"
     data = bytearray(shard.read_bytes())
     # the index at the end: (offset, nbytes) per inner chunk as little-endian u64, then crc32c
-    index = np.frombuffer(bytes(data[-(16 * 16 + 4) : -4]), dtype="<u8").reshape(16, 2)
-    assert (index[:, 1] == 64 * 1024 * 2 + 4).all()  # each inner chunk: data + its checksum
-    data[int(index[6, 0]) + 10] ^= 0x01  # inside inner chunk 6 (rows 384-447)
+    index = np.frombuffer(bytes(data[-(32 * 16 + 4) : -4]), dtype="<u8").reshape(32, 2)
+    assert (index[:, 1] == 32 * 1024 * 2 + 4).all()  # each inner chunk: data + its checksum
+    data[int(index[12, 0]) + 10] ^= 0x01  # inside inner chunk 12 (rows 384-415)
     shard.write_bytes(bytes(data))
     view = zdcp.open(ckpt)["w"]
     assert_bitwise_equal(view[0:384], t[0:384])

@@ -72,10 +72,11 @@ def test_unsharded_and_scalar():
 @pytest.mark.parametrize(
     "chunks, itemsize, inner",
     [
-        ((8192, 1024), 4, (32, 1024)),  # 128 KiB inner chunks of a 32 MiB shard
+        ((8192, 1024), 4, (16, 1024)),  # 64 KiB inner chunks of a 32 MiB shard
         ((100, 10), 4, (100, 10)),  # small: no inner chunks
-        ((4097, 1024), 4, (17, 1024)),  # 4097 = 17 * 241: the largest divisor that fits
-        ((3, 70000), 4, (1, 17500)),  # one row is too large: the next dimension is cut too
+        ((4104, 1024), 4, (12, 1024)),  # 4104 = 2^3 3^3 19: the largest divisor that fits
+        ((4097, 1024), 4, (4097, 1024)),  # 4097 = 17 * 241: no divisor near 16, no inner chunks
+        ((3, 70000), 4, (1, 14000)),  # one row is too large: the next dimension is cut too
         ((65537,), 4, (65537,)),  # prime: tiny inner chunks would cost more than they save
         ((), 8, ()),
     ],

@@ -33,11 +33,12 @@ FORMAT_VERSION = 1
 #: The one attribute key under which zdcp keeps its own metadata in every node.
 ATTR = "zdcp"
 #: Chunks larger than this are stored with inner chunks of about this size (sharding codec).
-#: Measured here (docs/benchmarks.md): 128-256 KiB inner chunks read a 512 MiB state 1.6x faster
-#: than whole 32 MiB chunks and write as fast; a resharded load reads whole inner chunks where
-#: rank boundaries cut them, so smaller ones waste less (128 KiB: ~6%, 256 KiB: ~13% on the
-#: sharded workload); 64 KiB ones wrote 3x slower.
-INNER_CHUNK_BYTES = 128 << 10
+#: Measured here (docs/benchmarks.md): inner chunks read a 512 MiB state faster than whole
+#: 32 MiB chunks; a resharded load or a slice reads whole inner chunks where its bounds cut
+#: them, so smaller ones waste less (a 1% row slice: 1.08x what it needs with 64 KiB, 1.17x
+#: with 128 KiB, 1.6x with 256 KiB). tensorstore wrote 64 KiB ones 3x slower, but shards up to
+#: 4 MiB are now encoded by zdcp.direct, and the 512 MiB save of 32 MiB chunks measured the same.
+INNER_CHUNK_BYTES = 64 << 10
 #: Optional compressors, as Zarr v3 codec documents (between ``bytes`` and ``crc32c``).
 COMPRESSIONS: dict[str, dict[str, Any]] = {
     "zstd": {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
