@@ -1,9 +1,10 @@
 """Where a checkpoint lives: a tensorstore key-value store and the JSON documents in it.
 
-Everything zdcp reads or writes goes through a tensorstore kvstore spec rooted at the checkpoint,
-so the same code serves a local directory today and object stores (``s3``, ``gcs``) later. Array
-data is written by tensorstore's ``zarr3`` driver over ``spec_for(node)``; the ``zarr.json``
-documents are written and read here directly, as whole JSON values.
+Everything zdcp reads or writes goes through a tensorstore kvstore spec rooted at the checkpoint
+(:mod:`zdcp.locations`), so the same code serves local directories and object stores. Array
+data goes through tensorstore's ``zarr3`` driver over ``node_spec(node)`` (or, for local files,
+:mod:`zdcp.direct`); the ``zarr.json`` documents are written and read here, as whole JSON
+values. A request the storage refuses or fails becomes a :class:`~zdcp.StorageError`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ __all__ = [
 ]
 
 METADATA_KEY = "zarr.json"
-#: Written at the root when a save starts and deleted after its commit: what lets a later save
-#: with ``overwrite=True`` recognise (and clear) the leftovers of an interrupted one. A key
-#: starting with "__" can never be a node name (docs/format.md, section 2).
+#: Written where a save writes when it starts (a local staging directory, an object store
+#: prefix) and deleted at its commit: it labels an unfinished save, and on object stores its
+#: conditional creation decides which of two concurrent saves proceeds. A key starting with
+#: "__" can never be a node name (docs/format.md, section 2).
 SAVING_MARKER = "__zdcp_saving__"
 
 _MEMORY = ts.Context()
