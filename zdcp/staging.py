@@ -40,10 +40,8 @@ import errno
 import json
 import os
 import shutil
-import sys
 import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +49,7 @@ import tensorstore as ts
 
 from .errors import CheckpointExistsError, UsageError, ZdcpError
 from .layout import zdcp_attrs
-from .storage import METADATA_KEY, SAVING_MARKER, FilesystemSync, Store, encode_json
+from .storage import METADATA_KEY, SAVING_MARKER, FilesystemSync, Store, encode_json, linux_libc
 
 __all__ = ["Staging", "InPlace", "stage", "interrupted_saves", "STAGING_INFIX"]
 
@@ -303,13 +301,4 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _libc_renameat2() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-
-
-_RENAMEAT2 = _libc_renameat2()
+_RENAMEAT2 = linux_libc("renameat2")

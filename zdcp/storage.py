@@ -279,13 +279,15 @@ class FilesystemSync:
             self.fd = None
 
 
-def _libc_syncfs() -> Callable[[int], int] | None:
+def linux_libc(name: str) -> Callable[..., int] | None:
+    """The C library function ``name`` (setting ``errno``) on Linux; None elsewhere or when
+    this libc lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
 
 
-_SYNCFS = _libc_syncfs()
+_SYNCFS = linux_libc("syncfs")

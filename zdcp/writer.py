@@ -8,10 +8,10 @@ The save protocol, in DCP's call order:
    a staging directory beside a local target, the in-progress marker under an object store
    prefix). Each rank's ``SavePlan.storage_data`` tells it where to write and the grids of the
    arrays it writes.
-2. ``write_data`` (every rank, concurrently): write its own chunks into the staging directory
-   through tensorstore (small plain chunks as plain files, :mod:`zdcp.direct`), with the array
-   metadata known up front, so no rank waits on another and no data passes through the
-   coordinator; then make them durable. Plain values travel back to the coordinator as JSON
+2. ``write_data`` (every rank, concurrently): write its own chunks where the save goes, through
+   tensorstore (small plain chunks and shards up to 4 MiB as plain files, :mod:`zdcp.direct`),
+   with the array metadata known up front, so no rank waits on another and no data passes
+   through the coordinator; then make them durable. Plain values travel back to the coordinator as JSON
    in the ``WriteResult``s.
 3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
    ``zarr.json`` with all of them consolidated, make them durable, and commit: the staging
@@ -72,8 +72,9 @@ class _Value:
 
 @dataclasses.dataclass(frozen=True)
 class _RankPlan:
-    """What the coordinator tells each rank (``SavePlan.storage_data``): the staging directory
-    to write into, and the chunk grid of every array the rank writes."""
+    """What the coordinator tells each rank (``SavePlan.storage_data``): where to write (the
+    staging directory, or the object store prefix), and the chunk grid of every array the rank
+    writes."""
 
     location: dict[str, Any]  # kvstore spec
     grids: dict[str, tuple[int, ...]]
@@ -203,11 +204,9 @@ class ZarrWriter(StoreClient, StorageWriter):
         store = Store(rank_plan.location)
         durable = store.filesystem_sync() if self.sync_files else None  # opened before the writes
         chunks = _ChunkWriter(store, rank_plan, self)
-        written: list[tuple[WriteItem, int]] = []
-        results: list[WriteResult] = []
         try:
             with storage_access(store.url):
-                self._write_items(plan, planner, chunks, written, results)
+                written, results = self._write_items(plan, planner, chunks)
             if durable is not None:
                 durable.sync()  # this rank's data is on disk before it reports success
         except BaseException:
@@ -228,14 +227,13 @@ class ZarrWriter(StoreClient, StorageWriter):
         return future
 
     def _write_items(
-        self,
-        plan: SavePlan,
-        planner: SavePlanner,
-        chunks: _ChunkWriter,
-        written: list[tuple[WriteItem, int]],
-        results: list[WriteResult],
-    ) -> None:
+        self, plan: SavePlan, planner: SavePlanner, chunks: _ChunkWriter
+    ) -> tuple[list[tuple[WriteItem, int]], list[WriteResult]]:
+        """Write the plan's items: ``(tensor item, bytes)`` per tensor, and the plain values'
+        results."""
         entries = _entries_of(plan)
+        written: list[tuple[WriteItem, int]] = []
+        results: list[WriteResult] = []
         for item in plan.items:
             entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
             if item.type == WriteItemType.BYTE_IO:
@@ -244,6 +242,7 @@ class ZarrWriter(StoreClient, StorageWriter):
                 tensor = _host_tensor(planner.resolve_data(item))
                 written.append((item, chunks.write(item, entry, tensor)))
         chunks.drain()
+        return written, results
 
     def _write_value(self, store: Store, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
         value = _lookup(planner, item)
