@@ -1,6 +1,7 @@
 """Single-process save/load: every dtype, plain values, nesting, subset loads, the DCP plugin
 path, and clear errors for each kind of bad input."""
 
+import gc
 import json
 import pathlib
 
@@ -351,3 +352,34 @@ def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
 def _files(root):
     root = pathlib.Path(root)
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+
+
+class _RecordsCollector:
+    """A Stateful that records whether Python's garbage collector runs during save and load."""
+
+    def __init__(self):
+        self.seen: list[bool] = []
+
+    def state_dict(self):
+        self.seen.append(gc.isenabled())
+        return {"x": torch.ones(3)}
+
+    def load_state_dict(self, state):
+        self.seen.append(gc.isenabled())
+
+
+def test_save_and_load_pause_the_garbage_collector_and_restore_it(ckpt):
+    stateful = _RecordsCollector()
+    assert gc.isenabled()
+    zdcp.save({"s": stateful}, ckpt)
+    zdcp.load({"s": stateful}, ckpt)
+    assert stateful.seen == [False, False, False] and gc.isenabled()
+    with pytest.raises(zdcp.CheckpointExistsError):
+        zdcp.save({"s": stateful}, ckpt)
+    assert gc.isenabled(), "re-enabled after a failed save"
+    gc.disable()
+    try:
+        zdcp.save({"s": stateful}, ckpt, overwrite=True)
+        assert not gc.isenabled(), "a collector the caller turned off stays off"
+    finally:
+        gc.enable()

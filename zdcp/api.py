@@ -9,6 +9,7 @@ and errors, which are zdcp's own ``Exception`` subclasses raised on every rank i
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,6 +38,29 @@ T = TypeVar("T")
 _SAVER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdcp-async-save")
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a synchronous save or load, as torch's
+    ``get_state_dict`` does.
+
+    DCP's planning allocates several objects per tensor and shard (plans, items, metadata) that
+    live until the save ends; with the collector on, they trigger collections that scan every
+    object the training process holds (300,000 after importing torch: about 0.1 s here), which
+    landed in the middle of saves. They are freed by reference counting when the save returns,
+    so pausing the collector skips that work rather than deferring it. Not used on an
+    ``async_save``'s background thread, where it would pause collection for the training thread
+    too.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@gc_paused()
 def save(
     state_dict: dict[str, Any],
     checkpoint_id: CheckpointId,
@@ -63,21 +87,12 @@ def save(
             before returning (default, as DCP); ``False`` trades that for speed.
     """
     no_dist = no_dist or not _distributed()
+    writer = ZarrWriter(
+        checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression, sync_files=sync_files
+    )
     plain, error = _attempt(lambda: _stateful_to_state_dict(state_dict))
     _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
-    _save_plain(
-        plain,
-        checkpoint_id,
-        no_dist=no_dist,
-        process_group=process_group,
-        writer=ZarrWriter(
-            checkpoint_id,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            compression=compression,
-            sync_files=sync_files,
-        ),
-    )
+    _save_plain(plain, checkpoint_id, no_dist=no_dist, process_group=process_group, writer=writer)
 
 
 def _save_plain(
@@ -143,6 +158,7 @@ def async_save(
     return _SAVER.submit(in_background)
 
 
+@gc_paused()
 def load(
     state_dict: dict[str, Any],
     checkpoint_id: CheckpointId,
