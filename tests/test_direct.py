@@ -1,6 +1,8 @@
 """Direct row-slab reads equal tensorstore's reads of the same files, for every layout they
 accept, and refuse damaged data as tensorstore does."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,22 @@ def test_direct_writes_take_small_chunks_and_shards_up_to_4_mib(tmp_path, monkey
     state = {"small": torch.ones(10), "large": torch.ones(300, 300), "huge": torch.ones(1100, 1024)}
     zdcp.save(state, tmp_path / "c")
     assert sorted(written) == ["large/c/0/0", "small/c/0"]
+
+
+@pytest.mark.parametrize("sync_files", [True, False])
+def test_large_direct_writes_start_their_write_back_when_the_save_syncs(tmp_path, monkeypatch, sync_files):
+    started = []
+    real = zdcp.direct.start_writeback
+
+    def recording(fd):
+        started.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(zdcp.direct, "start_writeback", recording)
+    state = {"small": torch.ones(10), "large": torch.ones(300, 300)}  # 360 KB: over WRITEBACK_BYTES
+    zdcp.save(state, tmp_path / "c", sync_files=sync_files)
+    if sync_files:
+        assert [p.rsplit("/", 4)[-4:] for p in started] == [["large", "c", "0", "0"]]
+    else:
+        assert started == []
+    assert_bitwise_equal(zdcp.open(tmp_path / "c")["large"][:], state["large"])

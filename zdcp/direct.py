@@ -34,6 +34,7 @@ import numpy as np
 from .dtypes import from_zarr
 from .errors import CorruptCheckpointError
 from .layout import chunk_key
+from .storage import start_writeback
 
 __all__ = ["RowSlabs", "row_slabs", "LocalFiles", "plain_chunks_writable", "inner_chunks_writable", "PLAIN_CODECS"]
 
@@ -140,12 +141,25 @@ def _crc32c(data: np.ndarray) -> int:
     return google_crc32c.value(view)
 
 
-class LocalFiles:
-    """Writes files under a local checkpoint root, creating each directory once."""
+#: Files at least this large start their write-back as soon as they are written (when the save
+#: syncs): the disk then writes one rank's shards while the rank creates its next files, instead
+#: of all of them in the final sync. Smaller files are left to that sync, which writes them in
+#: larger batches. It made a 4-rank FSDP2 save of 1 MiB shards 10-30% faster here
+#: (docs/benchmarks.md).
+WRITEBACK_BYTES = 256 << 10
 
-    def __init__(self, root: str):
+
+class LocalFiles:
+    """Writes files under a local checkpoint root, creating each directory once.
+
+    With ``start_writeback`` (for a save that syncs once its files are written), files of at
+    least :data:`WRITEBACK_BYTES` begin their write-back right away.
+    """
+
+    def __init__(self, root: str, *, start_writeback: bool = False):
         self.root = root
         self._dirs: set[str] = set()
+        self.start_writeback = start_writeback
 
     def write(self, key: str, *parts: bytes | memoryview) -> None:
         """Write the file ``key`` (relative to the root) holding ``parts`` one after another."""
@@ -156,10 +170,14 @@ class LocalFiles:
             self._dirs.add(parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
+            size = 0
             for part in parts:
                 view = memoryview(part).cast("B")
+                size += view.nbytes
                 while view:
                     view = view[os.write(fd, view) :]
+            if self.start_writeback and size >= WRITEBACK_BYTES:
+                start_writeback(fd)
         finally:
             os.close(fd)
 

@@ -283,7 +283,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
-        local = _local_files(store, self.direct_writes)
+        local = _local_files(store, self)
         if local is not None:
             for node, doc in nodes.items():
                 local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
@@ -348,7 +348,7 @@ class _ChunkWriter:
         self.store = store
         self.grids = plan.grids
         self.compression = writer.compression
-        self.local = _local_files(store, writer.direct_writes)
+        self.local = _local_files(store, writer)
         self.window = InflightWindow(writer.max_inflight_bytes)
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
@@ -387,9 +387,11 @@ class _ChunkWriter:
         self.window.settle()
 
 
-def _local_files(store: Store, direct_writes: bool) -> LocalFiles | None:
+def _local_files(store: Store, writer: ZarrWriter) -> LocalFiles | None:
     root = store.local_root
-    return LocalFiles(root) if root is not None and direct_writes else None
+    if root is None or not writer.direct_writes:
+        return None
+    return LocalFiles(root, start_writeback=writer.sync_files)
 
 
 def _entries_of(plan: SavePlan) -> dict[str, Entry]:
