@@ -177,3 +177,27 @@ def test_large_direct_writes_start_their_write_back_when_the_save_syncs(tmp_path
     else:
         assert started == []
     assert_bitwise_equal(zdcp.open(tmp_path / "c")["large"][:], state["large"])
+
+
+def test_local_files_finish_partial_writes_and_make_missing_directories(tmp_path, monkeypatch):
+    """A ``writev`` that writes less than asked (as the kernel may) is continued where it
+    stopped; directories are made as needed, also when another writer made some of them."""
+    real_writev = os.writev
+
+    def short_writev(fd, buffers):
+        budget, head = 7, []
+        for b in buffers:
+            head.append(memoryview(b)[:budget])
+            budget -= head[-1].nbytes
+            if budget == 0:
+                break
+        return real_writev(fd, head)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    parts = [b"abc", b"", bytes(range(256)) * 3, b"xyz" * 5]
+    (tmp_path / "a" / "b").mkdir(parents=True)  # another writer's
+    files = zdcp.direct.LocalFiles(str(tmp_path) + "/")
+    files.write("a/b/c/d/file", *parts)
+    files.write("a/e", b"second")
+    assert (tmp_path / "a/b/c/d/file").read_bytes() == b"".join(parts)
+    assert (tmp_path / "a/e").read_bytes() == b"second"

@@ -157,29 +157,41 @@ class LocalFiles:
     """
 
     def __init__(self, root: str, *, start_writeback: bool = False):
-        self.root = root
-        self._dirs: set[str] = set()
+        self.root = os.path.normpath(root)
+        self._dirs = {self.root}  # known to exist
         self.start_writeback = start_writeback
 
     def write(self, key: str, *parts: bytes | memoryview) -> None:
         """Write the file ``key`` (relative to the root) holding ``parts`` one after another."""
         path = os.path.join(self.root, key)
-        parent = os.path.dirname(path)
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._dirs.add(parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            size = 0
-            for part in parts:
-                view = memoryview(part).cast("B")
-                size += view.nbytes
-                while view:
-                    view = view[os.write(fd, view) :]
+            fd = os.open(path, flags, 0o666)
+        except FileNotFoundError:  # a new directory; tried second, as most files go into existing ones
+            self._make_dirs(os.path.dirname(path))
+            fd = os.open(path, flags, 0o666)
+        try:
+            views = [memoryview(part).cast("B") for part in parts]
+            size = sum(view.nbytes for view in views)
+            _write_all(fd, views)
             if self.start_writeback and size >= WRITEBACK_BYTES:
                 start_writeback(fd)
         finally:
             os.close(fd)
+
+    def _make_dirs(self, directory: str) -> None:
+        """Create ``directory`` and its missing ancestors below the root, top down (where
+        ``os.makedirs`` tries each one bottom up, and stats it, first)."""
+        missing = []
+        while directory not in self._dirs and directory != os.path.dirname(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:  # made by another rank, or another writer of this save
+                pass
+            self._dirs.add(directory)
 
     def write_sharded_chunk(self, key: str, data: np.ndarray, inner: tuple[int, ...]) -> None:
         """Write one whole chunk with the ``sharding_indexed`` codec: its inner chunks of shape
@@ -204,6 +216,23 @@ class LocalFiles:
         host must be little endian, see :func:`plain_chunks_writable`), then their crc32c."""
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         self.write(key, memoryview(raw), _crc32c(raw).to_bytes(4, "little"))
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` in order with as few ``writev`` calls as the kernel allows."""
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        rest = views[len(batch) :]
+        for i, view in enumerate(batch):
+            if written < view.nbytes:
+                rest = [view[written:], *batch[i + 1 :], *rest]
+                break
+            written -= view.nbytes
+        views = rest
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 def inner_chunks_writable(document: dict[str, Any]) -> tuple[int, ...] | None:
