@@ -477,3 +477,53 @@ def test_a_failed_save_leaves_no_write_behind(tmp_path, monkeypatch):
     time.sleep(0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert committed_version(tmp_path / "ckpt") == 1
+
+
+def _files_under(root):
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+def _record_syncs(monkeypatch, events):
+    """Record, at every sync of the filesystem and at the commit's rename, which files the
+    staging directory holds."""
+    import zdcp.staging
+    import zdcp.storage
+
+    real_sync, real_rename = zdcp.storage.FilesystemSync.sync, os.rename
+
+    def sync(self):
+        real_sync(self)  # what exists when the sync starts is covered by it
+        events.append(("sync", _files_under(self.path)))
+
+    def rename(src, dst):
+        if ".zdcp-" in os.path.basename(src):
+            events.append(("commit", _files_under(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(zdcp.storage.FilesystemSync, "sync", sync)
+    monkeypatch.setattr(zdcp.staging.os, "rename", rename)
+
+
+def _synced_before_commit(events):
+    """The files of the commit that no sync before it covered."""
+    commit = next(i for i, (kind, _) in enumerate(events) if kind == "commit")
+    synced = set().union(*(files for kind, files in events[:commit] if kind == "sync"))
+    return events[commit][1] - synced
+
+
+def _rank_syncs_its_writes(rank, world_size, root):
+    events = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _record_syncs(monkeypatch, events)
+        mesh = init_device_mesh("cpu", (world_size,))
+        full = torch.arange(4000.0).reshape(100, 40)
+        zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank], mesh, [Shard(0)])}, root / "c")
+    if rank == 0:
+        assert _synced_before_commit(events) == set()
+    else:  # this rank's own chunk was in the staging directory at its sync
+        assert [kind for kind, _ in events] == ["sync"] and f"w/c/{rank}/0" in events[0][1]
+    assert torch.equal(zdcp.open(root / "c")["w"][:], torch.arange(4000.0).reshape(100, 40))
+
+
+def test_every_rank_syncs_its_own_writes_before_the_commit(tmp_path):
+    run_ranks(2, _rank_syncs_its_writes, tmp_path, timeout=120)

@@ -11,8 +11,9 @@ The save protocol, in DCP's call order:
 2. ``write_data`` (every rank, concurrently): write its own chunks where the save goes, through
    tensorstore (small plain chunks and shards up to 4 MiB as plain files, :mod:`zdcp.direct`),
    with the array metadata known up front, so no rank waits on another and no data passes
-   through the coordinator; then make them durable. Plain values travel back to the coordinator as JSON
-   in the ``WriteResult``s.
+   through the coordinator; then make them durable (the coordinator's own writes to a local
+   checkpoint become durable with the rest at the commit). Plain values travel back to the
+   coordinator as JSON in the ``WriteResult``s.
 3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
    ``zarr.json`` with all of them consolidated, make them durable, and commit: the staging
    directory is renamed into place (or atomically exchanged with the checkpoint it replaces);
@@ -202,13 +203,17 @@ class ZarrWriter(StoreClient, StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank_plan: _RankPlan = plan.storage_data
         store = Store(rank_plan.location)
-        durable = store.filesystem_sync() if self.sync_files else None  # opened before the writes
+        # Each rank's data is durable before it reports success; the coordinator's own with
+        # everything else at the commit (Staging.commit syncs through a handle opened before
+        # any write), which saves a sync of the filesystem per save.
+        syncs_at_commit = isinstance(self._staging, Staging)
+        durable = store.filesystem_sync() if self.sync_files and not syncs_at_commit else None
         chunks = _ChunkWriter(store, rank_plan, self)
         try:
             with storage_access(store.url):
                 written, results = self._write_items(plan, planner, chunks)
             if durable is not None:
-                durable.sync()  # this rank's data is on disk before it reports success
+                durable.sync()
         except BaseException:
             chunks.settle()  # no write of this failed save may land after the caller cleans up
             raise
