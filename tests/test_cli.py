@@ -30,7 +30,7 @@ def test_inspect_tree_and_json(saved, capsys):
     _, ck = saved
     assert main(["inspect", str(ck)]) == 0
     out = capsys.readouterr().out
-    assert "zdcp format 1, committed, saved by 1 rank(s)" in out
+    assert "zdcp format 2, committed, saved by 1 rank(s)" in out
     assert "  w  float32 4x3  chunks 4x3  48 B" in out
     assert "  b  bfloat16 3  chunks 3  6 B" in out
     assert "model/  (group: 2 arrays, 54 B)" in out
@@ -51,11 +51,11 @@ def test_verify_reports_flipped_byte_and_missing_chunk(saved, capsys, tmp_path):
     assert capsys.readouterr().out.startswith("OK: 2 arrays, 2 chunks, 54 B")
     damaged = tmp_path / "damaged"
     shutil.copytree(ck, damaged)
-    chunk = damaged / "model/w/c/0/0"
+    chunk = damaged / "model/w/c.0.0"
     data = bytearray(chunk.read_bytes())
     data[10] ^= 0x40
     chunk.write_bytes(bytes(data))
-    (damaged / "model/b/c/0").unlink()
+    (damaged / "model/b/c.0").unlink()
     assert main(["verify", str(damaged)]) == 1
     out = capsys.readouterr().out
     assert "FAULT model/w chunk 0.0:" in out and "Digest mismatch" in out
@@ -66,12 +66,11 @@ def test_verify_reports_flipped_byte_and_missing_chunk(saved, capsys, tmp_path):
 def test_verify_catches_metadata_faults(saved, capsys, tmp_path):
     _, ck = saved
     (ck / "model/zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
-    (ck / "model/w/c/9").mkdir()
-    (ck / "model/w/c/9/0").write_bytes(b"stray")
+    (ck / "model/w/c.9.0").write_bytes(b"stray")
     assert main(["verify", str(ck)]) == 1
     out = capsys.readouterr().out
     assert "FAULT model: zarr.json differs from the root's consolidated copy" in out
-    assert "unexpected file 'model/w/c/9/0'" in out
+    assert "unexpected file 'model/w/c.9.0'" in out
     (ck / "zarr.json").unlink()
     assert main(["verify", str(ck)]) == 1
     assert "incomplete checkpoint" in capsys.readouterr().out

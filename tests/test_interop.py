@@ -57,7 +57,7 @@ def test_root_document_records_what_load_needs(ckpt):
     zdcp.save({"w": torch.ones(2, dtype=torch.float16)}, ckpt)
     root = json.loads((ckpt / "zarr.json").read_text())
     info = root["attributes"]["zdcp"]
-    assert info["format"] == "zdcp" and info["format_version"] == 1
+    assert info["format"] == "zdcp" and info["format_version"] == 2
     assert info["world_size"] == 1 and info["torch_version"] == torch.__version__
     assert root["consolidated_metadata"]["metadata"]["w"]["attributes"]["zdcp"]["dtype"] == "float16"
     assert b"pickle" not in (ckpt / "zarr.json").read_bytes()
@@ -80,7 +80,7 @@ def test_large_shards_have_checksummed_inner_chunks(ckpt):
     assert sharding["configuration"]["chunk_shape"] == [32, 1024]
     assert {"name": "crc32c"} in sharding["configuration"]["codecs"]
     assert {"name": "crc32c"} in sharding["configuration"]["index_codecs"]
-    assert sorted(p.name for p in (ckpt / "w/c/0").iterdir()) == ["0"]  # still one object per shard
+    assert sorted(p.name for p in (ckpt / "w").iterdir()) == ["c.0.0", "zarr.json"]  # still one object per shard
 
     z = zarr.open_group(ckpt, mode="r")["w"]
     assert z.shards == (1024, 1024) and z.chunks == (32, 1024)
@@ -91,7 +91,7 @@ def test_large_shards_have_checksummed_inner_chunks(ckpt):
     assert_bitwise_equal(zdcp.open(ckpt)["w"][500:520, 7], t[500:520, 7])
 
     # a flipped byte inside one inner chunk: reads that touch it fail, others still work
-    shard = ckpt / "w/c/0/0"
+    shard = ckpt / "w/c.0.0"
     data = bytearray(shard.read_bytes())
     # the index at the end: (offset, nbytes) per inner chunk as little-endian u64, then crc32c
     index = np.frombuffer(bytes(data[-(32 * 16 + 4) : -4]), dtype="<u8").reshape(32, 2)

@@ -119,7 +119,7 @@ def test_save_load_open_verify_on_s3(s3, bucket):
              "step": 1}  # fmt: skip
     zdcp.save(state, url)
     keys = objects(s3, bucket, "run/step_1/")
-    assert "run/step_1/zarr.json" in keys and "run/step_1/model/w/c/0/0" in keys
+    assert "run/step_1/zarr.json" in keys and "run/step_1/model/w/c.0.0" in keys
     assert not any("__zdcp_saving__" in k for k in keys), "the marker goes once committed"
     out = {"model": {"w": torch.zeros(512, 300), "b": torch.zeros(7, dtype=torch.bfloat16)}, "step": 0}
     zdcp.load(out, url)
@@ -135,7 +135,7 @@ def test_save_load_open_verify_on_s3(s3, bucket):
     zdcp.save(state, url, overwrite=True)
     assert zdcp.open(url)["step"] == 2 and zdcp.verify(url).ok
     # damage is still damage on S3
-    s3.put_object(Bucket=bucket, Key="run/step_1/model/b/c/0", Body=b"garbage")
+    s3.put_object(Bucket=bucket, Key="run/step_1/model/b/c.0", Body=b"garbage")
     with pytest.raises(zdcp.CorruptCheckpointError, match="model/b"):
         zdcp.load(out, url)
 
@@ -162,7 +162,7 @@ def test_cli_on_an_s3_path(s3, bucket, capsys, tmp_path):
     zdcp.save({"model": {"w": torch.arange(12.0).reshape(3, 4)}, "step": 3}, url)
     assert cli(["inspect", url]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{url}: zdcp format 1, committed") and "w  float32 3x4" in out
+    assert out.startswith(f"{url}: zdcp format 2, committed") and "w  float32 3x4" in out
     assert cli(["verify", url]) == 0
     assert capsys.readouterr().out.startswith("OK: 1 arrays")
     assert cli(["convert", url, str(tmp_path / "c.pt"), "-q"]) == 0
@@ -226,14 +226,14 @@ def test_an_interrupted_save_on_s3_is_never_loadable(s3, bucket):
     saver.start()
     saver.join(120)
     assert saver.exitcode == -signal.SIGKILL
-    assert any(k.endswith("/w/c/0/0") for k in objects(s3, bucket)), "the chunks were written"
+    assert any(k.endswith("/w/c.0.0") for k in objects(s3, bucket)), "the chunks were written"
     with pytest.raises(zdcp.IncompleteCheckpointError, match="never committed"):
         zdcp.load({"w": torch.zeros(256, 256), "b": torch.zeros(3)}, url)
     assert not zdcp.verify(url).ok
     with pytest.raises(zdcp.CheckpointExistsError, match="interrupted"):
         zdcp.save({"w": torch.ones(2)}, url)
     zdcp.save({"w": torch.ones(2)}, url, overwrite=True)  # clears the leftovers
-    assert objects(s3, bucket) == [f"step_1/{k}" for k in ("w/c/0", "w/zarr.json", "zarr.json")]
+    assert objects(s3, bucket) == [f"step_1/{k}" for k in ("w/c.0", "w/zarr.json", "zarr.json")]
 
 
 def _concurrent(url, version, barrier, results):
@@ -290,8 +290,8 @@ def _load_resharded(rank, world_size, url):
 def test_ranks_write_their_own_chunks_to_s3_and_load_resharded(s3, bucket):
     url = f"s3://{bucket}/sharded"
     run_ranks(3, _save_sharded, url, timeout=180)
-    keys = objects(s3, bucket, "sharded/rows/c/")
-    assert keys == [f"sharded/rows/c/{i}/0" for i in range(3)], "one object per rank's shard"
+    keys = objects(s3, bucket, "sharded/rows/c.")
+    assert keys == [f"sharded/rows/c.{i}.0" for i in range(3)], "one object per rank's shard"
     run_ranks(2, _load_resharded, url, timeout=180)
     g = torch.Generator().manual_seed(1)
     rows = torch.randn(9, 40, generator=g)

@@ -295,6 +295,12 @@ CRAFTED = {  # what is done to the root document, and the error it must give
     "shape of strings": (lambda doc: _node(doc, "w").update(shape=["4"]), zdcp.CorruptCheckpointError),
     "attributes not a dict": (lambda doc: _node(doc, "cfg").update(attributes=[1]), zdcp.CorruptCheckpointError),
     "node type unknown": (lambda doc: _node(doc, "cfg").update(node_type="link"), zdcp.CorruptCheckpointError),
+    "chunk keys escaping": (
+        lambda doc: _node(doc, "w").update(
+            chunk_key_encoding={"name": "default", "configuration": {"separator": "/../"}}
+        ),
+        zdcp.CorruptCheckpointError,
+    ),
     "escaping node name": (
         lambda doc: doc["consolidated_metadata"]["metadata"].update({"../outside": _node(doc, "w")}),
         zdcp.UnsafeError,
@@ -332,7 +338,7 @@ def _damage_cases(path):
     """(description, file, damaged bytes) for each chunk file: a flipped bit at a random place,
     and the file cut short."""
     rng = random.Random(3)
-    for chunk in sorted(p for p in path.rglob("*") if p.is_file() and "/c/" in f"/{p.relative_to(path)}"):
+    for chunk in sorted(p for p in path.rglob("*") if p.is_file() and p.name.split(".")[0] == "c"):
         data = chunk.read_bytes()
         flipped = bytearray(data)
         bit = rng.randrange(len(data) * 8)
@@ -392,7 +398,7 @@ def test_latest_checkpoint_skips_what_a_crash_or_damage_left(tmp_path):
     assert _run(_save_killed_at, tmp_path / "step_20", 20, "before the commit") == -signal.SIGKILL
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    chunk = tmp_path / "step_5" / "model" / "w3" / "c" / "0"
+    chunk = tmp_path / "step_5" / "model" / "w3" / "c.0"
     data = chunk.read_bytes()
     chunk.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # damaged data: only verify sees it
     assert zdcp.latest_checkpoint(tmp_path) == tmp_path / "step_5"
@@ -521,7 +527,7 @@ def _rank_syncs_its_writes(rank, world_size, root):
     if rank == 0:
         assert _synced_before_commit(events) == set()
     else:  # this rank's own chunk was in the staging directory at its sync
-        assert [kind for kind, _ in events] == ["sync"] and f"w/c/{rank}/0" in events[0][1]
+        assert [kind for kind, _ in events] == ["sync"] and f"w/c.{rank}.0" in events[0][1]
     assert torch.equal(zdcp.open(root / "c")["w"][:], torch.arange(4000.0).reshape(100, 40))
 
 

@@ -192,15 +192,49 @@ def test_newer_format_version_is_refused(ckpt):
         zdcp.load({"a": torch.zeros(1)}, ckpt)
 
 
+def _as_format_version_1(ckpt):
+    """Rewrite a checkpoint as format version 1 wrote it: chunk keys separated by "/"
+    (``a/c/0/0``) instead of "." (``a/c.0.0``); nothing else differs."""
+    root = json.loads((ckpt / "zarr.json").read_text())
+    root["attributes"]["zdcp"]["format_version"] = 1
+    for node, doc in root["consolidated_metadata"]["metadata"].items():
+        if doc["node_type"] != "array":
+            continue
+        doc["chunk_key_encoding"]["configuration"]["separator"] = "/"
+        (ckpt / node / "zarr.json").write_text(json.dumps(doc))
+        for chunk in (ckpt / node).glob("c.*"):
+            moved = ckpt / node / "/".join(chunk.name.split("."))
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            chunk.rename(moved)
+    (ckpt / "zarr.json").write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("direct_reads", [True, False])
+def test_format_version_1_checkpoints_still_load(ckpt, direct_reads):
+    state = {"w": torch.randn(300, 300), "b": torch.randn(7), "s": torch.tensor(3.0), "cfg": {"lr": 0.1}}
+    zdcp.save(state, ckpt)
+    _as_format_version_1(ckpt)
+    assert (ckpt / "w/c/0/0").is_file() and (ckpt / "b/c/0").is_file() and not list(ckpt.glob("*/c.*"))
+    out = {"w": torch.zeros(300, 300), "b": torch.zeros(7), "s": torch.tensor(0.0), "cfg": {}}
+    dcp.load(out, storage_reader=zdcp.ZarrReader(ckpt, direct_reads=direct_reads), no_dist=True)
+    for key in ("w", "b", "s"):
+        assert_bitwise_equal(out[key], state[key], key)
+    assert_bitwise_equal(zdcp.open(ckpt)["w"][10:20, 5], state["w"][10:20, 5])
+    report = zdcp.verify(ckpt)
+    assert report.ok and report.chunks == 3, report
+    (ckpt / "w/c/0/0").unlink()
+    assert not zdcp.verify(ckpt).ok
+
+
 def test_corrupt_and_missing_chunks_fail_loudly(ckpt):
     zdcp.save({"w": torch.arange(8.0), "z": torch.zeros(4)}, ckpt)
-    chunk = ckpt / "w/c/0"
+    chunk = ckpt / "w/c.0"
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0x01
     chunk.write_bytes(bytes(data))
     with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
         zdcp.load({"w": torch.zeros(8)}, ckpt)
-    (ckpt / "z/c/0").unlink()  # an all-zero chunk is written too, so its absence is damage
+    (ckpt / "z/c.0").unlink()  # an all-zero chunk is written too, so its absence is damage
     with pytest.raises(zdcp.CorruptCheckpointError, match="'z'"):
         zdcp.load({"z": torch.ones(4)}, ckpt)
 
@@ -277,7 +311,7 @@ def test_empty_state_dict(ckpt):
 def test_damage_is_named_on_the_tensorstore_path_too(ckpt):
     # direct_reads=False reads through tensorstore; the default reads this array directly
     zdcp.save({"w": torch.arange(8.0).reshape(2, 4)}, ckpt)
-    chunk = ckpt / "w/c/0/0"
+    chunk = ckpt / "w/c.0.0"
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0x01
     chunk.write_bytes(bytes(data))
@@ -339,7 +373,7 @@ def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
     zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt)
     (opened_before_writes, staged, before_move), (_, _, after_move) = seen
     assert opened_before_writes == set()
-    assert staged == {"w/c/0", "b/c/0/0", "w/zarr.json", "b/zarr.json", "cfg/zarr.json", "zarr.json"}
+    assert staged == {"w/c.0", "b/c.0.0", "w/zarr.json", "b/zarr.json", "cfg/zarr.json", "zarr.json"}
     assert not before_move and after_move
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
 

@@ -21,7 +21,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .keys import Key, decode_key
-from .layout import ATTR, FORMAT_NAME, FORMAT_VERSION, zdcp_attrs
+from .layout import ATTR, FORMAT_NAME, FORMAT_VERSION, chunk_key, chunk_key_separator, zdcp_attrs
 from .staging import interrupted_saves
 from .storage import METADATA_KEY, Store
 from .tree import DICT, LIST, Entry
@@ -41,6 +41,10 @@ class ArrayNode:
     chunks: tuple[int, ...]
     document: dict[str, Any]
     layout: dict[str, Any] | None
+    separator: str  # of its chunk keys (layout.chunk_key)
+
+    def chunk_key(self, node: str, index: tuple[int, ...]) -> str:
+        return chunk_key(node, index, self.separator)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Catalog:
                     chunks=chunks,
                     document=doc,
                     layout=attrs.get("layout"),
+                    separator=chunk_key_separator(doc),
                 )
                 continue
             types = attrs.get("types", {})

@@ -33,7 +33,7 @@ import numpy as np
 
 from .dtypes import from_zarr
 from .errors import CorruptCheckpointError
-from .layout import chunk_key
+from .layout import chunk_key, chunk_key_separator
 from .storage import start_writeback
 
 __all__ = ["RowSlabs", "row_slabs", "LocalFiles", "plain_chunks_writable", "inner_chunks_writable", "PLAIN_CODECS"]
@@ -54,11 +54,12 @@ class RowSlabs:
     inner_rows: int
     trailing_chunks: int  # dimensions after the first, all in chunk 0
     sharded: bool
+    separator: str  # of the chunk keys
 
     def read(self, root: str, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
         """Read rows ``[start, stop)`` into ``dest`` (a ``(stop - start, row_bytes)`` uint8 view)."""
         for chunk in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
-            key = chunk_key(node, (chunk,) + (0,) * self.trailing_chunks)
+            key = chunk_key(node, (chunk,) + (0,) * self.trailing_chunks, self.separator)
             try:
                 fd = os.open(os.path.join(root, key), os.O_RDONLY)
             except FileNotFoundError:
@@ -121,7 +122,8 @@ def row_slabs(document: dict[str, Any]) -> RowSlabs | None:
             return None
         inner_rows, sharded = config["chunk_shape"][0], True
     itemsize = from_zarr(document["data_type"]).numpy.itemsize
-    return RowSlabs(shape[0], itemsize * math.prod(shape[1:]), chunks[0], inner_rows, len(shape) - 1, sharded)
+    row_bytes = itemsize * math.prod(shape[1:])
+    return RowSlabs(shape[0], row_bytes, chunks[0], inner_rows, len(shape) - 1, sharded, chunk_key_separator(document))
 
 
 def _read_checked(fd: int, offset: int, dest: np.ndarray, where: str, chunk: int) -> None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from .catalog import ArrayNode, Catalog
 from .errors import StorageError, ZdcpError
-from .layout import chunk_key
 from .locations import CheckpointId
 from .storage import METADATA_KEY, Store, storage_access
 
@@ -100,7 +99,7 @@ def _check_array(
     for index in itertools.product(*grid):
         region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape))
         reads.append((index, handle[region].read() if region else handle.read()))
-        keys.add(chunk_key(node, index))
+        keys.add(array.chunk_key(node, index))
     itemsize = array.dtype.numpy.itemsize
     for index, read in reads:
         try:
