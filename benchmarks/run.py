@@ -65,17 +65,18 @@ def fresh(path: Path) -> Path:
 
 
 class NewPaths:
-    """A new path (directory or file) for every save, deleted only when the workload is done.
+    """A new path (directory or file) for every save; nothing is deleted before the run ends.
 
-    Deleting the previous round's checkpoint right before a save slows the save down on ext4
-    without a journal (this VM's root filesystem): for a while, the inode allocator skips
-    recently deleted inodes one by one, which made a save of 2,000 small arrays (about
-    10,000 inodes) 2-5x slower depending on what was deleted before. A training job saves
-    into a new step directory and deletes old ones minutes apart, so the benchmark does too.
+    Deleting checkpoints right before a save slows the save down on ext4 without a journal
+    (this VM's root filesystem): for up to 5 minutes, the inode allocator skips recently
+    deleted inodes one by one, which made a save of 2,000 small arrays (about 10,000 inodes)
+    2-5x slower depending on what was deleted before, and penalises whoever creates the most
+    files. A training job saves into a new step directory and deletes old ones minutes apart;
+    the benchmark saves into new directories and deletes them all when the run is done.
     """
 
     def __init__(self, base: Path):
-        self.base = fresh(base)
+        self.base = base
         self.base.mkdir(parents=True)
         self.count = 0
         self.last: Path | None = None
@@ -84,9 +85,6 @@ class NewPaths:
         self.count += 1
         self.last = self.base / f"{self.count}"
         return self.last
-
-    def remove(self) -> None:
-        fresh(self.base)
 
 
 def interleaved(rounds: int, cases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
@@ -199,8 +197,6 @@ def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[
     size = nbytes(state)
     rows = [_row(name, "save", saves, size), _row(name, "load", loads, size)]
     rows[0]["files"] = {k: files_in(paths[k]) for k in ("zdcp", "dcp")}
-    for d in dirs.values():
-        d.remove()
     return rows
 
 
@@ -300,7 +296,6 @@ def _tensors(state: Any) -> list[torch.Tensor]:
 
 
 def sharded(root: Path, rounds: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    root = fresh(root)
     root.mkdir(parents=True)
     rows, amplification = [], []
     run_ranks(4, sharded_save, root, rounds, root / "save.pt", timeout=1200)
@@ -337,7 +332,7 @@ def files_in(path: Path) -> int:
 def slice_amplification(root: Path) -> dict[str, Any]:
     """A 1% row slice of a 64 MiB tensor saved as 8 shards (one chunk per 'rank')."""
     full = torch.randn(16384, 1024)
-    path = fresh(root / "slice")
+    path = root / "slice"
     run_ranks(8, _save_sharded_tensor, path, full)
     array = zdcp.open(path)["w"]
     rows = slice(5000, 5000 + 164)  # ~1% of the rows
@@ -575,30 +570,39 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"))
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"), help="runs go into a new directory here")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="large,small,sharded,slice,memory,async,s3")
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    run_dir = args.dir / time.strftime("run-%Y%m%d-%H%M%S")  # see NewPaths
+    try:
+        print(run_workloads(chosen, run_dir, args.rounds))
+    finally:
+        fresh(run_dir)
+
+
+def run_workloads(chosen: set[str], root: Path, rounds: int) -> str:
+    """Run the chosen workloads, all their files under ``root``; the report."""
     rows: list[dict[str, Any]] = []
     amplification: list[dict[str, Any]] = []
     mem: list[dict[str, Any]] = []
     if "large" in chosen:
-        rows += single_process("large: 16 x 32 MiB fp32", large_state(), args.dir, args.rounds)
+        rows += single_process("large: 16 x 32 MiB fp32", large_state(), root, rounds)
     if "small" in chosen:
-        rows += single_process("many small: 2000 x 1-4 KiB", small_state(), args.dir, args.rounds)
+        rows += single_process("many small: 2000 x 1-4 KiB", small_state(), root, rounds)
     if "sharded" in chosen:
-        more_rows, more_amp = sharded(args.dir / "sharded", args.rounds)
+        more_rows, more_amp = sharded(root / "sharded", rounds)
         rows += more_rows
         amplification += more_amp
     if "slice" in chosen:
-        amplification.append(slice_amplification(args.dir))
+        amplification.append(slice_amplification(root))
     if "memory" in chosen:
-        mem = memory(args.dir)
-    asynchronous = async_blocking(args.dir, args.rounds) if "async" in chosen else None
-    s3 = s3_requests(args.dir / "s3") if "s3" in chosen else None
-    print(report(rows, amplification, mem, asynchronous, args.dir, s3))
+        mem = memory(root)
+    asynchronous = async_blocking(root, rounds) if "async" in chosen else None
+    s3 = s3_requests(root / "s3") if "s3" in chosen else None
+    return report(rows, amplification, mem, asynchronous, root.parent, s3)
 
 
 if __name__ == "__main__":
