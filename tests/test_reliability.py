@@ -524,10 +524,14 @@ def _rank_syncs_its_writes(rank, world_size, root):
         mesh = init_device_mesh("cpu", (world_size,))
         full = torch.arange(4000.0).reshape(100, 40)
         zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank], mesh, [Shard(0)])}, root / "c")
+    # Every rank syncs once its own chunk is in the staging directory, alongside the others; the
+    # coordinator then syncs the documents before the commit and the rename after it.
+    assert events[0][0] == "sync" and f"w/c.{rank}.0" in events[0][1]
     if rank == 0:
+        assert [kind for kind, _ in events] == ["sync", "sync", "commit", "sync"]
         assert _synced_before_commit(events) == set()
-    else:  # this rank's own chunk was in the staging directory at its sync
-        assert [kind for kind, _ in events] == ["sync"] and f"w/c.{rank}.0" in events[0][1]
+    else:
+        assert [kind for kind, _ in events] == ["sync"]
     assert torch.equal(zdcp.open(root / "c")["w"][:], torch.arange(4000.0).reshape(100, 40))
 
 

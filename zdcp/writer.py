@@ -11,7 +11,7 @@ The save protocol, in DCP's call order:
 2. ``write_data`` (every rank, concurrently): write its own chunks where the save goes, through
    tensorstore (small plain chunks and shards up to 4 MiB as plain files, :mod:`zdcp.direct`),
    with the array metadata known up front, so no rank waits on another and no data passes
-   through the coordinator; then make them durable (the coordinator's own writes to a local
+   through the coordinator; then make them durable (a single process's writes to a local
    checkpoint become durable with the rest at the commit). Plain values travel back to the
    coordinator as JSON in the ``WriteResult``s.
 3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
@@ -203,10 +203,12 @@ class ZarrWriter(StoreClient, StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank_plan: _RankPlan = plan.storage_data
         store = Store(rank_plan.location)
-        # Each rank's data is durable before it reports success; the coordinator's own with
-        # everything else at the commit (Staging.commit syncs through a handle opened before
-        # any write), which saves a sync of the filesystem per save.
-        syncs_at_commit = isinstance(self._staging, Staging)
+        # Each rank's data is durable before it reports success. A single process's becomes
+        # durable with everything else at the commit instead (Staging.commit syncs through a
+        # handle opened before any write): one sync of the filesystem per save, not two. With
+        # several ranks the coordinator syncs here too, alongside the others (on other hosts,
+        # its sync at the commit would only start once theirs are done).
+        syncs_at_commit = isinstance(self._staging, Staging) and self._world_size == 1
         durable = store.filesystem_sync() if self.sync_files and not syncs_at_commit else None
         chunks = _ChunkWriter(store, rank_plan, self)
         try:
