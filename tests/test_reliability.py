@@ -295,6 +295,10 @@ CRAFTED = {  # what is done to the root document, and the error it must give
     "shape of strings": (lambda doc: _node(doc, "w").update(shape=["4"]), zdcp.CorruptCheckpointError),
     "attributes not a dict": (lambda doc: _node(doc, "cfg").update(attributes=[1]), zdcp.CorruptCheckpointError),
     "node type unknown": (lambda doc: _node(doc, "cfg").update(node_type="link"), zdcp.CorruptCheckpointError),
+    "format version a bool": (
+        lambda doc: doc["attributes"]["zdcp"].update(format_version=True),
+        zdcp.CorruptCheckpointError,
+    ),
     "chunk keys escaping": (
         lambda doc: _node(doc, "w").update(
             chunk_key_encoding={"name": "default", "configuration": {"separator": "/../"}}

@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.distributed_c10d import _get_object_coll_device
 
 from .errors import DistributedError, ZdcpError
 from .locations import CheckpointId
@@ -244,19 +245,15 @@ def _agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.Pro
     outcomes: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
     failed = {rank: RuntimeError(message) for rank, message in enumerate(outcomes) if message is not None}
-    if failed:
-        rank = min(failed)
-        raise DistributedError(
-            f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {failed[rank]}", dict(failed)
-        ) from error
+    rank = min(failed)
+    raise DistributedError(f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {failed[rank]}", failed) from error
 
 
 def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where a tensor for a collective over ``group`` lives: the current GPU for a NCCL-only
-    group, the CPU otherwise (gloo, or a group with a CPU backend beside NCCL)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where a tensor for a collective over ``group`` lives: the device that torch's own object
+    collectives use (the CPU when the group has a CPU backend, else its accelerator's current
+    device, as for NCCL alone)."""
+    return torch.device(_get_object_coll_device(group))
 
 
 def _distributed() -> bool:

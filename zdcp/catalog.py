@@ -108,7 +108,9 @@ class Catalog:
         if info is None or info.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"{where}/zarr.json is not the root of a zdcp checkpoint")
         version = info.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or version < 1:
+            raise CorruptCheckpointError(f"{where}/zarr.json: format_version {version!r} is not a format version")
+        if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"{where} was written in zdcp format version {version!r}; this zdcp reads up to "
                 f"{FORMAT_VERSION}: upgrade zdcp"

@@ -22,6 +22,7 @@ docs/format.md specifies.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -225,6 +226,8 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
     while views:
         batch = views[:_IOV_MAX]
         written = os.writev(fd, batch)
+        if written == 0 and any(view.nbytes for view in batch):
+            raise OSError(errno.EIO, "writev wrote nothing")
         rest = views[len(batch) :]
         for i, view in enumerate(batch):
             if written < view.nbytes:
@@ -235,6 +238,8 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
+if _IOV_MAX < 1:  # no limit
+    _IOV_MAX = 1024
 
 
 def inner_chunks_writable(document: dict[str, Any]) -> tuple[int, ...] | None:

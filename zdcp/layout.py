@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "zdcp"
-#: Bumped on any change that an older reader would misread (docs/format.md, section 4, lists
+#: Bumped on any change that an older reader would misread (docs/format.md, section 5, lists
 #: the versions). Readers read every version up to this one.
 FORMAT_VERSION = 2
 #: Chunk keys use the default encoding with this separator: chunk ``(i, j)`` of array ``a/b``
