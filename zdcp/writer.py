@@ -347,9 +347,9 @@ _DIRECT_SHARD_BYTES = 4 << 20
 
 
 class _ChunkWriter:
-    """One rank's chunk writes into the staging directory: small plain chunks of a local
-    checkpoint as plain files (:mod:`zdcp.direct`), the rest through tensorstore with a window
-    of writes in flight."""
+    """One rank's chunk writes into the staging directory: small plain chunks and shards up to
+    :data:`_DIRECT_SHARD_BYTES` of a local checkpoint as plain files (:mod:`zdcp.direct`), the
+    rest through tensorstore with a window of writes in flight."""
 
     def __init__(self, store: Store, plan: _RankPlan, writer: ZarrWriter):
         self.store = store
