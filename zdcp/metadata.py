@@ -1,0 +1,74 @@
+"""What zdcp's storage plugins and planners hand each other through DCP: plain dataclasses, as
+in DCP's own ``metadata.py``.
+
+Save: the coordinator's writer tells each rank where to write in ``SavePlan.storage_data``
+(:class:`RankPlan`); each rank reports every plain value back in ``WriteResult.storage_data``
+(:class:`StoredValue` or :class:`PickledValue`; a tensor's is its placement record).
+
+Load: ``Metadata.storage_data`` of :class:`~zdcp.ZarrReader` is :class:`CatalogViews`, the
+checkpoint's leaves under both FQN schemes; :class:`~zdcp.planner.ZarrLoadPlanner` plans
+against its node-path view, DCP's own planners against the dotted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RankPlan", "StoredValue", "PickledValue", "ValueSource", "CatalogView", "CatalogViews"]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Where a rank writes (a kvstore spec: the pending directory, or the object-store
+    prefix), and the chunk grid of every array it writes."""
+
+    location: dict[str, Any]
+    grids: dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    """A plain value on its way to the coordinator: its JSON and its type descriptor."""
+
+    json: Any
+    desc: Any
+
+
+@dataclass(frozen=True)
+class PickledValue:
+    """A value the rank stored as a pickle in a uint8 array of ``nbytes`` bytes."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ValueSource:
+    """Where one FQN's data comes from: an array node, or part of a plain value."""
+
+    node: str
+    subpath: tuple[Any, ...] = ()
+
+
+@dataclass
+class CatalogView:
+    """A checkpoint's leaves described to DCP under one FQN scheme."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    sources: dict[str, ValueSource] = field(default_factory=dict)
+
+    def add(self, fqn: str, md: Any, source: ValueSource, path: tuple[Any, ...]) -> None:
+        self.metadata[fqn], self.sources[fqn], self.paths[fqn] = md, source, path
+
+
+@dataclass(frozen=True)
+class CatalogViews:
+    """Both FQN schemes: node paths (zdcp's planners) and DCP's dotted FQNs.
+
+    Kept apart because the two can disagree: DCP splits a list of dicts into one item per leaf
+    and reads a dotted name that zdcp may hold as another node's path.
+    """
+
+    nodes: CatalogView
+    dotted: CatalogView

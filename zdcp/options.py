@@ -1,0 +1,35 @@
+"""How a save writes: the options every save path takes (``zdcp.save``, ``zdcp.async_save``,
+``ZarrWriter`` and the conversions in ``zdcp.format_utils``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .format.codecs import COMPRESSIONS
+
+__all__ = ["SaveOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveOptions:
+    """Options of a save, passed as keyword arguments to every save function.
+
+    Attributes:
+        overwrite: replace a committed checkpoint at the target (atomically on local paths);
+            without it such a save raises :class:`~zdcp.CheckpointExistsError`.
+        allow_pickle: store values that JSON cannot hold as pickles instead of refusing them.
+        compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
+        sync_files: make every rank's data durable before the commit record is written, and
+            the commit record before the save returns (as DCP's ``FileSystemWriter``). Off, a
+            power loss soon after a save may lose a checkpoint that reads as committed.
+    """
+
+    overwrite: bool = False
+    allow_pickle: bool = False
+    compression: str | None = None
+    sync_files: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {self.compression!r}")

@@ -1,0 +1,253 @@
+"""The commit protocol: where a save writes, and how its result becomes the checkpoint.
+
+A save never writes into the checkpoint's own directory. The coordinator creates a new hidden
+sibling, the *pending directory* ``.<name>.zdcp-<id>`` (``<id>`` is random, so concurrent saves
+never share one), every rank writes its chunks there, the coordinator writes the ``zarr.json``
+documents there with the root document last, and then the commit moves the whole directory
+into place with one rename:
+
+- no checkpoint at the path (or an empty directory): ``rename``;
+- a committed checkpoint, found when the save began or committed by another save since, and
+  ``overwrite``: ``renameat2(RENAME_EXCHANGE)`` swaps the two directories atomically, and the
+  replaced checkpoint, now under the pending name, is deleted. A load that starts finds the
+  old checkpoint or the new one, never neither and never a mix (a reader already reading
+  while the checkpoint is replaced may read the new chunks: replace only what nobody reads).
+  Where the filesystem cannot exchange (not Linux, or NFS), the old one is renamed aside first
+  (and back if the second rename fails), so the path is missing between the two renames;
+  docs/reliability.md says what is left after a crash;
+- a committed checkpoint without ``overwrite`` (another save committed since this one began):
+  the save is discarded with :class:`~zdcp.CheckpointExistsError`.
+
+So a crash at any moment leaves the previous checkpoint untouched, plus at most a pending
+directory that nothing loads (:func:`~zdcp.storage.committed.interrupted_saves` finds them).
+zdcp deletes only a committed zdcp checkpoint that a save with ``overwrite`` replaced (its whole
+directory, files added to it since included), and the pending directory of a save that failed.
+
+**Object stores** (``s3://``, ``gs://``, ``memory://``) have no rename. There a save writes in
+place, under the checkpoint's own prefix, and the root document, written last, is the commit
+(:class:`InPlaceSave`). The coordinator first creates the marker ``__zdcp_saving__`` with a
+conditional write that succeeds only if it does not exist yet, so of two saves started at the
+same time one fails cleanly; a later save finds the marker of an interrupted (or running) one
+and refuses unless ``overwrite``. Replacing a committed checkpoint deletes its root document
+first, so no load that starts finds the old root over new chunks, and then the old objects: on an
+object store, the old checkpoint is gone before the new one commits (save each step under a
+new prefix to keep the previous one until then).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import tensorstore as ts
+
+from ..errors import CheckpointExistsError, UsageError, ZdcpError
+from ..format.constants import METADATA_KEY, SAVING_MARKER
+from ..format.documents import zdcp_attrs
+from .committed import local_contents, pending_name
+from .oscalls import FilesystemSync, exchange
+from .store import Store, encode_json
+
+__all__ = ["LocalSave", "InPlaceSave", "begin_save"]
+
+
+@dataclass(frozen=True)
+class LocalSave:
+    """A local save in progress: the pending directory ``path`` is written, then committed to
+    ``target``."""
+
+    target: str
+    path: str
+    overwrite: bool
+    durable: FilesystemSync  # opened when the pending directory was created, before any write
+
+    @property
+    def location(self) -> dict[str, Any]:
+        """The kvstore spec the ranks write into."""
+        return {"driver": "file", "path": self.path + "/"}
+
+    def commit(self, root: dict[str, Any], *, sync: bool) -> None:
+        """Write the root document into the pending directory, make everything durable (when
+        ``sync``), and move it to the target (see the module docstring), deciding by what the
+        target holds now: another save may have committed there since this one began. Until the
+        move succeeds, a failure removes the pending directory."""
+        try:
+            store = Store(self.location)
+            store.write_json(METADATA_KEY, root)
+            store.delete(SAVING_MARKER)
+            if sync:
+                self.durable.sync()  # everything written is on disk before the move
+            try:
+                os.rename(self.path, self.target)  # no target, or an empty directory
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                self._replace()
+        except BaseException:
+            self.abandon()
+            raise
+        try:
+            if sync:
+                self.durable.sync()  # the new name survives a crash (same filesystem)
+        finally:
+            self.durable.close()
+
+    def _replace(self) -> None:
+        if not self.overwrite or local_contents(self.target) != "committed":
+            raise CheckpointExistsError(
+                f"{self.target} was written by another save while this one ran; this save is discarded"
+            )
+        if exchange(self.path, self.target):
+            _delete_replaced(self.path)
+            return
+        aside = pending_name(self.target)
+        os.rename(self.target, aside)
+        try:
+            os.rename(self.path, self.target)
+        except BaseException:
+            os.rename(aside, self.target)  # put the previous checkpoint back
+            raise
+        _delete_replaced(aside)
+
+    def abandon(self) -> None:
+        """Delete the pending directory of a failed save."""
+        self.durable.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class InPlaceSave:
+    """A save written in place under an object store prefix (see the module docstring).
+
+    ``generation`` is the storage generation of this save's marker: the save owns the prefix
+    while the marker is unchanged, and commits or cleans up only then.
+    """
+
+    store: Store
+    generation: bytes
+
+    @property
+    def location(self) -> dict[str, Any]:
+        return self.store.spec
+
+    def commit(self, root: dict[str, Any], *, sync: bool) -> None:
+        """Write the root document, the commit, if the prefix is still this save's; then
+        remove the marker (a failure there only leaves a harmless marker beside the root)."""
+        self._check_owned()
+        try:
+            self.store.write_json(METADATA_KEY, root)
+        except BaseException:
+            self.abandon()
+            raise
+        try:
+            self.store.wait(self.store.kv.write(SAVING_MARKER, None, if_equal=self.generation))
+        except ZdcpError as e:
+            warnings.warn(f"{self.store.url} is committed, but its save marker stays: {e}", stacklevel=3)
+
+    def abandon(self) -> None:
+        """Delete what a failed save wrote, its marker included, unless another save has taken
+        the prefix over (``overwrite``) since: then what is there is that save's."""
+        try:
+            self._check_owned()
+        except CheckpointExistsError:
+            return
+        self.store.wait(self.store.kv.delete_range(ts.KvStore.KeyRange()))
+
+    def _check_owned(self) -> None:
+        found = self.store.wait(self.store.kv.read(SAVING_MARKER))
+        if found.state != "value" or found.stamp.generation != self.generation:
+            raise CheckpointExistsError(
+                f"another save to {self.store.url} took it over while this one ran; this save is not committed"
+            )
+
+
+def begin_save(store: Store, *, overwrite: bool, marker: dict[str, object]) -> LocalSave | InPlaceSave:
+    """Check that a save may go to ``store``'s location, then prepare it: a pending directory
+    beside a local target, the in-progress marker under an object store prefix.
+
+    Raises :class:`~zdcp.CheckpointExistsError` when the target holds a committed checkpoint
+    (without ``overwrite``), an interrupted or running save (object stores, without
+    ``overwrite``), or anything zdcp did not write (always).
+    """
+    if store.local_root is None:
+        return _begin_in_place(store, overwrite=overwrite, marker=marker)
+    return _begin_beside(store.local_root.rstrip("/"), overwrite=overwrite, marker=marker)
+
+
+def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object]) -> InPlaceSave:
+    url = store.url
+    if not store.spec["path"]:
+        # Replacing or cleaning up would delete every object of the bucket (or memory store).
+        raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
+    try:
+        root = store.read_json(METADATA_KEY)
+    except ValueError:  # not JSON: certainly not a checkpoint of ours
+        raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
+    found = store.wait(store.kv.read(SAVING_MARKER))
+    if root is not None:
+        if zdcp_attrs(root) is None:
+            raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+        if not overwrite:
+            raise CheckpointExistsError(f"{url} already holds a committed checkpoint; pass overwrite=True")
+    elif found.state == "value":
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
+                "(make sure no other save to it is running)"
+            )
+    elif not store.is_empty():
+        raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
+    # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
+    expected = found.stamp.generation if found.state == "value" else _NO_VALUE
+    written = store.wait(store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
+    if not written.generation:
+        raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
+    in_place = InPlaceSave(store, written.generation)
+    if root is not None:
+        store.delete(METADATA_KEY)  # un-commit first: no load finds the old root over new chunks
+    # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
+    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
+    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
+    return in_place
+
+
+#: tensorstore's storage generation of a key that has no value: a write on this condition
+#: creates the key only if it does not exist (S3 ``If-None-Match: *``).
+_NO_VALUE = b"\x02"
+
+
+def _begin_beside(target: str, *, overwrite: bool, marker: dict[str, object]) -> LocalSave:
+    """The pending directory of a local save, with the in-progress ``marker`` in it."""
+    target = os.path.realpath(target)
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise CheckpointExistsError(f"{target} exists and is not a directory")
+        kind = local_contents(target)
+        if kind == "other":
+            raise CheckpointExistsError(f"{target} is not empty and holds no zdcp checkpoint; not replacing it")
+        if kind == "foreign":
+            raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+        if kind == "committed" and not overwrite:
+            raise CheckpointExistsError(f"{target} already holds a committed checkpoint; pass overwrite=True")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    path = pending_name(target)
+    os.mkdir(path)
+    durable = FilesystemSync(path)
+    with open(os.path.join(path, SAVING_MARKER), "w") as f:
+        json.dump({**marker, "target": target}, f)
+    return LocalSave(target, path, overwrite, durable)
+
+
+def _delete_replaced(directory: str) -> None:
+    """Delete the checkpoint a commit replaced. The new one is in place by now, so a failure
+    here only leaves the old one behind (under a pending name), with a warning."""
+    try:
+        if local_contents(directory) in ("committed", "empty"):
+            shutil.rmtree(directory)
+    except OSError as e:
+        warnings.warn(f"the replaced checkpoint was left at {directory}: {e}", stacklevel=3)

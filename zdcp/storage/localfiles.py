@@ -1,0 +1,230 @@
+"""Plain chunk files in a local directory, written and read without tensorstore.
+
+**Reads.** tensorstore decodes every chunk into a buffer of its own and then copies it into the
+destination: two passes over the data, plus the buffers. For the common case this module makes
+it one: a local file, plain chunks (:func:`zdcp.format.codecs.plain_encoding`), chunks and inner
+chunks cut along the first dimension only (FSDP's ``Shard(0)``, replicated and single-process
+tensors), and a contiguous CPU destination of the stored dtype for a slab of whole rows. Each
+(inner) chunk's bytes are read with ``preadv`` straight into the destination rows and checked
+there against their crc32c; a chunk only partly needed is read into a small buffer first.
+
+**Writes.** A save of thousands of small tensors is thousands of small files; through
+tensorstore each costs an array open, a lock file and a rename, several times the file write
+itself. :class:`LocalFiles` writes plain chunks (shards included, encoded here byte for byte as
+tensorstore does) and the nodes' ``zarr.json`` as plain files instead. No rename is needed for
+atomicity: every file of a save is new (it goes into the save's own pending directory), and the
+checkpoint only counts once that directory is committed, renamed into place (docs/format.md,
+section 5).
+
+Anything else goes through tensorstore. Both write and read the files docs/format.md specifies.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from ..errors import CorruptCheckpointError
+from ..format.codecs import plain_encoding
+from ..format.documents import chunk_key, chunk_key_separator
+from ..format.dtypes import from_zarr
+from .oscalls import start_writeback
+
+__all__ = ["RowSlabs", "row_slabs", "LocalFiles"]
+
+_MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
+
+
+@dataclass(frozen=True)
+class RowSlabs:
+    """How an array's rows lie in its chunk files: ``chunk_rows`` rows per chunk (file), split
+    into inner chunks of ``inner_rows`` rows (equal when the array has no inner chunks)."""
+
+    rows: int
+    row_bytes: int
+    chunk_rows: int
+    inner_rows: int
+    trailing_chunks: int  # dimensions after the first, all in chunk 0
+    sharded: bool
+    separator: str  # of the chunk keys
+
+    def read(self, root: str, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+        """Read rows ``[start, stop)`` into ``dest`` (a ``(stop - start, row_bytes)`` uint8 view)."""
+        for chunk in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+            key = chunk_key(node, (chunk,) + (0,) * self.trailing_chunks, self.separator)
+            try:
+                fd = os.open(os.path.join(root, key), os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is missing ({key})") from None
+            try:
+                self._read_chunk(fd, chunk, where, start, stop, dest)
+            finally:
+                os.close(fd)
+
+    def _read_chunk(self, fd: int, chunk: int, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+        first = chunk * self.chunk_rows
+        entries = self._index(fd, chunk, where)
+        for inner, (offset, nbytes) in enumerate(entries):
+            lo = first + inner * self.inner_rows
+            hi = lo + self.inner_rows
+            if hi <= start or lo >= stop or lo >= self.rows:
+                continue
+            if offset == _MISSING or nbytes != self.inner_rows * self.row_bytes + 4:
+                raise CorruptCheckpointError(f"array {where!r}: chunk {chunk}, inner chunk {inner}: missing or damaged")
+            if start <= lo and hi <= stop:  # the whole inner chunk lands in the destination
+                _read_checked(fd, offset, dest[lo - start : hi - start], where, chunk)
+            else:  # partly needed, or padded past the array's end: through a small buffer
+                buffer = np.empty((self.inner_rows, self.row_bytes), dtype=np.uint8)
+                _read_checked(fd, offset, buffer, where, chunk)
+                a, b = max(lo, start), min(hi, stop, self.rows)
+                dest[a - start : b - start] = buffer[a - lo : b - lo]
+
+    def _index(self, fd: int, chunk: int, where: str) -> list[tuple[int, int]]:
+        """``(offset, nbytes)`` of each inner chunk, from the checksummed index at the end."""
+        size = os.fstat(fd).st_size
+        if not self.sharded:
+            return [(0, size)]
+        count = self.chunk_rows // self.inner_rows
+        length = count * 16 + 4
+        raw = os.pread(fd, length, size - length) if size >= length else b""
+        if len(raw) != length or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} has a damaged shard index")
+        table = np.frombuffer(raw[:-4], dtype="<u8").reshape(count, 2)
+        return [(int(o), int(n)) for o, n in table]
+
+
+def row_slabs(document: dict[str, Any]) -> RowSlabs | None:
+    """The row-slab layout of an array from its ``zarr.json``, or None when it has another."""
+    shape = document["shape"]
+    chunks = document["chunk_grid"]["configuration"]["chunk_shape"]
+    encoding = plain_encoding(document)
+    if encoding is None or not shape or math.prod(shape) == 0 or list(chunks[1:]) != list(shape[1:]):
+        return None
+    inner = encoding.inner
+    if inner is not None and list(inner[1:]) != list(shape[1:]):
+        return None
+    itemsize = from_zarr(document["data_type"]).numpy.itemsize
+    row_bytes = itemsize * math.prod(shape[1:])
+    inner_rows = chunks[0] if inner is None else inner[0]
+    separator = chunk_key_separator(document)
+    return RowSlabs(shape[0], row_bytes, chunks[0], inner_rows, len(shape) - 1, inner is not None, separator)
+
+
+def _read_checked(fd: int, offset: int, dest: np.ndarray, where: str, chunk: int) -> None:
+    """Read ``dest.nbytes`` bytes at ``offset`` into ``dest``, then the 4-byte crc32c after
+    them, and check it against the bytes now in ``dest``."""
+    tail = bytearray(4)
+    got = os.preadv(fd, [memoryview(dest).cast("B"), tail], offset)
+    if got != dest.nbytes + 4:
+        raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is truncated")
+    if _crc32c(dest) != int.from_bytes(tail, "little"):
+        raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} fails its crc32c checksum")
+
+
+def _crc32c(data: np.ndarray) -> int:
+    view = data.view()
+    view.flags.writeable = False  # google_crc32c reads read-only buffers without copying
+    return google_crc32c.value(view)
+
+
+#: Files at least this large start their write-back as soon as they are written (when the save
+#: syncs): the disk then writes one rank's shards while the rank creates its next files, instead
+#: of all of them in the final sync. Smaller files are left to that sync, which writes them in
+#: larger batches.
+WRITEBACK_BYTES = 256 << 10
+
+
+class LocalFiles:
+    """Writes files under a local checkpoint root, creating each directory once.
+
+    With ``start_writeback`` (for a save that syncs once its files are written), files of at
+    least :data:`WRITEBACK_BYTES` begin their write-back right away.
+    """
+
+    def __init__(self, root: str, *, start_writeback: bool = False):
+        self.root = os.path.normpath(root)
+        self._dirs = {self.root}  # known to exist
+        self.start_writeback = start_writeback
+
+    def write(self, key: str, *parts: bytes | memoryview) -> None:
+        """Write the file ``key`` (relative to the root) holding ``parts`` one after another."""
+        path = os.path.join(self.root, key)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileNotFoundError:  # a new directory; tried second, as most files go into existing ones
+            self._make_dirs(os.path.dirname(path))
+            fd = os.open(path, flags, 0o666)
+        try:
+            views = [memoryview(part).cast("B") for part in parts]
+            size = sum(view.nbytes for view in views)
+            _write_all(fd, views)
+            if self.start_writeback and size >= WRITEBACK_BYTES:
+                start_writeback(fd)
+        finally:
+            os.close(fd)
+
+    def _make_dirs(self, directory: str) -> None:
+        """Create ``directory`` and its missing ancestors below the root, top down (where
+        ``os.makedirs`` tries each one bottom up, and stats it, first)."""
+        missing = []
+        while directory not in self._dirs and directory != os.path.dirname(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:  # made by another rank, or another writer of this save
+                pass
+            self._dirs.add(directory)
+
+    def write_sharded_chunk(self, key: str, data: np.ndarray, inner: tuple[int, ...]) -> None:
+        """Write one whole chunk with the ``sharding_indexed`` codec: its inner chunks of shape
+        ``inner`` in C order, each as its bytes and their crc32c, then the index of
+        ``(offset, nbytes)`` pairs (little-endian uint64, C order) and its crc32c; what
+        tensorstore writes for a whole shard, byte for byte."""
+        grid = [n // i for n, i in zip(data.shape, inner)]
+        parts: list[bytes | memoryview] = []
+        index = np.empty((*grid, 2), dtype="<u8")
+        offset = 0
+        for position in np.ndindex(*grid):
+            block = data[tuple(slice(p * i, (p + 1) * i) for p, i in zip(position, inner))]
+            raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+            parts += [memoryview(raw), _crc32c(raw).to_bytes(4, "little")]
+            index[position] = (offset, raw.size + 4)
+            offset += raw.size + 4
+        table = index.reshape(-1).view(np.uint8)
+        self.write(key, *parts, memoryview(table), _crc32c(table).to_bytes(4, "little"))
+
+    def write_plain_chunk(self, key: str, data: np.ndarray) -> None:
+        """Write one whole chunk with the plain codec chain: ``data``'s bytes in C order (the
+        host must be little endian, see :func:`~zdcp.format.codecs.plain_encoding`), then their crc32c."""
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self.write(key, memoryview(raw), _crc32c(raw).to_bytes(4, "little"))
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` in order with as few ``writev`` calls as the kernel allows."""
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        if written == 0 and any(view.nbytes for view in batch):
+            raise OSError(errno.EIO, "writev wrote nothing")
+        rest = views[len(batch) :]
+        for i, view in enumerate(batch):
+            if written < view.nbytes:
+                rest = [view[written:], *batch[i + 1 :], *rest]
+                break
+            written -= view.nbytes
+        views = rest
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+if _IOV_MAX < 1:  # no limit
+    _IOV_MAX = 1024

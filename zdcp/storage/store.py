@@ -1,0 +1,176 @@
+"""Where a checkpoint lives: a tensorstore key-value store and the JSON documents in it.
+
+Everything zdcp reads or writes goes through a tensorstore kvstore spec rooted at the checkpoint
+(:mod:`zdcp.locations`), so the same code serves local directories and object stores. Array
+data goes through tensorstore's ``zarr3`` driver over ``node_spec(node)`` (or, for local files,
+:mod:`zdcp.storage.localfiles`); the ``zarr.json`` documents are written and read here, as whole JSON
+values. A request the storage refuses or fails becomes a :class:`~zdcp.StorageError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import tensorstore as ts
+
+from ..errors import CorruptCheckpointError, StorageError, UsageError
+from ..locations import CheckpointId, kvstore_spec, url_of
+from .oscalls import FilesystemSync
+
+__all__ = ["Store", "store_for", "encode_json", "reading", "storage_access"]
+
+_MEMORY = ts.Context()
+
+
+class Store:
+    """One checkpoint's key-value store, with a shared tensorstore context.
+
+    The context is shared by every array opened through this store so that all chunk I/O of a
+    save or load draws on one pool of file-I/O and copy threads.
+
+    Writes are not synced one by one (tensorstore's ``file_io_sync`` is off): a writer that
+    needs them on disk syncs the filesystem once its writes are done (:meth:`filesystem_sync`),
+    which costs about what a single ``fsync`` does, where a save of thousands of small chunk
+    files and ``zarr.json`` documents would otherwise ``fsync`` each one.
+    """
+
+    def __init__(self, checkpoint_id: CheckpointId):
+        self.checkpoint_id = checkpoint_id
+        self.spec = kvstore_spec(checkpoint_id)
+        # memory:// stores live in a context: one for the process, so that they outlive a call
+        self.context = _MEMORY if self.spec["driver"] == "memory" else ts.Context({"file_io_sync": False})
+        self._kv: ts.KvStore | None = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    @property
+    def url(self) -> str:
+        """A human-readable name for messages: the local path, or the URL."""
+        return url_of(self.spec)
+
+    @property
+    def kv(self) -> ts.KvStore:
+        if self._kv is None:
+            self._kv = self.wait(ts.KvStore.open(self.spec, context=self.context))
+        return self._kv
+
+    def wait(self, future: ts.Future) -> Any:
+        """``future.result()`` of a key-value operation (or an open), with any failure raised
+        as a StorageError: these carry no checkpoint data whose damage could be the cause."""
+        try:
+            return future.result()
+        except ValueError as e:
+            raise StorageError(f"{self.url}: {_short(e)}") from None
+
+    @property
+    def local_root(self) -> str | None:
+        """The root directory when the checkpoint is in the local filesystem, else None."""
+        return self.spec["path"] if self.spec["driver"] == "file" else None
+
+    def node_spec(self, node: str) -> dict[str, Any]:
+        """The kvstore spec of a node's directory (``node`` is a "/"-joined node path)."""
+        return {**self.spec, "path": self.spec["path"] + (node + "/" if node else "")}
+
+    def open_array(self, node: str, metadata: dict[str, Any], *, write: bool = False) -> ts.Future:
+        """Open the array at ``node`` from metadata already known, without touching storage.
+
+        Writing stores every chunk, all-zero ones included, so that a missing chunk file always
+        means damage; reading treats a missing chunk file as an error, never as zeros.
+        """
+        spec: dict[str, Any] = {"driver": "zarr3", "kvstore": self.node_spec(node), "metadata": metadata}
+        if write:
+            spec["store_data_equal_to_fill_value"] = True
+        else:
+            spec["fill_missing_data_reads"] = False
+        return ts.open(spec, open=True, assume_metadata=True, read=not write, write=write, context=self.context)
+
+    def read_json(self, key: str) -> Any | None:
+        """The parsed JSON document at ``key``, or None when there is none."""
+        result = self.wait(self.kv.read(key))
+        if result.state != "value":
+            return None
+        return json.loads(result.value)
+
+    def write_json_async(self, key: str, doc: Any) -> ts.Future:
+        """Write one JSON document (atomically replacing any old one)."""
+        return self.kv.write(key, encode_json(doc))
+
+    def write_json(self, key: str, doc: Any) -> None:
+        self.wait(self.write_json_async(key, doc))
+
+    def delete(self, key: str) -> None:
+        self.wait(self.kv.write(key, None))
+
+    def is_empty(self) -> bool:
+        return not self.wait(self.kv.list())
+
+    def filesystem_sync(self) -> FilesystemSync | None:
+        """For a local checkpoint, a handle that makes writes under the root durable; open it
+        before writing (see :class:`FilesystemSync`). None for an object store, which has made
+        a write durable when it acknowledges it."""
+        return FilesystemSync(self.local_root) if self.local_root is not None else None
+
+
+def store_for(checkpoint_id: CheckpointId | None, current: Store | None, owner: str) -> Store:
+    """The store of a DCP storage plugin (``owner`` names it): DCP hands the location over in
+    ``reset(checkpoint_id)``, or the user gave it to the constructor (``current``)."""
+    if checkpoint_id is not None:
+        return Store(checkpoint_id)
+    if current is None:
+        raise UsageError(f"{owner} needs a path: pass it to {owner}(...) or as checkpoint_id")
+    return current
+
+
+def encode_json(doc: Any) -> bytes:
+    """A JSON document as stored: compact (json's C encoder only runs without indent, and the
+    root document of a checkpoint with thousands of arrays is large), strict (no NaN)."""
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+@contextmanager
+def reading(array: str, url: str) -> Iterator[None]:
+    """Turn tensorstore's error for bad or missing data (a ``ValueError``: checksum mismatch,
+    missing or truncated chunk) into a :class:`~zdcp.CorruptCheckpointError` naming the array;
+    a refused or failed request is a :class:`~zdcp.StorageError` instead."""
+    try:
+        with storage_access(url):
+            yield
+    except ValueError as e:
+        raise CorruptCheckpointError(f"array {array!r}: {e}") from None
+
+
+@contextmanager
+def storage_access(url: str) -> Iterator[None]:
+    """Turn tensorstore's error for a request the storage refused or failed (no such bucket,
+    bad credentials, no access, unreachable) into a :class:`~zdcp.StorageError` naming ``url``.
+    Other errors pass through."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        if text.startswith(_ACCESS_CODES) or "NoSuchBucket" in text or "http_response_code=" in text:
+            raise StorageError(f"{url}: {_short(e)}") from None
+        raise
+
+
+def _short(error: Exception) -> str:
+    """tensorstore's message without the HTTP response it quotes."""
+    return str(error).split(" [", 1)[0]
+
+
+# tensorstore status codes of requests that failed for reasons outside the checkpoint (NOT_FOUND
+# also means a missing chunk, DATA_LOSS a checksum mismatch: those are damage); any error that
+# quotes an HTTP response is a failed request too.
+_ACCESS_CODES = (
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "CANCELLED",
+)
