@@ -9,11 +9,11 @@ import torch
 from conftest import assert_bitwise_equal
 
 import zdcp
-import zdcp.direct
-from zdcp.direct import row_slabs
-from zdcp.dtypes import from_torch, numpy_to_tensor, tensor_to_numpy
-from zdcp.layout import array_document
-from zdcp.storage import Store
+import zdcp.storage.localfiles
+from zdcp.format.documents import array_document
+from zdcp.format.dtypes import from_torch, numpy_to_tensor, tensor_to_numpy
+from zdcp.storage.localfiles import row_slabs
+from zdcp.storage.store import Store
 
 CASES = [
     # shape, dtype, chunk rows: sharded (inner chunks), plain, edge-padded, several dims
@@ -89,8 +89,9 @@ def test_damage_is_refused(tmp_path):
 
 def test_load_takes_the_direct_path_and_agrees(ckpt, monkeypatch):
     calls = []
-    real_read = zdcp.direct.RowSlabs.read
-    monkeypatch.setattr(zdcp.direct.RowSlabs, "read", lambda self, *a: calls.append(a[1]) or real_read(self, *a))
+    real_read = zdcp.storage.localfiles.RowSlabs.read
+    recording = lambda self, *a: calls.append(a[1]) or real_read(self, *a)  # noqa: E731
+    monkeypatch.setattr(zdcp.storage.localfiles.RowSlabs, "read", recording)
     t = torch.randn(3000, 100)  # 1.2 MB: inner chunks
     zdcp.save({"w": t, "b": torch.randn(7, 3).bfloat16()}, ckpt)
     direct = {"w": torch.zeros_like(t), "b": torch.zeros(7, 3, dtype=torch.bfloat16)}
@@ -116,7 +117,7 @@ def test_direct_writes_make_the_same_files_as_tensorstore(tmp_path, compression)
     tensorstore writes; larger (sharded) and compressed chunks still go through tensorstore."""
     import torch.distributed.checkpoint as dcp
 
-    from zdcp.dtypes import _ALL as ALL_DTYPES
+    from zdcp.format.dtypes import _ALL as ALL_DTYPES
     from zdcp.planner import ZarrSavePlanner
 
     g = torch.Generator().manual_seed(0)
@@ -148,13 +149,13 @@ def test_direct_writes_make_the_same_files_as_tensorstore(tmp_path, compression)
 def test_direct_writes_take_small_chunks_and_shards_up_to_4_mib(tmp_path, monkeypatch):
     written = []
     for method in ("write_plain_chunk", "write_sharded_chunk"):
-        real = getattr(zdcp.direct.LocalFiles, method)
+        real = getattr(zdcp.storage.localfiles.LocalFiles, method)
 
         def recording(self, key, *args, real=real):
             written.append(key)
             real(self, key, *args)
 
-        monkeypatch.setattr(zdcp.direct.LocalFiles, method, recording)
+        monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, method, recording)
     state = {"small": torch.ones(10), "large": torch.ones(300, 300), "huge": torch.ones(1100, 1024)}
     zdcp.save(state, tmp_path / "c")
     assert sorted(written) == ["large/c.0.0", "small/c.0"]
@@ -163,13 +164,13 @@ def test_direct_writes_take_small_chunks_and_shards_up_to_4_mib(tmp_path, monkey
 @pytest.mark.parametrize("sync_files", [True, False])
 def test_large_direct_writes_start_their_write_back_when_the_save_syncs(tmp_path, monkeypatch, sync_files):
     started = []
-    real = zdcp.direct.start_writeback
+    real = zdcp.storage.localfiles.start_writeback
 
     def recording(fd):
         started.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
 
-    monkeypatch.setattr(zdcp.direct, "start_writeback", recording)
+    monkeypatch.setattr(zdcp.storage.localfiles, "start_writeback", recording)
     state = {"small": torch.ones(10), "large": torch.ones(300, 300)}  # 360 KB: over WRITEBACK_BYTES
     zdcp.save(state, tmp_path / "c", sync_files=sync_files)
     if sync_files:
@@ -196,7 +197,7 @@ def test_local_files_finish_partial_writes_and_make_missing_directories(tmp_path
     monkeypatch.setattr(os, "writev", short_writev)
     parts = [b"abc", b"", bytes(range(256)) * 3, b"xyz" * 5]
     (tmp_path / "a" / "b").mkdir(parents=True)  # another writer's
-    files = zdcp.direct.LocalFiles(str(tmp_path) + "/")
+    files = zdcp.storage.localfiles.LocalFiles(str(tmp_path) + "/")
     files.write("a/b/c/d/file", *parts)
     files.write("a/e", b"second")
     assert (tmp_path / "a/b/c/d/file").read_bytes() == b"".join(parts)

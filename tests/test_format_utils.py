@@ -11,7 +11,7 @@ from conftest import assert_bitwise_equal
 from safetensors import safe_open
 
 import zdcp
-import zdcp.storage
+import zdcp.storage.inflight
 import zdcp.writer
 from zdcp import format_utils as fu
 
@@ -135,18 +135,18 @@ def test_streaming_conversion_holds_one_window_of_tensors(tmp_path, monkeypatch)
     # Conversions into zdcp fetch each tensor when the writer asks for it, and the writer keeps
     # (and references) only its window of them in flight: record the bytes in flight.
     # 256 KiB each, and no direct shard writes: every chunk goes through tensorstore and its
-    # window (zdcp.direct writes small chunks synchronously, holding nothing).
-    monkeypatch.setattr(zdcp.writer, "_DIRECT_SHARD_BYTES", 0)
+    # window (zdcp.storage.localfiles writes small chunks synchronously, holding nothing).
+    monkeypatch.setattr(zdcp.writer, "DIRECT_SHARD_BYTES", 0)
     tensors = {f"t{i}": torch.full((65536,), float(i)) for i in range(12)}
     safetensors.torch.save_file(tensors, tmp_path / "m.safetensors")
     in_flight = []
-    real_add = zdcp.storage.InflightWindow.add
+    real_add = zdcp.storage.inflight.InflightWindow.add
 
     def recording(self, write, nbytes):
         real_add(self, write, nbytes)
         in_flight.append(self.bytes)
 
-    monkeypatch.setattr(zdcp.storage.InflightWindow, "add", recording)
+    monkeypatch.setattr(zdcp.storage.inflight.InflightWindow, "add", recording)
     size = 65536 * 4
     for window, most in [(2 * size, 2 * size), (None, 12 * size)]:
         monkeypatch.setattr(fu, "_WINDOW", window)

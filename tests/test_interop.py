@@ -11,7 +11,7 @@ import zarr
 from conftest import assert_bitwise_equal
 
 import zdcp
-from zdcp.dtypes import EXTENSION_DTYPES, tensor_to_numpy
+from zdcp.format.dtypes import EXTENSION_DTYPES, tensor_to_numpy
 
 
 @pytest.mark.parametrize("d", EXTENSION_DTYPES, ids=lambda d: d.zarr)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 import zdcp
-from zdcp.keys import decode_key, encode_key
-from zdcp.values import from_json, to_json
+from zdcp.format.names import decode_key, encode_key
+from zdcp.format.values import from_json, to_json
 
 KEYS = ["net1.weight", "exp_avg", "a/b", "/abs", ".", "..", "../x", "__meta", "zarr.json", "zdcp", "", "%i0", "%e",
         "%41", "é", "tab\tand\nnewline", "back\\slash", "~tilde", "c", 0, 7, -3, 10**20]

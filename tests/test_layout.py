@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from zdcp.layout import INNER_CHUNK_BYTES, chunk_shape, inner_chunk_shape
+from zdcp.format.codecs import inner_chunk_shape
+from zdcp.format.constants import INNER_CHUNK_BYTES
+from zdcp.format.documents import chunk_shape
 
 
 def torch_chunk_shards(n, w):

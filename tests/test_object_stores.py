@@ -321,11 +321,11 @@ def test_a_kvstore_spec_gives_full_control(s3, bucket):
 def test_an_overwrite_that_takes_over_a_running_save_on_s3_wins_whole(s3, bucket, monkeypatch):
     import threading
 
-    import zdcp.staging
+    import zdcp.storage.commit
 
     url = f"s3://{bucket}/c"
     paused, release = threading.Event(), threading.Event()
-    real_commit = zdcp.staging.InPlace.commit
+    real_commit = zdcp.storage.commit.InPlaceSave.commit
 
     def slow_commit(self, root, *, sync):
         if threading.current_thread().name == "first":
@@ -333,7 +333,7 @@ def test_an_overwrite_that_takes_over_a_running_save_on_s3_wins_whole(s3, bucket
             release.wait(60)
         real_commit(self, root, sync=sync)
 
-    monkeypatch.setattr(zdcp.staging.InPlace, "commit", slow_commit)
+    monkeypatch.setattr(zdcp.storage.commit.InPlaceSave, "commit", slow_commit)
     errors = []
 
     def first():

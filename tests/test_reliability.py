@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import zdcp
-from zdcp.staging import interrupted_saves
+from zdcp.storage.committed import interrupted_saves
 from zdcp.testing import ranks_running, run_ranks
 
 
@@ -44,10 +44,10 @@ def committed_version(path):
 # -- saves killed at chosen points and at random moments -----------------------------------------
 
 KILL_POINTS = {  # where: the function patched to SIGKILL the saving process
-    "writing chunks": "zdcp.direct:LocalFiles.write_plain_chunk",
+    "writing chunks": "zdcp.storage.localfiles:LocalFiles.write_plain_chunk",
     "before the documents": "zdcp.writer:ZarrWriter.finish",
-    "before the commit": "zdcp.staging:Staging.commit",
-    "after the exchange": "zdcp.staging:_delete_replaced",  # the new one is in place, the old not yet deleted
+    "before the commit": "zdcp.storage.commit:LocalSave.commit",
+    "after the exchange": "zdcp.storage.commit:_delete_replaced",  # the new one is in place, the old not yet deleted
 }
 
 
@@ -165,8 +165,12 @@ class _Failing:
             raise RuntimeError("load_state_dict failed on purpose")
 
 
+def _disk_full(*args):
+    raise OSError(28, "No space left")
+
+
 def _one_rank_fails(rank, world_size, root):
-    import zdcp.direct
+    import zdcp.storage.localfiles
 
     mesh = init_device_mesh("cpu", (world_size,))
     full = torch.arange(12.0).reshape(6, 2)
@@ -178,22 +182,22 @@ def _one_rank_fails(rank, world_size, root):
     with pytest.raises(zdcp.DistributedError, match=r"rank\(s\) \[1\].*failed on purpose"):
         zdcp.save(state("state_dict"), root / "a")
     # a save failing on one rank while it writes: every rank raises, nothing is committed
-    real = zdcp.direct.LocalFiles.write_plain_chunk
+    real = zdcp.storage.localfiles.LocalFiles.write_plain_chunk
     if rank == 1:
-        zdcp.direct.LocalFiles.write_plain_chunk = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left"))
+        zdcp.storage.localfiles.LocalFiles.write_plain_chunk = _disk_full
     with pytest.raises(zdcp.ZdcpError, match="No space left"):
         zdcp.save(state(), root / "b")
-    zdcp.direct.LocalFiles.write_plain_chunk = real
+    zdcp.storage.localfiles.LocalFiles.write_plain_chunk = real
     dist.barrier()
     assert not (root / "a").exists() and not (root / "b").exists()
     assert not interrupted_saves(root / "b"), "a failed save removes its staging directory"
     # ... and one replacing a checkpoint leaves that checkpoint as it was
     zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank] * 0, mesh, [Shard(0)])}, root / "b")
     if rank == 1:
-        zdcp.direct.LocalFiles.write_plain_chunk = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left"))
+        zdcp.storage.localfiles.LocalFiles.write_plain_chunk = _disk_full
     with pytest.raises(zdcp.ZdcpError, match="No space left"):
         zdcp.save(state(), root / "b", overwrite=True)
-    zdcp.direct.LocalFiles.write_plain_chunk = real
+    zdcp.storage.localfiles.LocalFiles.write_plain_chunk = real
     assert torch.equal(zdcp.open(root / "b")["w"][:], torch.zeros(6, 2))
     dist.barrier()
     assert not interrupted_saves(root / "b")
@@ -369,7 +373,7 @@ def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path
         array = chunk.relative_to(path).parts[0]
         with pytest.raises(zdcp.CorruptCheckpointError, match=f"'{array}'") as raised:
             reader = zdcp.ZarrReader(path, direct_reads=direct_reads)
-            with dcp_call(no_dist=True, reader=reader):
+            with dcp_call(no_dist=True):
                 dest = {k: torch.zeros_like(v) for k, v in state.items()}
                 dcp.load(dest, storage_reader=reader, planner=ZarrLoadPlanner(), no_dist=True)
         assert "chunk" in str(raised.value), (what, raised.value)
@@ -444,11 +448,11 @@ def test_saving_without_collectives_on_several_ranks_is_refused(tmp_path):
 
 
 def test_replacing_without_an_atomic_exchange_puts_the_old_one_back_on_failure(tmp_path, monkeypatch):
-    import zdcp.staging
+    import zdcp.storage.commit
 
     path = tmp_path / "ckpt"
     zdcp.save(versioned(1), path)
-    monkeypatch.setattr(zdcp.staging, "_RENAMEAT2", None)  # as on NFS or macOS
+    monkeypatch.setattr(zdcp.storage.oscalls, "_RENAMEAT2", None)  # as on NFS or macOS
     zdcp.save(versioned(2), path, overwrite=True)  # two renames
     assert committed_version(path) == 2
     real_rename = os.rename
@@ -458,10 +462,10 @@ def test_replacing_without_an_atomic_exchange_puts_the_old_one_back_on_failure(t
             raise OSError(5, "Input/output error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(zdcp.staging.os, "rename", failing_second_rename)
+    monkeypatch.setattr(zdcp.storage.commit.os, "rename", failing_second_rename)
     with pytest.raises(zdcp.ZdcpError, match="Input/output error"):
         zdcp.save(versioned(3), path, overwrite=True)
-    monkeypatch.setattr(zdcp.staging.os, "rename", real_rename)
+    monkeypatch.setattr(zdcp.storage.commit.os, "rename", real_rename)
     assert committed_version(path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -496,10 +500,10 @@ def _files_under(root):
 def _record_syncs(monkeypatch, events):
     """Record, at every sync of the filesystem and at the commit's rename, which files the
     staging directory holds."""
-    import zdcp.staging
-    import zdcp.storage
+    import zdcp.storage.commit
+    import zdcp.storage.oscalls
 
-    real_sync, real_rename = zdcp.storage.FilesystemSync.sync, os.rename
+    real_sync, real_rename = zdcp.storage.oscalls.FilesystemSync.sync, os.rename
 
     def sync(self):
         real_sync(self)  # what exists when the sync starts is covered by it
@@ -510,8 +514,8 @@ def _record_syncs(monkeypatch, events):
             events.append(("commit", _files_under(src)))
         real_rename(src, dst)
 
-    monkeypatch.setattr(zdcp.storage.FilesystemSync, "sync", sync)
-    monkeypatch.setattr(zdcp.staging.os, "rename", rename)
+    monkeypatch.setattr(zdcp.storage.oscalls.FilesystemSync, "sync", sync)
+    monkeypatch.setattr(zdcp.storage.commit.os, "rename", rename)
 
 
 def _synced_before_commit(events):

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from conftest import assert_bitwise_equal
 
 import zdcp
-from zdcp.dtypes import _ALL as ALL_DTYPES
+from zdcp.format.dtypes import _ALL as ALL_DTYPES
 
 
 def make_tensor(dtype, shape=(5, 3), seed=0):
@@ -355,7 +355,7 @@ def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
     directory's filesystem, through a handle opened before any write) before the commit
     renames the staging directory into place, and the rename is synced too. (Other ranks sync
     their own chunks: tests/test_reliability.py.)"""
-    from zdcp.storage import FilesystemSync
+    from zdcp.storage.oscalls import FilesystemSync
 
     seen = []
     real_init = FilesystemSync.__init__

@@ -12,15 +12,15 @@ Importing zdcp also registers bfloat16 and float8 with zarr-python, so that plai
 can read the arrays zdcp writes.
 """
 
-__version__ = "0.1.0"
-
 from . import errors as _errors
 from . import zarr_dtypes as _zarr_dtypes
 from .api import async_save, load, save
 from .checkpoints import latest_checkpoint
 from .errors import *  # noqa: F403  (the error classes are public API)
+from .options import SaveOptions
 from .reader import ZarrReader
 from .verify import Report, verify
+from .version import __version__ as __version__
 from .view import Array, Group, open
 from .writer import ZarrWriter
 
@@ -29,6 +29,7 @@ _zarr_dtypes.register()
 __all__ = [
     "save",
     "async_save",
+    "SaveOptions",
     "load",
     "open",
     "Group",

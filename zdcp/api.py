@@ -20,17 +20,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.distributed_c10d import _get_object_coll_device
 
-from .errors import DistributedError, ZdcpError
+from .errors import DistributedError, StorageError, ZdcpError
 from .locations import CheckpointId
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
 from .reader import ZarrReader
+from .storage.committed import read_catalog
+from .storage.store import Store
 from .writer import ZarrWriter
 
-__all__ = ["save", "async_save", "load"]
+__all__ = ["save", "async_save", "load", "run_save"]
 
 T = TypeVar("T")
 
@@ -45,11 +48,10 @@ def gc_paused() -> Iterator[None]:
 
     DCP's planning allocates several objects per tensor and shard (plans, items, metadata) that
     live until the save ends; with the collector on, they trigger collections that scan every
-    object the training process holds (300,000 after importing torch: about 0.1 s here), which
-    landed in the middle of saves. They are freed by reference counting when the save returns,
-    so pausing the collector skips that work rather than deferring it. Not used on an
-    ``async_save``'s background thread, where it would pause collection for the training thread
-    too.
+    object the training process holds (hundreds of thousands once torch is imported). They are
+    freed by reference counting when the save returns, so pausing the collector skips that work
+    rather than deferring it. Not used on an ``async_save``'s background thread, where it would
+    pause collection for the training thread too.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -67,10 +69,7 @@ def save(
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    compression: str | None = None,
-    sync_files: bool = True,
+    **options: Any,
 ) -> None:
     """Save ``state_dict`` as a zdcp checkpoint at ``checkpoint_id``.
 
@@ -80,42 +79,15 @@ def save(
     their ``state_dict()``. The checkpoint counts only once the coordinator has committed it.
 
     Args:
-        overwrite: replace a committed checkpoint at ``checkpoint_id``.
-        allow_pickle: store values that JSON cannot hold as pickles instead of refusing them.
-        compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
-        sync_files: have the data on disk before the commit record, and the commit record
-            before returning (default, as DCP); ``False`` trades that for speed.
+        **options: the fields of :class:`~zdcp.SaveOptions`: ``overwrite`` (replace a committed
+            checkpoint), ``allow_pickle``, ``compression`` (``None``, ``"zstd"``, ``"gzip"``),
+            ``sync_files`` (default True: durable before the commit, as DCP).
     """
     no_dist = no_dist or not _distributed()
-    writer = ZarrWriter(
-        checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression, sync_files=sync_files
-    )
+    writer = ZarrWriter(checkpoint_id, **options)
     plain, error = _attempt(lambda: _plain_state_dict(state_dict))
     _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
-    _save_plain(plain, checkpoint_id, no_dist=no_dist, process_group=process_group, writer=writer)
-
-
-def _save_plain(
-    state_dict: dict[str, Any],
-    checkpoint_id: CheckpointId,
-    *,
-    no_dist: bool,
-    process_group: dist.ProcessGroup | None,
-    writer: ZarrWriter,
-) -> None:
-    """The collective part of a save, for a state dict without ``Stateful`` values."""
-    with dcp_call(no_dist=no_dist):
-        try:
-            dcp.save(
-                state_dict,
-                storage_writer=writer,
-                planner=ZarrSavePlanner(allow_pickle=writer.allow_pickle),
-                process_group=process_group,
-                no_dist=no_dist,
-            )
-        except BaseException:  # DCP's CheckpointException is one
-            writer.abandon()
-            raise
+    run_save(plain, writer, no_dist=no_dist, process_group=process_group)
 
 
 def async_save(
@@ -124,12 +96,10 @@ def async_save(
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    compression: str | None = None,
-    sync_files: bool = True,
+    **options: Any,
 ) -> concurrent.futures.Future[None]:
-    """Stage ``state_dict`` on the host, then save it in the background like :func:`save`.
+    """Stage ``state_dict`` on the host, then save it in the background like :func:`save`
+    (same arguments).
 
     Returns once the state is copied to host memory (pinned when a GPU is present), so training
     may change its tensors right away. The returned future completes when every rank's writes
@@ -138,9 +108,7 @@ def async_save(
     (``dist.new_group(backend="gloo")``) when training runs collectives meanwhile.
     """
     no_dist = no_dist or not _distributed()
-    writer = ZarrWriter(
-        checkpoint_id, overwrite=overwrite, allow_pickle=allow_pickle, compression=compression, sync_files=sync_files
-    )
+    writer = ZarrWriter(checkpoint_id, **options)
     # Pinned host memory when a GPU is present; blocking copies, so the staged state is complete
     # when this returns (non-blocking ones would need a stream synchronisation first).
     stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
@@ -153,9 +121,36 @@ def async_save(
         # Every collective of an async save runs on the saver thread, in the order the saves
         # were started, so that two saves in flight never interleave their collectives.
         _agree(error, "state_dict() and staging", no_dist=no_dist, group=process_group)
-        _save_plain(staged, checkpoint_id, no_dist=no_dist, process_group=process_group, writer=writer)
+        run_save(staged, writer, no_dist=no_dist, process_group=process_group)
 
     return _SAVER.submit(in_background)
+
+
+def run_save(
+    state_dict: dict[str, Any],
+    writer: ZarrWriter,
+    *,
+    planner: SavePlanner | None = None,
+    no_dist: bool,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    """The collective part of every save (``save``, ``async_save``, the conversions of
+    :mod:`zdcp.format_utils`), for a state dict without ``Stateful`` values: DCP's save with
+    ``writer`` and ``planner`` (zdcp's by default). A failed save deletes what it wrote."""
+    if planner is None:
+        planner = ZarrSavePlanner(allow_pickle=writer.options.allow_pickle)
+    with dcp_call(no_dist=no_dist):
+        try:
+            dcp.save(
+                state_dict,
+                storage_writer=writer,
+                planner=planner,
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+        except BaseException:  # DCP's CheckpointException is one
+            writer.abandon()
+            raise
 
 
 @gc_paused()
@@ -183,14 +178,18 @@ def load(
         allow_pickle: unpickle values saved with ``allow_pickle=True`` (trusted checkpoints only).
     """
     no_dist = no_dist or not _distributed()
-    reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle)
+    # Read here rather than in DCP's planning, which would replace a missing or damaged
+    # checkpoint's error by an AssertionError.
+    catalog, error = _attempt(lambda: read_catalog(Store(checkpoint_id)))
+    _agree(error, "reading the checkpoint", no_dist=no_dist, group=process_group)
+    reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle, catalog=catalog)
     # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
     # In sorted key order, as DCP, so that Stateful methods running collectives match up.
     keys = sorted(state_dict)
     stateful = {k: state_dict[k] for k in keys if isinstance(state_dict[k], Stateful)}
     plain, error = _attempt(lambda: _plain_state_dict({k: state_dict[k] for k in keys}))
     _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
-    with dcp_call(no_dist=no_dist, reader=reader):
+    with dcp_call(no_dist=no_dist):
         dcp.load(
             plain,
             storage_reader=reader,
@@ -214,7 +213,7 @@ def _plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``state_dict`` with each top-level ``Stateful`` replaced by its
     ``state_dict()``, in the state dict's order (DCP's save calls them in that order, its load
     in sorted key order: :func:`load` passes them sorted). DCP's own helper logs two records
-    per key: 17 ms for a state dict of 1,000 keys, and DCP's save calls it again."""
+    per key, and DCP's save calls it again."""
     return {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state_dict.items()}
 
 
@@ -229,25 +228,31 @@ def _attempt(fn: Callable[[], T]) -> tuple[T, Exception | None]:
 def _agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.ProcessGroup | None) -> None:
     """Share the outcome of a rank-local step; raise on every rank when it failed on any.
 
-    Every rank raises a :class:`~zdcp.DistributedError` naming the failed ranks (a failed rank's
-    own error is its cause), instead of the others waiting in the checkpoint's next collective
-    for a rank that left, or returning as if all went well.
+    As for DCP's own steps (:func:`_translate_errors`): the lowest failing rank's error is
+    raised on every rank when it is zdcp's own, so that every rank raises the same class with the
+    same message; otherwise every rank raises a :class:`~zdcp.DistributedError` naming the failed
+    ranks (a failed rank's own error is its cause). The others never wait in the checkpoint's
+    next collective for a rank that left, nor return as if all went well.
     """
     if no_dist:
         if error is not None:
             raise error
         return
-    # One all-reduce of a flag (0.4 ms on 4 gloo ranks here) in the usual case; the messages are
-    # gathered only when a rank failed (an object all-gather took 8 ms).
+    # One all-reduce of a flag in the usual case; the errors are gathered only when a rank failed.
     failures = torch.tensor([error is not None], dtype=torch.int32, device=_collective_device(group))
     dist.all_reduce(failures, group=group)
     if failures.item() == 0:
         return
-    outcomes: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
-    failed = {rank: RuntimeError(message) for rank, message in enumerate(outcomes) if message is not None}
+    shared = error if isinstance(error, ZdcpError) else None if error is None else f"{type(error).__name__}: {error}"
+    outcomes: list[ZdcpError | str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, shared, group=group)
+    failed = {rank: outcome for rank, outcome in enumerate(outcomes) if outcome is not None}
     rank = min(failed)
-    raise DistributedError(f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {failed[rank]}", failed) from error
+    first = failed[rank]
+    if isinstance(first, ZdcpError):
+        raise first from error
+    causes = {r: f if isinstance(f, ZdcpError) else RuntimeError(f) for r, f in failed.items()}
+    raise DistributedError(f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {first}", causes) from error
 
 
 def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -262,7 +267,7 @@ def _distributed() -> bool:
 
 
 @contextmanager
-def dcp_call(*, no_dist: bool, reader: ZarrReader | None = None) -> Iterator[None]:
+def dcp_call(*, no_dist: bool) -> Iterator[None]:
     """Around a call into DCP: zdcp's errors out, and no warning for a single-process call
     (DCP warns on each one; for zdcp, no process group means one process by contract).
 
@@ -270,30 +275,34 @@ def dcp_call(*, no_dist: bool, reader: ZarrReader | None = None) -> Iterator[Non
     only touched on the main thread; a background ``async_save`` leaves them alone.
     """
     quiet = no_dist and threading.current_thread() is threading.main_thread()
-    with _translate_errors(reader), warnings.catch_warnings() if quiet else nullcontext():
+    with _translate_errors(no_dist=no_dist), warnings.catch_warnings() if quiet else nullcontext():
         if quiet:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
 @contextmanager
-def _translate_errors(reader: ZarrReader | None = None) -> Iterator[None]:
-    """Turn DCP's ``CheckpointException`` (gathered from all ranks) into one zdcp error.
+def _translate_errors(*, no_dist: bool) -> Iterator[None]:
+    """Turn DCP's ``CheckpointException`` (gathered from all ranks) into the error that
+    describes the fault.
 
     The lowest failing rank's error is raised when it is zdcp's own, so every rank raises the
-    same class with the same message; anything else becomes a :class:`~zdcp.DistributedError`.
-    DCP replaces a failed ``read_metadata`` by an ``AssertionError``; the reader keeps the
-    original, which is raised instead.
+    same class with the same message. Anything else: in a single process, an ``OSError`` becomes
+    a :class:`~zdcp.StorageError` and any other error a :class:`~zdcp.ZdcpError` carrying its
+    type and message (and the error itself as its cause); with several ranks, a
+    :class:`~zdcp.DistributedError` naming the failed ranks.
     """
     try:
         yield
     except CheckpointException as e:
-        if reader is not None and reader.metadata_error is not None:
-            raise reader.metadata_error from e
         failures = {rank: exc for rank, (exc, _) in sorted(e.failures.items())}
         rank, first = next(iter(failures.items()))
         if isinstance(first, ZdcpError):
             raise first from e
+        if no_dist:
+            if isinstance(first, OSError):
+                raise StorageError(str(first)) from first
+            raise ZdcpError(f"checkpoint failed: {type(first).__name__}: {first}") from first
         raise DistributedError(
             f"checkpoint failed on rank(s) {sorted(failures)}; rank {rank}: {type(first).__name__}: {first}",
             failures,

@@ -12,9 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from .catalog import Catalog
 from .errors import ZdcpError
-from .storage import Store
+from .storage.committed import read_catalog
+from .storage.store import Store
 from .verify import verify as verify_checkpoint
 
 __all__ = ["latest_checkpoint"]
@@ -38,7 +38,7 @@ def latest_checkpoint(directory: str | os.PathLike[str], *, verify: bool = False
         return None
     for path in sorted(entries, key=_step, reverse=True):
         try:
-            Catalog.read(Store(path))
+            read_catalog(Store(path))
         except ZdcpError:
             continue
         if verify and not verify_checkpoint(path).ok:

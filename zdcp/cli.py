@@ -24,8 +24,8 @@ from typing import Any
 
 from . import format_utils
 from .errors import ZdcpError
-from .keys import describe
-from .storage import Store
+from .format.names import describe
+from .storage.store import Store
 from .view import Array, Group
 from .view import open as open_checkpoint
 

@@ -76,6 +76,9 @@ class DistributedError(ZdcpError):
         super().__init__(message)
         self.failures = failures
 
+    def __reduce__(self) -> tuple[type[DistributedError], tuple[str, dict[int, BaseException]]]:
+        return type(self), (self.args[0], self.failures)
+
 
 class UsageError(ZdcpError, ValueError):
     """zdcp was called with an argument or in a mode it does not support (a bad option value,

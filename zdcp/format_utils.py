@@ -27,11 +27,10 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner,
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from .api import dcp_call, save
+from .api import dcp_call, run_save, save
 from .errors import UnsupportedValueError, ZdcpError
-from .keys import Key, describe
+from .format.names import Key, describe, dotted
 from .planner import ZarrSavePlanner
-from .tree import dotted
 from .view import Array, Group
 from .view import open as open_checkpoint
 from .writer import ZarrWriter
@@ -375,10 +374,9 @@ def _save_fetching(
     progress: Progress | None,
     allow_pickle: bool = False,
 ) -> None:
-    writer = ZarrWriter(dst, overwrite=overwrite, allow_pickle=allow_pickle, max_inflight_bytes=_WINDOW)
+    writer = ZarrWriter(dst, max_inflight_bytes=_WINDOW, overwrite=overwrite, allow_pickle=allow_pickle)
     planner = _FetchingSavePlanner(fetch, progress, allow_pickle=allow_pickle)
-    with dcp_call(no_dist=True):
-        dcp.save(skeleton, storage_writer=writer, planner=planner, no_dist=True)
+    run_save(skeleton, writer, planner=planner, no_dist=True)
 
 
 def _placeholder(array: Array) -> torch.Tensor:

@@ -22,11 +22,12 @@ from torch.distributed.checkpoint.planner_helpers import _init_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .dtypes import check_storable
 from .errors import MismatchError, MissingKeysError, UnsupportedValueError
-from .keys import describe
+from .format.dtypes import check_storable
+from .format.names import describe
+from .format.values import to_json
+from .metadata import CatalogViews
 from .tree import flatten
-from .values import to_json
 
 __all__ = ["ZarrSavePlanner", "ZarrLoadPlanner"]
 
@@ -42,11 +43,10 @@ class ZarrSavePlanner(DefaultSavePlanner):
     #: (conversions do); otherwise a meta tensor has no data and is refused.
     resolves_placeholders = False
 
-    def __init__(self, *, allow_pickle: bool = False, dedup_save_to_lowest_rank: bool = False):
+    def __init__(self, *, allow_pickle: bool = False):
         super().__init__(
             flatten_state_dict=False,
             flatten_sharded_tensors=False,  # done leaf by leaf in flatten()
-            dedup_save_to_lowest_rank=dedup_save_to_lowest_rank,
         )
         self.allow_pickle = allow_pickle
 
@@ -98,10 +98,11 @@ class ZarrLoadPlanner(DefaultLoadPlanner):
     Loading a subset of the checkpoint is normal; asking for a key the checkpoint lacks raises
     :class:`~zdcp.MissingKeysError` unless ``allow_partial_load``. Plain values replace the
     destination's values with their stored Python types.
-    """
 
-    #: Tells :class:`~zdcp.ZarrReader` that this planner's FQNs are Zarr node paths.
-    fqns = "nodes"
+    Its FQNs are Zarr node paths: with :class:`~zdcp.ZarrReader`'s metadata it plans against
+    the node-path view (:class:`~zdcp.metadata.CatalogViews`), and the reader reads by that view
+    for this planner.
+    """
 
     def __init__(self, *, allow_partial_load: bool = False):
         super().__init__(allow_partial_load=allow_partial_load)
@@ -115,9 +116,8 @@ class ZarrLoadPlanner(DefaultLoadPlanner):
         _init_state_dict(state_dict)
         self.original_state_dict = state_dict
         self.state_dict, self.mappings = flatten(state_dict)
-        views = getattr(metadata, "storage_data", None)
-        if metadata is not None and views is not None and hasattr(views, "nodes"):
-            # ZarrReader's metadata: plan against its node-path view (see ZarrReader).
+        views = metadata.storage_data if metadata is not None else None
+        if isinstance(views, CatalogViews):
             metadata = Metadata(views.nodes.metadata, planner_data=views.nodes.paths, storage_data=views)
         self.metadata = metadata
         self.is_coordinator = is_coordinator

@@ -5,11 +5,12 @@ slice per destination shard, whatever the save-time sharding was, and each slice
 tensorstore call that touches only the stored chunks it overlaps, straight into the destination
 tensor's memory when that is on the CPU.
 
-Every leaf is described under two FQN schemes (:class:`CatalogViews`): its node path, which
-zdcp's planner uses, and DCP's dotted FQN, which DCP's default planner uses, so
+Every leaf is described under two FQN schemes (:class:`~zdcp.metadata.CatalogViews`): its
+node path, which zdcp's planner uses, and DCP's dotted FQN, which DCP's default planner uses, so
 ``dcp.load(..., storage_reader=ZarrReader(p))`` works as well as ``zdcp.load``. In the dotted
 view plain values are split the way DCP's planner splits them (a list of dicts becomes one item
-per leaf). ``read_metadata`` hands DCP the dotted view; zdcp's planner switches to the other.
+per leaf). ``read_metadata`` hands DCP the dotted view; :class:`~zdcp.planner.ZarrLoadPlanner`
+plans against the node-path view, and ``read_data`` reads by the view of the planner it is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import functools
 import io
 import pickle
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import tensorstore as ts
@@ -34,55 +34,27 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .catalog import ArrayNode, Catalog
-from .direct import RowSlabs, row_slabs
-from .dtypes import numpy_to_tensor, tensor_to_numpy
-from .errors import MismatchError, UnsafeError, UsageError, ZdcpError
-from .keys import describe
+from .errors import MismatchError, UnsafeError, UsageError
+from .format.catalog import ArrayNode, Catalog
+from .format.constants import METADATA_KEY
+from .format.dtypes import numpy_to_tensor, tensor_to_numpy
+from .format.names import describe, dotted
 from .locations import CheckpointId
-from .storage import METADATA_KEY, InflightWindow, Store, StoreClient, reading
-from .tree import dotted
+from .metadata import CatalogView, CatalogViews, ValueSource
+from .planner import ZarrLoadPlanner
+from .storage.committed import read_catalog
+from .storage.inflight import InflightWindow
+from .storage.localfiles import RowSlabs, row_slabs
+from .storage.store import Store, reading, store_for
 
 __all__ = ["ZarrReader"]
 
 
-@dataclass(frozen=True)
-class _Source:
-    """Where one FQN's data comes from: an array node, or part of a plain value."""
-
-    node: str
-    subpath: tuple[Any, ...] = ()
-
-
-@dataclass
-class CatalogView:
-    """A checkpoint's leaves described to DCP under one FQN scheme."""
-
-    metadata: dict[str, Any] = field(default_factory=dict)
-    paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    sources: dict[str, _Source] = field(default_factory=dict)
-
-    def add(self, fqn: str, md: Any, source: _Source, path: tuple[Any, ...]) -> None:
-        self.metadata[fqn], self.sources[fqn], self.paths[fqn] = md, source, path
-
-
-@dataclass(frozen=True)
-class CatalogViews:
-    """Both FQN schemes: node paths (zdcp's planners, ``fqns = "nodes"``) and DCP's dotted FQNs.
-
-    Kept apart because the two can disagree: DCP splits a list of dicts into one item per leaf
-    and reads a dotted name that zdcp may hold as another node's path.
-    """
-
-    nodes: CatalogView
-    dotted: CatalogView
-
-
-class ZarrReader(StoreClient, StorageReader):
+class ZarrReader(StorageReader):
     """Read a zdcp checkpoint through DCP's load machinery.
 
     Args:
-        path: the checkpoint directory; may also come later as DCP's ``checkpoint_id``.
+        path: the checkpoint location; may also come later as DCP's ``checkpoint_id``.
         allow_cast: cast stored tensors to the destination's dtype instead of refusing.
         allow_pickle: unpickle values that were saved with ``allow_pickle=True``. Unpickling
             runs code chosen by whoever wrote the checkpoint: only for trusted checkpoints.
@@ -90,7 +62,10 @@ class ZarrReader(StoreClient, StorageReader):
             Each read holds a decoded copy of the chunks it touches until it lands in the
             destination; the window bounds that memory.
         direct_reads: read whole-row slabs of plain local chunks straight into the destination
-            (:mod:`zdcp.direct`); ``False`` sends every read through tensorstore.
+            (:mod:`zdcp.storage.localfiles`); ``False`` sends every read through tensorstore.
+        catalog: the checkpoint's catalog, already read, for the next load only (``zdcp.load``
+            reads it before DCP does, so that a missing or damaged checkpoint raises its own
+            error on every rank; DCP would replace it by an ``AssertionError``).
     """
 
     def __init__(
@@ -101,16 +76,21 @@ class ZarrReader(StoreClient, StorageReader):
         allow_pickle: bool = False,
         max_inflight_bytes: int | None = 64 << 20,
         direct_reads: bool = True,
+        catalog: Catalog | None = None,
     ):
-        StoreClient.__init__(self, path)
+        self.store: Store | None = Store(path) if path is not None else None
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_reads = direct_reads
+        self._given = catalog
         self._slabs: dict[str, RowSlabs | None] = {}
         self.catalog: Catalog | None = None
-        self.metadata_error: ZdcpError | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
+
+    @property
+    def checkpoint_id(self) -> CheckpointId | None:
+        return self.store.checkpoint_id if self.store is not None else None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
@@ -120,33 +100,30 @@ class ZarrReader(StoreClient, StorageReader):
             return False
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
-        self._use(checkpoint_id)
+        if checkpoint_id is not None:
+            self._given = None
+        self.store = store_for(checkpoint_id, self.store, type(self).__name__)
         self._slabs.clear()
         self.catalog = None
-        self.metadata_error = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         assert self.store is not None
-        try:
-            self.catalog = catalog = Catalog.read(self.store)
-        except ZdcpError as e:
-            # DCP swallows this and raises a bare AssertionError; keep it for zdcp.load.
-            self.metadata_error = e
-            raise
+        catalog, self._given = self._given or read_catalog(self.store), None
+        self.catalog = catalog
         nodes, dcp_fqns = CatalogView(), CatalogView()
-        candidates: dict[str, list[tuple[Any, _Source, tuple[Any, ...]]]] = {}
+        candidates: dict[str, list[tuple[Any, ValueSource, tuple[Any, ...]]]] = {}
         for node, array in catalog.arrays.items():
             md = _tensor_metadata(array) if array.kind == "tensor" else BytesStorageMetadata()
-            nodes.add(node, md, _Source(node), array.entry.path)
-            candidates.setdefault(array.entry.dcp_fqn, []).append((md, _Source(node), array.entry.path))
+            nodes.add(node, md, ValueSource(node), array.entry.path)
+            candidates.setdefault(array.entry.dcp_fqn, []).append((md, ValueSource(node), array.entry.path))
         for node, value in catalog.composites.items():
-            nodes.add(node, BytesStorageMetadata(), _Source(node), value.entry.path)
+            nodes.add(node, BytesStorageMetadata(), ValueSource(node), value.entry.path)
         for node, value in catalog.values.items():
             path = value.entry.path
-            nodes.add(node, BytesStorageMetadata(), _Source(node), path)
+            nodes.add(node, BytesStorageMetadata(), ValueSource(node), path)
             for sub in _dcp_leaves(value.value):
                 leaf = path + sub
-                found = (BytesStorageMetadata(), _Source(node, sub), leaf)
+                found = (BytesStorageMetadata(), ValueSource(node, sub), leaf)
                 candidates.setdefault(dotted(leaf), []).append(found)
         # DCP's dotted names can be ambiguous ("a.b" vs a -> b); an ambiguous one is left out.
         for fqn, found in candidates.items():
@@ -167,7 +144,7 @@ class ZarrReader(StoreClient, StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         assert self.store is not None and self.catalog is not None
-        view = self.views.nodes if getattr(planner, "fqns", None) == "nodes" else self.views.dotted
+        view = self.views.nodes if isinstance(planner, ZarrLoadPlanner) else self.views.dotted
         sources = [view.sources[item.storage_index.fqn] for item in plan.items]
         if not self.allow_pickle:
             for source in sources:
@@ -219,7 +196,7 @@ class ZarrReader(StoreClient, StorageReader):
         return done
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
-        """Read ``item`` with :mod:`zdcp.direct` when its chunks and destination allow it."""
+        """Read ``item`` with :mod:`zdcp.storage.localfiles` when its chunks and destination allow it."""
         assert self.store is not None
         root = self.store.local_root
         if root is None or not self.direct_reads:
@@ -239,7 +216,7 @@ class ZarrReader(StoreClient, StorageReader):
         slabs.read(root, array.entry.node, describe(array.entry.path), start, stop, rows)
         return True
 
-    def _value_bytes(self, source: _Source) -> io.BytesIO:
+    def _value_bytes(self, source: ValueSource) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
         assert self.catalog is not None
         if source.node in self.catalog.arrays:

@@ -42,8 +42,8 @@ def _entry(rank: int, world_size: int, init_method: str, fn: Callable[..., Any],
     # may free the tensors of finished collectives (held by the barrier's work object) after
     # interpreter finalization has begun: taking the GIL then kills the thread inside a
     # noexcept destructor, and the rank aborts ("terminate called without an active
-    # exception") after all its work succeeded. Seen in ~1 of 10 runs here, with or without
-    # zdcp; skipping finalization avoids it.
+    # exception") after all its work succeeded, with or without zdcp; skipping finalization
+    # avoids it.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -4,22 +4,20 @@ DCP flattens a nested state dict into ``{fqn: leaf}`` plus a mapping ``fqn -> ke
 zdcp's planners flatten the same way, with three differences that the format needs:
 
 * the FQN is the leaf's Zarr node path (``"app/model/net1.weight"``), encoded by
-  :mod:`zdcp.keys`, so it is unique and names the node directly;
+  :mod:`zdcp.format.names`, so it is unique and names the node directly;
 * key types are kept (DCP turns int keys into strings), and each key remembers whether it
   indexes a dict or a list, so groups can be rebuilt as the right container;
 * a list is only descended into when it holds tensors; a list of plain values (optimizer
   ``param_groups``) is one leaf stored as JSON, not dozens of scalars. Empty dicts are leaves
   too, so that they survive a round trip.
 
-:class:`Entry` is what zdcp's planners put in ``SavePlan.planner_data``; the writer also accepts
+:class:`~zdcp.format.names.Entry` is what zdcp's planners put in ``SavePlan.planner_data``; the writer also accepts
 DCP's plain key-path tuples (:meth:`Entry.from_dcp_path`) so that DCP's default planner works.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -28,43 +26,9 @@ from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_
 from torch.distributed.tensor import DTensor
 
 from .errors import UnsupportedValueError
-from .keys import Key, describe, encode_key, join
+from .format.names import DICT, LIST, Entry, Key, describe, encode_key
 
-__all__ = ["Entry", "dotted", "flatten", "tensor_layout"]
-
-DICT, LIST = "dict", "list"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """Where one leaf of a state dict lives.
-
-    ``path`` holds the keys from the root to the leaf; ``kinds[i]`` says whether ``path[i]``
-    indexes a ``"dict"`` or a ``"list"``.
-    """
-
-    path: tuple[Key, ...]
-    kinds: tuple[str, ...]
-
-    @classmethod
-    def from_dcp_path(cls, path: tuple[Key, ...]) -> Entry:
-        """DCP's key paths hold str dict keys and int list indices."""
-        return cls(tuple(path), tuple(LIST if isinstance(k, int) else DICT for k in path))
-
-    @cached_property
-    def node(self) -> str:
-        """The leaf's Zarr node path."""
-        return join([encode_key(k) for k in self.path])
-
-    @property
-    def dcp_fqn(self) -> str:
-        """The FQN that DCP's own planners give this leaf."""
-        return dotted(self.path)
-
-
-def dotted(path: tuple[Key, ...]) -> str:
-    """A key path as DCP's dotted FQN (``app.model.net1.weight``); also safetensors' names."""
-    return ".".join(map(str, path))
+__all__ = ["flatten", "tensor_placement"]
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -111,7 +75,7 @@ def flatten(state_dict: Mapping[Key, Any]) -> tuple[dict[str, Any], dict[str, En
     return flat, entries
 
 
-def tensor_layout(tensor: torch.Tensor) -> dict[str, Any]:
+def tensor_placement(tensor: torch.Tensor) -> dict[str, Any]:
     """A JSON description of how a tensor is distributed (recorded, never needed to load)."""
     if isinstance(tensor, DTensor):
         mesh = tensor.device_mesh

@@ -14,10 +14,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .catalog import ArrayNode, Catalog
 from .errors import StorageError, ZdcpError
+from .format.catalog import ArrayNode
+from .format.constants import METADATA_KEY
 from .locations import CheckpointId
-from .storage import METADATA_KEY, Store, storage_access
+from .storage.committed import read_catalog
+from .storage.store import Store, storage_access
 
 __all__ = ["verify", "Fault", "Report"]
 
@@ -57,7 +59,7 @@ def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | Non
     store = Store(checkpoint_id)
     report = Report(store.url)
     try:
-        catalog = Catalog.read(store)
+        catalog = read_catalog(store)
     except StorageError:  # the storage failed, not the checkpoint
         raise
     except ZdcpError as e:

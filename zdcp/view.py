@@ -21,13 +21,13 @@ from typing import Any
 import tensorstore as ts
 import torch
 
-from .catalog import ArrayNode, Catalog, GroupNode
-from .dtypes import numpy_to_tensor
 from .errors import UnsafeError
-from .keys import Key, describe
+from .format.catalog import ArrayNode, Catalog, GroupNode
+from .format.dtypes import numpy_to_tensor
+from .format.names import LIST, Key, describe
 from .locations import CheckpointId
-from .storage import Store, reading
-from .tree import LIST
+from .storage.committed import read_catalog
+from .storage.store import Store, reading
 
 __all__ = ["open", "Group", "Array"]
 
@@ -39,7 +39,7 @@ def open(checkpoint_id: CheckpointId, *, allow_pickle: bool = False) -> Group:  
             Unpickling runs code chosen by whoever wrote the checkpoint: trusted files only.
     """
     store = Store(checkpoint_id)
-    return Group(_Source(store, Catalog.read(store), allow_pickle), "")
+    return Group(_Source(store, read_catalog(store), allow_pickle), "")
 
 
 class _Source:
@@ -85,7 +85,6 @@ class Group(Mapping[Key, Any]):
     def __init__(self, source: _Source, node: str):
         self._source = source
         self._node: GroupNode = source.catalog.groups[node]
-        self._path = node
 
     @property
     def path(self) -> tuple[Key, ...]:

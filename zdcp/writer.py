@@ -4,18 +4,19 @@ The save protocol, in DCP's call order:
 
 1. ``prepare_global_plan`` (coordinator): derive every array's chunk grid from all ranks'
    shards, check the target (refuse to replace a committed checkpoint unless ``overwrite``, and
-   anything zdcp did not write always), and prepare where the save goes (:mod:`zdcp.staging`:
-   a staging directory beside a local target, the in-progress marker under an object store
-   prefix). Each rank's ``SavePlan.storage_data`` tells it where to write and the grids of the
-   arrays it writes.
+   anything zdcp did not write always), and prepare where the save goes
+   (:mod:`zdcp.storage.commit`: a pending directory beside a local target, the in-progress
+   marker under an object store prefix). Each rank's ``SavePlan.storage_data`` tells it where
+   to write and the grids of the arrays it writes.
 2. ``write_data`` (every rank, concurrently): write its own chunks where the save goes, through
-   tensorstore (small plain chunks and shards up to 4 MiB as plain files, :mod:`zdcp.direct`),
+   tensorstore (small plain chunks and shards up to 4 MiB as plain files,
+   :mod:`zdcp.storage.localfiles`),
    with the array metadata known up front, so no rank waits on another and no data passes
    through the coordinator; then make them durable (a single process's writes to a local
    checkpoint become durable with the rest at the commit). Plain values travel back to the
    coordinator as JSON in the ``WriteResult``s.
 3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
-   ``zarr.json`` with all of them consolidated, make them durable, and commit: the staging
+   ``zarr.json`` with all of them consolidated, make them durable, and commit: the pending
    directory is renamed into place (or atomically exchanged with the checkpoint it replaces);
    on an object store the root document, written last, is the commit.
 """
@@ -36,104 +37,65 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import __version__
-from .direct import LocalFiles, inner_chunks_writable, plain_chunks_writable
-from .dtypes import from_torch, tensor_to_numpy
 from .errors import UnsupportedValueError, UsageError
-from .keys import describe, encode_key, join
-from .layout import (
-    ATTR,
-    COMPRESSIONS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INNER_CHUNK_BYTES,
-    array_document,
-    chunk_key,
-    chunk_shape,
-    group_document,
-)
+from .format.codecs import plain_encoding
+from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, METADATA_KEY
+from .format.documents import array_document, chunk_key, chunk_shape, group_document
+from .format.dtypes import from_torch, tensor_to_numpy
+from .format.names import DICT, Entry, describe, encode_key, join
+from .format.values import to_json
 from .locations import CheckpointId, kvstore_spec
-from .staging import InPlace, Staging, stage
-from .storage import METADATA_KEY, InflightWindow, Store, StoreClient, encode_json, storage_access
-from .tree import DICT, Entry, tensor_layout
-from .values import to_json
+from .metadata import PickledValue, RankPlan, StoredValue
+from .options import SaveOptions
+from .storage.commit import InPlaceSave, LocalSave, begin_save
+from .storage.inflight import InflightWindow
+from .storage.localfiles import LocalFiles
+from .storage.store import Store, encode_json, storage_access, store_for
+from .tree import tensor_placement
+from .version import __version__
 
 __all__ = ["ZarrWriter"]
 
 _UINT8 = from_torch(torch.uint8)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Value:
-    """A plain value on its way to the coordinator: JSON and its type descriptor."""
-
-    json: Any
-    desc: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class _RankPlan:
-    """What the coordinator tells each rank (``SavePlan.storage_data``): where to write (the
-    staging directory, or the object store prefix), and the chunk grid of every array the rank
-    writes."""
-
-    location: dict[str, Any]  # kvstore spec
-    grids: dict[str, tuple[int, ...]]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Pickled:
-    """A value stored as a pickle in a uint8 array of ``nbytes`` bytes."""
-
-    nbytes: int
-
-
-class ZarrWriter(StoreClient, StorageWriter):
+class ZarrWriter(StorageWriter):
     """Write a DCP checkpoint as a Zarr v3 hierarchy (see docs/format.md).
 
     Args:
-        path: the checkpoint directory; may also come later as DCP's ``checkpoint_id``.
-        overwrite: replace a committed checkpoint at ``path`` (atomically: see
-            :mod:`zdcp.staging`); without it such a save raises :class:`~zdcp.CheckpointExistsError`.
-        allow_pickle: store values JSON cannot hold as pickles instead of refusing them.
-        compression: ``None`` (default), ``"zstd"`` or ``"gzip"``.
+        path: the checkpoint location; may also come later as DCP's ``checkpoint_id``.
         max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight (``None``:
             no limit). Bounds the host memory that GPU tensors' copies or lazily produced
             tensors take while they are written.
-        sync_files: make every rank's data durable before the commit record is written, and
-            the commit record before the save returns (as DCP's ``FileSystemWriter``). Off,
-            a power loss soon after a save may lose a checkpoint that reads as committed.
-        direct_writes: write small plain chunks, shards of up to 4 MiB and the nodes'
-            ``zarr.json`` of a local checkpoint as plain files (:mod:`zdcp.direct`); ``False``
-            writes everything through tensorstore. The files are the same either way.
+        direct_writes: write plain chunks of a local checkpoint (shards up to
+            :data:`DIRECT_SHARD_BYTES`) and the nodes' ``zarr.json`` as plain files
+            (:mod:`zdcp.storage.localfiles`); ``False`` writes everything through tensorstore.
+            The files are the same either way.
+        **options: the fields of :class:`~zdcp.SaveOptions` (``overwrite``, ``allow_pickle``,
+            ``compression``, ``sync_files``).
     """
 
     def __init__(
         self,
         path: CheckpointId | None = None,
         *,
-        overwrite: bool = False,
-        allow_pickle: bool = False,
-        compression: str | None = None,
         max_inflight_bytes: int | None = 1 << 30,
-        sync_files: bool = True,
         direct_writes: bool = True,
+        **options: Any,
     ):
-        StoreClient.__init__(self, path)
-        if compression is not None and compression not in COMPRESSIONS:
-            raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
-        self.overwrite = overwrite
-        self.allow_pickle = allow_pickle
-        self.compression = compression
+        self.store: Store | None = Store(path) if path is not None else None
+        self.options = SaveOptions(**options)
         self.max_inflight_bytes = max_inflight_bytes
-        self.sync_files = sync_files
         self.direct_writes = direct_writes
-        self.is_coordinator = False
         self._reset_state()
+
+    @property
+    def checkpoint_id(self) -> CheckpointId | None:
+        return self.store.checkpoint_id if self.store is not None else None
 
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
-        self._staging: Staging | InPlace | None = None
+        self._save: LocalSave | InPlaceSave | None = None
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
@@ -147,11 +109,10 @@ class ZarrWriter(StoreClient, StorageWriter):
         return True
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
-        self._use(checkpoint_id)
+        self.store = store_for(checkpoint_id, self.store, type(self).__name__)
         self._reset_state()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.is_coordinator = is_coordinator
         if kwargs.get("use_collectives", True) is False and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank would plan, stage and commit alone: each commit would hold one rank's shards.
             raise UsageError("ZarrWriter needs DCP's collectives when several ranks save (use_collectives=True)")
@@ -163,7 +124,7 @@ class ZarrWriter(StoreClient, StorageWriter):
         assert self.store is not None
         if not all(getattr(p, "usable", True) for p in plans):
             # A rank whose plan is unchanged reuses its cached final plan, which would send its
-            # chunks to the previous save's staging directory.
+            # chunks to the previous save's pending directory.
             raise UsageError("ZarrWriter does not support DCP's plan caching (enable_plan_caching=True)")
         self._world_size = len(plans)
         if self.store.spec["driver"] == "memory" and self._world_size > 1:
@@ -179,37 +140,37 @@ class ZarrWriter(StoreClient, StorageWriter):
         self._grids = {fqn: chunk_shape(shapes[fqn], s) for fqn, s in shards.items()}
         # Last, once the plans are known to be valid: nothing is created for a save that fails
         # planning.
-        self._staging = stage(
-            self.store, overwrite=self.overwrite, marker={"world_size": self._world_size, "zdcp": __version__}
+        self._save = begin_save(
+            self.store, overwrite=self.options.overwrite, marker={"world_size": self._world_size, "zdcp": __version__}
         )
         # Each rank learns where to write, and the grids of the arrays it writes.
         return [
             dataclasses.replace(
                 p,
-                storage_data=_RankPlan(
-                    self._staging.location, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])}
+                storage_data=RankPlan(
+                    self._save.location, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])}
                 ),
             )
             for p in plans
         ]
 
     def abandon(self) -> None:
-        """Delete the staging directory of a save that failed (on the coordinator; a no-op
-        elsewhere). :func:`zdcp.save` calls it; the previous checkpoint, if any, is untouched."""
-        if self._staging is not None:
-            self._staging.abandon()
-            self._staging = None
+        """Delete what a save that failed wrote (on the coordinator; a no-op elsewhere); the
+        previous checkpoint, if any, is untouched. Every save of :mod:`zdcp.api` calls it."""
+        if self._save is not None:
+            self._save.abandon()
+            self._save = None
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        rank_plan: _RankPlan = plan.storage_data
+        rank_plan: RankPlan = plan.storage_data
         store = Store(rank_plan.location)
         # Each rank's data is durable before it reports success. A single process's becomes
-        # durable with everything else at the commit instead (Staging.commit syncs through a
+        # durable with everything else at the commit instead (LocalSave.commit syncs through a
         # handle opened before any write): one sync of the filesystem per save, not two. With
         # several ranks the coordinator syncs here too, alongside the others (on other hosts,
         # its sync at the commit would only start once theirs are done).
-        syncs_at_commit = isinstance(self._staging, Staging) and self._world_size == 1
-        durable = store.filesystem_sync() if self.sync_files and not syncs_at_commit else None
+        syncs_at_commit = isinstance(self._save, LocalSave) and self._world_size == 1
+        durable = store.filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
         chunks = _ChunkWriter(store, rank_plan, self)
         try:
             with storage_access(store.url):
@@ -227,8 +188,8 @@ class ZarrWriter(StoreClient, StorageWriter):
         sources = getattr(planner, "state_dict", {})
         for item, nbytes in written:
             source = sources.get(item.index.fqn)
-            layout = tensor_layout(source) if isinstance(source, torch.Tensor) else None
-            results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=layout))
+            placement = tensor_placement(source) if isinstance(source, torch.Tensor) else None
+            results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=placement))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -256,20 +217,20 @@ class ZarrWriter(StoreClient, StorageWriter):
         try:
             j, desc = to_json(value, describe(entry.path))
         except UnsupportedValueError:
-            if not self.allow_pickle:
+            if not self.options.allow_pickle:
                 raise
             data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
             metadata = array_document(list(data.shape), _UINT8, data.shape, {})
             array = store.open_array(entry.node, metadata, write=True).result()
             array.write(data).result()
-            return WriteResult(index=item.index, size_in_bytes=data.size, storage_data=_Pickled(data.size))
-        return WriteResult(index=item.index, size_in_bytes=0, storage_data=_Value(j, desc))
+            return WriteResult(index=item.index, size_in_bytes=data.size, storage_data=PickledValue(data.size))
+        return WriteResult(index=item.index, size_in_bytes=0, storage_data=StoredValue(j, desc))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        assert self._staging is not None
-        store = Store(self._staging.location)
-        # Per FQN: a _Value or _Pickled for plain values, the placement layout for tensors
-        # (any rank that wrote a shard reports the same one).
+        assert self._save is not None
+        store = Store(self._save.location)
+        # Per FQN: a StoredValue or PickledValue for plain values, the placement record for
+        # tensors (any rank that wrote a shard reports the same one).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}
         groups: dict[tuple[Any, ...], _Group] = {(): _Group(DICT)}
         arrays: dict[str, dict[str, Any]] = {}
@@ -279,14 +240,15 @@ class ZarrWriter(StoreClient, StorageWriter):
                 groups.setdefault(entry.path[:depth], _Group(kind)).check(kind, entry.path[:depth])
             if isinstance(md, BytesStorageMetadata):
                 data = stored[fqn]
-                if isinstance(data, _Pickled):
+                if isinstance(data, PickledValue):
                     arrays[entry.node] = array_document([data.nbytes], _UINT8, [data.nbytes], {"kind": "pickle"})
                 else:
                     groups[entry.path[:-1]].add(entry.path[-1], data)
             else:
                 dtype = from_torch(md.properties.dtype)
                 attrs = {"kind": "tensor", "dtype": dtype.torch_name, "layout": stored.get(fqn)}
-                arrays[entry.node] = array_document(list(md.size), dtype, self._grids[fqn], attrs, self.compression)
+                grid = self._grids[fqn]
+                arrays[entry.node] = array_document(list(md.size), dtype, grid, attrs, self.options.compression)
         nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
@@ -309,10 +271,10 @@ class ZarrWriter(StoreClient, StorageWriter):
         # children unless siblings are adjacent.
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-        # From here the staging object cleans up after itself: a failure once the checkpoint is
-        # committed must not delete it.
-        staging, self._staging = self._staging, None
-        staging.commit(root, sync=self.sync_files)
+        # From here the save cleans up after itself: a failure once the checkpoint is committed
+        # must not delete it.
+        save, self._save = self._save, None
+        save.commit(root, sync=self.options.sync_files)
 
 
 class _Group:
@@ -327,7 +289,7 @@ class _Group:
         if kind != self.kind:
             raise UnsupportedValueError(f"{describe(path)} is used both as a {self.kind} and a {kind}")
 
-    def add(self, key: Any, value: _Value) -> None:
+    def add(self, key: Any, value: StoredValue) -> None:
         name = encode_key(key)
         self.values[name] = value.json
         if value.desc is not None:
@@ -340,21 +302,21 @@ class _Group:
         return group_document(self.values, attrs)
 
 
-#: Sharded chunks up to this size are encoded by zdcp.direct: for FSDP2 shards of 1 MiB that
-#: made a 4-rank save 1.6x faster; tensorstore, which encodes a chunk's inner chunks on
-#: several threads, keeps larger ones (docs/benchmarks.md).
-_DIRECT_SHARD_BYTES = 4 << 20
+#: Sharded chunks up to this size are encoded by :mod:`zdcp.storage.localfiles`; tensorstore,
+#: which encodes a chunk's inner chunks on several threads, keeps larger ones.
+DIRECT_SHARD_BYTES = 4 << 20
 
 
 class _ChunkWriter:
-    """One rank's chunk writes into the staging directory: small plain chunks and shards up to
-    :data:`_DIRECT_SHARD_BYTES` of a local checkpoint as plain files (:mod:`zdcp.direct`), the
-    rest through tensorstore with a window of writes in flight."""
+    """One rank's chunk writes where the save goes: small plain chunks and shards up to
+    :data:`DIRECT_SHARD_BYTES` of a local checkpoint as plain files
+    (:mod:`zdcp.storage.localfiles`), the rest through tensorstore with a window of writes in
+    flight."""
 
-    def __init__(self, store: Store, plan: _RankPlan, writer: ZarrWriter):
+    def __init__(self, store: Store, plan: RankPlan, writer: ZarrWriter):
         self.store = store
         self.grids = plan.grids
-        self.compression = writer.compression
+        self.compression = writer.options.compression
         self.local = _local_files(store, writer)
         self.window = InflightWindow(writer.max_inflight_bytes)
         self.documents: dict[str, dict[str, Any]] = {}
@@ -371,13 +333,14 @@ class _ChunkWriter:
             shape = list(item.tensor_data.size)
             self.documents[fqn] = array_document(shape, dtype, self.grids[fqn], {}, self.compression)
         index = _whole_chunk(chunk.offsets, chunk.sizes, self.grids[fqn])
-        if self.local is not None and index is not None:
-            if nbytes <= INNER_CHUNK_BYTES and plain_chunks_writable(self.documents[fqn]):
+        encoding = plain_encoding(self.documents[fqn]) if self.local is not None and index is not None else None
+        if encoding is not None:
+            assert self.local is not None and index is not None
+            if encoding.inner is None and nbytes <= INNER_CHUNK_BYTES:
                 self.local.write_plain_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor))
                 return nbytes
-            inner = inner_chunks_writable(self.documents[fqn])
-            if inner is not None and nbytes <= _DIRECT_SHARD_BYTES:
-                self.local.write_sharded_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor), inner)
+            if encoding.inner is not None and nbytes <= DIRECT_SHARD_BYTES:
+                self.local.write_sharded_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor), encoding.inner)
                 return nbytes
         if fqn not in self.arrays:
             self.arrays[fqn] = self.store.open_array(entry.node, self.documents[fqn], write=True)
@@ -398,7 +361,7 @@ def _local_files(store: Store, writer: ZarrWriter) -> LocalFiles | None:
     root = store.local_root
     if root is None or not writer.direct_writes:
         return None
-    return LocalFiles(root, start_writeback=writer.sync_files)
+    return LocalFiles(root, start_writeback=writer.options.sync_files)
 
 
 def _entries_of(plan: SavePlan) -> dict[str, Entry]:

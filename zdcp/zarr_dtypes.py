@@ -19,7 +19,7 @@ import numpy as np
 from zarr.core.dtype import data_type_registry
 from zarr.core.dtype.npy.float import BaseFloat
 
-from .dtypes import EXTENSION_DTYPES, from_zarr
+from .format.dtypes import EXTENSION_DTYPES, from_zarr
 
 __all__ = [
     "BFloat16",

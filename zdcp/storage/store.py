@@ -3,8 +3,8 @@
 Everything zdcp reads or writes goes through a tensorstore kvstore spec rooted at the checkpoint
 (:mod:`zdcp.locations`), so the same code serves local directories and object stores. Array
 data goes through tensorstore's ``zarr3`` driver over ``node_spec(node)`` (or, for local files,
-:mod:`zdcp.storage.localfiles`); the ``zarr.json`` documents are written and read here, as whole JSON
-values. A request the storage refuses or fails becomes a :class:`~zdcp.StorageError`.
+:mod:`zdcp.storage.localfiles`); the ``zarr.json`` documents are written and read here, as
+whole JSON values. A request the storage refuses or fails becomes a :class:`~zdcp.StorageError`.
 """
 
 from __future__ import annotations
