@@ -205,6 +205,83 @@ def _row(workload: str, op: str, times: dict[str, list[float]], size: int) -> di
     return {"workload": workload, "op": op, "bytes": size, "median": med, "rounds": len(next(iter(times.values())))}
 
 
+# -- retention: save, load, delete the previous checkpoint ---------------------------------------
+
+
+def retention(state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
+    """A training job's pattern: each round saves a new step, loads it back and deletes the
+    step before it, so every save creates its files right after a mass deletion (on ext4
+    without a journal, the inode allocator then skips the recently freed inodes: see NewPaths).
+    Implementations alternate within each round; each deletes only its own checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    dest = empty_like(state)
+    savers = {
+        "zdcp": (lambda p: zdcp.save(state, p), lambda p: zdcp.load(dest, p)),
+        "dcp": (
+            lambda p: dcp.save(state, checkpoint_id=p, no_dist=True),
+            lambda p: dcp.load(dest, checkpoint_id=p, no_dist=True),
+        ),
+    }
+    times: dict[str, dict[str, list[float]]] = {op: {k: [] for k in savers} for op in ("save", "load", "delete")}
+    previous: dict[str, Path | None] = dict.fromkeys(savers)
+    names = list(savers)
+    for r in range(rounds + 1):  # round 0 only makes the first checkpoint to delete
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            save, load = savers[name]
+            path = root / f"{name}-step{r}"
+            seconds = {"save": timed(lambda: save(path)), "load": timed(lambda: load(path))}
+            if previous[name] is not None:
+                seconds["delete"] = timed(lambda: shutil.rmtree(previous[name]))
+            previous[name] = path
+            if r:
+                for op, value in seconds.items():
+                    times[op][name].append(value)
+    size = nbytes(state)
+    return [_row("retention: " + f"{len(leaves(state))} small, save/load/delete", op, times[op], size) for op in times]
+
+
+# -- open: one tensor of a checkpoint with many keys ---------------------------------------------
+
+
+def open_one(root: Path, sizes: tuple[int, ...] = (2_000, 20_000, 100_000)) -> list[dict[str, Any]]:
+    """``zdcp.open(path)[key][:]`` on checkpoints of 2,000 to 100,000 small tensors, against
+    reading and parsing the root document alone, and DCP's load of that one tensor."""
+    import json
+
+    out = []
+    for n in sizes:
+        state = {"model": {f"layers.{i // 10}.{_NAMES[i % 10]}": torch.full((4,), float(i)) for i in range(n)}}
+        zpath, dpath = root / f"open-zdcp-{n}", root / f"open-dcp-{n}"
+        zdcp.save(state, zpath, sync_files=False)
+        dcp.save(state, checkpoint_id=dpath, no_dist=True)
+        key = f"layers.0.{_NAMES[0]}"
+        dest = {"model": {key: torch.empty(4)}}
+        times = interleaved(
+            3,
+            {
+                "root document": lambda: timed(lambda: json.loads((zpath / "zarr.json").read_bytes())),
+                "zdcp.open + read": lambda: timed(lambda: zdcp.open(zpath)["model"][key][:]),
+                "dcp.load of one": lambda: timed(
+                    lambda: dcp.load(
+                        dest,
+                        checkpoint_id=dpath,
+                        planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+                        no_dist=True,
+                    )
+                ),
+            },
+        )
+        out.append(
+            {"keys": n, "root MB": (zpath / "zarr.json").stat().st_size / 1e6}
+            | {k: median(v) for k, v in times.items()}
+        )
+    return out
+
+
+_NAMES = ("q.weight", "k.weight", "v.weight", "o.weight", "up.weight", "down.weight", "gate.weight",
+          "norm.weight", "norm.bias", "ln.weight")  # fmt: skip
+
+
 # -- workload 3: FSDP2 + Adam on 4 gloo ranks ---------------------------------------------------
 
 
@@ -517,6 +594,7 @@ def report(
     asynchronous: dict[str, float] | None,
     root: Path,
     s3: list[dict[str, Any]] | None = None,
+    opened: list[dict[str, Any]] | None = None,
 ) -> str:
     out = [f"Machine: {machine()}. Storage: the filesystem under `{root}`; page cache warm.", ""]
     if rows:
@@ -551,6 +629,15 @@ def report(
         copy = asynchronous["copy to host"]
         out += ["", "| async save, 512 MiB (`large`) | s | / copy to host |", "| --- | --- | --- |"]
         out += [f"| {k} | {v:.3f} | {v / copy:.2f}x |" for k, v in asynchronous.items()]
+    if opened:
+        cases = [k for k in opened[0] if k not in ("keys", "root MB")]
+        out += [
+            "",
+            f"| keys | root zarr.json | {' | '.join(f'{c} s' for c in cases)} |",
+            "| --- " * (len(cases) + 2) + "|",
+        ]
+        for o in opened:
+            out.append(f"| {o['keys']:,} | {o['root MB']:.1f} MB | {' | '.join(f'{o[c]:.3f}' for c in cases)} |")
     if s3:
         out += [
             "",
@@ -572,7 +659,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"), help="runs go into a new directory here")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", default="large,small,sharded,slice,memory,async,s3")
+    parser.add_argument("--workloads", default="large,small,retention,sharded,slice,memory,async,open,s3")
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -592,6 +679,8 @@ def run_workloads(chosen: set[str], root: Path, rounds: int) -> str:
         rows += single_process("large: 16 x 32 MiB fp32", large_state(), root, rounds)
     if "small" in chosen:
         rows += single_process("many small: 2000 x 1-4 KiB", small_state(), root, rounds)
+    if "retention" in chosen:
+        rows += retention(small_state(), root / "retention", max(rounds, 5))
     if "sharded" in chosen:
         more_rows, more_amp = sharded(root / "sharded", rounds)
         rows += more_rows
@@ -602,7 +691,8 @@ def run_workloads(chosen: set[str], root: Path, rounds: int) -> str:
         mem = memory(root)
     asynchronous = async_blocking(root, rounds) if "async" in chosen else None
     s3 = s3_requests(root / "s3") if "s3" in chosen else None
-    return report(rows, amplification, mem, asynchronous, root.parent, s3)
+    opened = open_one(root / "open") if "open" in chosen else None
+    return report(rows, amplification, mem, asynchronous, root.parent, s3, opened)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_inspect_tree_and_json(saved, capsys):
     _, ck = saved
     assert main(["inspect", str(ck)]) == 0
     out = capsys.readouterr().out
-    assert "zdcp format 2, committed, saved by 1 rank(s)" in out
+    assert "zdcp format 3, committed, saved by 1 rank(s)" in out
     assert "  w  float32 4x3  chunks 4x3  48 B" in out
     assert "  b  bfloat16 3  chunks 3  6 B" in out
     assert "model/  (group: 2 arrays, 54 B)" in out
@@ -40,7 +40,7 @@ def test_inspect_tree_and_json(saved, capsys):
     assert doc["committed"] and doc["info"]["world_size"] == 1
     nodes = {n["path"]: n for n in doc["nodes"]}
     assert nodes["model/w"] == {"path": "model/w", "keys": ["model", "w"], "type": "array", "dtype": "float32",
-                                "shape": [4, 3], "chunks": [4, 3], "nbytes": 48, "layout": {"type": "Tensor"}}
+                                "shape": [4, 3], "chunks": [4, 3], "nbytes": 48, "placement": {"type": "Tensor"}}
     assert nodes["optim/param_groups"]["value"] == [{"lr": 0.1}]
     assert nodes["model"]["arrays"] == 2
 

@@ -57,7 +57,7 @@ def test_root_document_records_what_load_needs(ckpt):
     zdcp.save({"w": torch.ones(2, dtype=torch.float16)}, ckpt)
     root = json.loads((ckpt / "zarr.json").read_text())
     info = root["attributes"]["zdcp"]
-    assert info["format"] == "zdcp" and info["format_version"] == 2
+    assert info["format"] == "zdcp" and info["format_version"] == 3
     assert info["world_size"] == 1 and info["torch_version"] == torch.__version__
     assert root["consolidated_metadata"]["metadata"]["w"]["attributes"]["zdcp"]["dtype"] == "float16"
     assert b"pickle" not in (ckpt / "zarr.json").read_bytes()

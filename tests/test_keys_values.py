@@ -5,7 +5,7 @@ import math
 import pytest
 
 import zdcp
-from zdcp.format.names import decode_key, encode_key
+from zdcp.format.names import MAX_NAME_BYTES, decode_key, decode_node_name, encode_key, node_name, shortened
 from zdcp.format.values import from_json, to_json
 
 KEYS = ["net1.weight", "exp_avg", "a/b", "/abs", ".", "..", "../x", "__meta", "zarr.json", "zdcp", "", "%i0", "%e",
@@ -66,7 +66,35 @@ def test_json_is_natural_where_it_can_be():
     assert to_json({"lr": 0.1, "n": [1, 2]}) == ({"lr": 0.1, "n": [1, 2]}, None)
 
 
-@pytest.mark.parametrize("value", [b"bytes", object(), {1.5: 2}, [1, {"a": set()}]], ids=repr)
+@pytest.mark.parametrize("value", [bytearray(b"x"), object(), {1.5: 2}, [1, {"a": set()}]], ids=repr)
 def test_values_json_cannot_hold_are_refused_with_where(value):
     with pytest.raises(zdcp.UnsupportedValueError, match="opt/x"):
         to_json(value, "opt/x")
+
+
+LONG_KEYS = ["a" * 129, "a" * 300, "é" * 100, "%" * 50, "x" * 62 + "é" * 30, "__" + "y" * 200]
+
+
+@pytest.mark.parametrize("key", LONG_KEYS, ids=lambda k: f"{k[:3]}..{len(k)}")
+def test_long_node_names_are_shortened_reversibly(key):
+    whole = encode_key(key)
+    short = node_name(key)
+    assert len(whole) > MAX_NAME_BYTES and short == shortened(whole)
+    assert len(short) <= 98 and "/" not in short and whole.startswith(short.split("%h")[0])
+    assert decode_node_name(short, {short: whole}) == (key, whole)
+    assert node_name("a" * MAX_NAME_BYTES) == "a" * MAX_NAME_BYTES  # at the limit: kept whole
+
+
+@pytest.mark.parametrize(
+    "short, long_names",
+    [
+        ("a%h" + "0" * 32, {}),  # not recorded
+        ("a%h" + "0" * 32, {"a%h" + "0" * 32: "a" * 200}),  # the hash does not match
+        (shortened("a" * 200), {shortened("a" * 200): "b" * 200}),  # recorded under another name
+        (shortened("a" * 100), {shortened("a" * 100): "a" * 100}),  # whole name short enough
+        (shortened("../" * 60), {shortened("../" * 60): "../" * 60}),  # not an encoded name
+    ],
+)
+def test_crafted_shortened_names_are_refused(short, long_names):
+    with pytest.raises(zdcp.UnsafeError):
+        decode_node_name(short, long_names)

@@ -162,7 +162,7 @@ def test_cli_on_an_s3_path(s3, bucket, capsys, tmp_path):
     zdcp.save({"model": {"w": torch.arange(12.0).reshape(3, 4)}, "step": 3}, url)
     assert cli(["inspect", url]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{url}: zdcp format 2, committed") and "w  float32 3x4" in out
+    assert out.startswith(f"{url}: zdcp format 3, committed") and "w  float32 3x4" in out
     assert cli(["verify", url]) == 0
     assert capsys.readouterr().out.startswith("OK: 1 arrays")
     assert cli(["convert", url, str(tmp_path / "c.pt"), "-q"]) == 0

@@ -106,12 +106,12 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
         assert group["big"].shards == (shard_rows, 256)
         assert group["big"].chunks == {2: (64, 256), 3: (57, 256), 4: (64, 256)}[world_size]
         assert group["rep"].chunks == (3, 3)
-        assert group["rows7"].attrs["zdcp"]["layout"]["placements"] == ["Shard(dim=0)"]
+        assert group["rows7"].attrs["zdcp"]["placement"]["placements"] == ["Shard(dim=0)"]
     grid = zarr.open_group(tmp_path / "w4_2d/model", mode="r")
     assert grid["grid"].chunks == (3, 5)
     assert grid["nested"].chunks == (1, 4)  # shards of 2,1,1,1 rows: one-row chunks, one writer each
     assert grid["mixed"].chunks == (5, 3)
-    assert grid["grid"].attrs["zdcp"]["layout"]["mesh_shape"] == [2, 2]
+    assert grid["grid"].attrs["zdcp"]["placement"]["mesh_shape"] == [2, 2]
 
     # verify reads every chunk of a multi-rank checkpoint: rows7 (2-row chunks over 4 ranks)
     # and the other arrays; and names what is damaged below
@@ -122,7 +122,7 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
     # touch, it still reads; a slice that needs a missing chunk fails.
     shutil.copytree(tmp_path / "w4", tmp_path / "w4_damaged")
     rows7 = zdcp.open(tmp_path / "w4_damaged")["model/rows7"]
-    assert rows7.chunks == (2, 3) and rows7.layout["placements"] == ["Shard(dim=0)"]
+    assert rows7.chunks == (2, 3) and rows7.placement["placements"] == ["Shard(dim=0)"]
     for chunk in (0, 1, 3):
         (tmp_path / f"w4_damaged/model/rows7/c.{chunk}.0").unlink()
     assert_bitwise_equal(rows7[4:6, 1:], reference("rows7")[4:6, 1:])

@@ -2,6 +2,7 @@
 path, and clear errors for each kind of bad input."""
 
 import gc
+import io
 import json
 import pathlib
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import zarr
 from conftest import assert_bitwise_equal
 
 import zdcp
@@ -192,37 +194,52 @@ def test_newer_format_version_is_refused(ckpt):
         zdcp.load({"a": torch.zeros(1)}, ckpt)
 
 
-def _as_format_version_1(ckpt):
-    """Rewrite a checkpoint as format version 1 wrote it: chunk keys separated by "/"
-    (``a/c/0/0``) instead of "." (``a/c.0.0``); nothing else differs."""
+def _as_older_format(ckpt, version):
+    """Rewrite a checkpoint as format version 2 or 1 wrote it: node names never shortened (a
+    long key's directory has its whole name) and the placement record under "layout"; in
+    version 1 also chunk keys separated by "/" (``a/c/0/0``) instead of "." (``a/c.0.0``)."""
     root = json.loads((ckpt / "zarr.json").read_text())
-    root["attributes"]["zdcp"]["format_version"] = 1
-    for node, doc in root["consolidated_metadata"]["metadata"].items():
+    root["attributes"]["zdcp"]["format_version"] = version
+    nodes = root["consolidated_metadata"]["metadata"]
+    for node in [n for n in nodes if "%h" in n]:  # top-level only, in these tests
+        whole = root["attributes"]["zdcp"]["long_names"].pop(node)
+        (ckpt / node).rename(ckpt / whole)
+        nodes[whole] = nodes.pop(node)
+    root["attributes"]["zdcp"].pop("long_names", None)
+    for node, doc in nodes.items():
         if doc["node_type"] != "array":
             continue
-        doc["chunk_key_encoding"]["configuration"]["separator"] = "/"
+        doc["attributes"]["zdcp"]["layout"] = doc["attributes"]["zdcp"].pop("placement")
+        if version == 1:
+            doc["chunk_key_encoding"]["configuration"]["separator"] = "/"
+            for chunk in (ckpt / node).glob("c.*"):
+                moved = ckpt / node / "/".join(chunk.name.split("."))
+                moved.parent.mkdir(parents=True, exist_ok=True)
+                chunk.rename(moved)
         (ckpt / node / "zarr.json").write_text(json.dumps(doc))
-        for chunk in (ckpt / node).glob("c.*"):
-            moved = ckpt / node / "/".join(chunk.name.split("."))
-            moved.parent.mkdir(parents=True, exist_ok=True)
-            chunk.rename(moved)
+    root["consolidated_metadata"]["metadata"] = dict(sorted(nodes.items()))
     (ckpt / "zarr.json").write_text(json.dumps(root))
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("direct_reads", [True, False])
-def test_format_version_1_checkpoints_still_load(ckpt, direct_reads):
-    state = {"w": torch.randn(300, 300), "b": torch.randn(7), "s": torch.tensor(3.0), "cfg": {"lr": 0.1}}
+def test_older_format_versions_still_load(ckpt, direct_reads, version):
+    long = "long_" * 40  # 200 bytes: shortened since version 3, whole before
+    state = {"w": torch.randn(300, 300), "b": torch.randn(7), long: torch.tensor(3.0), "cfg": {"lr": 0.1}}
     zdcp.save(state, ckpt)
-    _as_format_version_1(ckpt)
-    assert (ckpt / "w/c/0/0").is_file() and (ckpt / "b/c/0").is_file() and not list(ckpt.glob("*/c.*"))
-    out = {"w": torch.zeros(300, 300), "b": torch.zeros(7), "s": torch.tensor(0.0), "cfg": {}}
+    _as_older_format(ckpt, version)
+    chunk = "w/c/0/0" if version == 1 else "w/c.0.0"
+    assert (ckpt / chunk).is_file() and (ckpt / long).is_dir()
+    assert (version == 1) == (not list(ckpt.glob("*/c.*")))
+    out = {"w": torch.zeros(300, 300), "b": torch.zeros(7), long: torch.tensor(0.0), "cfg": {}}
     dcp.load(out, storage_reader=zdcp.ZarrReader(ckpt, direct_reads=direct_reads), no_dist=True)
-    for key in ("w", "b", "s"):
+    for key in ("w", "b", long):
         assert_bitwise_equal(out[key], state[key], key)
     assert_bitwise_equal(zdcp.open(ckpt)["w"][10:20, 5], state["w"][10:20, 5])
+    assert zdcp.open(ckpt)["w"].placement == {"type": "Tensor"}
     report = zdcp.verify(ckpt)
     assert report.ok and report.chunks == 3, report
-    (ckpt / "w/c/0/0").unlink()
+    (ckpt / chunk).unlink()
     assert not zdcp.verify(ckpt).ok
 
 
@@ -417,3 +434,102 @@ def test_save_and_load_pause_the_garbage_collector_and_restore_it(ckpt):
         assert not gc.isenabled(), "a collector the caller turned off stays off"
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("key", ["k" * 300, "é" * 100], ids=["300 ascii", "100 non-ascii"])
+def test_keys_longer_than_a_file_name_save_and_load(tmp_path, key):
+    """DCP saves such keys; so does zdcp, with the node's name shortened and the whole key kept
+    by its parent, through every way in and out."""
+    state = {key: torch.randn(3), "model": {key: {"w": torch.arange(4)}, "cfg": {key: 1.5}}}
+    zdcp.save(state, tmp_path / "zdcp")
+    dcp.save(state, storage_writer=zdcp.ZarrWriter(tmp_path / "dcp"), no_dist=True)
+    for path in (tmp_path / "zdcp", tmp_path / "dcp"):
+        assert all(len(p.name.encode()) <= 128 for p in path.rglob("*")), path
+        out = {key: torch.zeros(3), "model": {key: {"w": torch.zeros(4, dtype=torch.int64)}, "cfg": {key: 0.0}}}
+        zdcp.load(out, path)
+        assert torch.equal(out[key], state[key]) and torch.equal(out["model"][key]["w"], state["model"][key]["w"])
+        assert out["model"]["cfg"] == {key: 1.5}
+        assert torch.equal(zdcp.open(path)["model"][key]["w"][1:3], torch.tensor([1, 2]))
+        assert zdcp.verify(path).ok
+        root = zarr.open_group(path, mode="r")
+        assert sorted(root["model"].group_keys()) == sorted(p.name for p in (path / "model").iterdir() if p.is_dir())
+    out = {key: torch.zeros(3), "model": {key: {"w": torch.zeros(4, dtype=torch.int64)}, "cfg": {key: 0.0}}}
+    dcp.load(out, storage_reader=zdcp.ZarrReader(tmp_path / "dcp"), no_dist=True)
+    assert torch.equal(out[key], state[key])
+
+
+def test_nesting_deeper_than_a_path_holds_is_refused_before_writing(tmp_path):
+    state = level = {}
+    for i in range(40):  # 40 names of 106 bytes: over 4 KiB of path
+        level[f"level{i}" + "x" * 100] = level = {}
+    level["w"] = torch.ones(2)
+    with pytest.raises(zdcp.UnsupportedValueError, match=r"'level0x+/.*/w' is nested too deep for .*ckpt"):
+        zdcp.save(state | {"ok": torch.ones(1)}, tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir()), "refused before anything was written"
+
+
+def test_a_single_process_failure_is_reported_as_what_it_is(ckpt, monkeypatch):
+    """Without a process group there are no ranks to name: a failed write is a StorageError
+    naming the file, another error a plain ZdcpError naming it, never a DistributedError."""
+    import zdcp.storage.localfiles
+
+    def disk_full(self, key, *parts):
+        raise OSError(28, "No space left on device", key)
+
+    monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", disk_full)
+    with pytest.raises(zdcp.StorageError, match=r"w/c\.0: No space left on device") as raised:
+        zdcp.save({"w": torch.ones(3)}, ckpt)
+    assert not isinstance(raised.value, zdcp.DistributedError) and "rank" not in str(raised.value)
+    monkeypatch.undo()
+
+    class Broken(torch.distributed.checkpoint.DefaultSavePlanner):
+        def resolve_data(self, item):
+            raise RuntimeError("device lost")
+
+    with pytest.raises(zdcp.ZdcpError, match="RuntimeError: device lost") as raised:
+        zdcp.api.run_save({"w": torch.ones(3)}, zdcp.ZarrWriter(ckpt), planner=Broken(), no_dist=True)
+    assert not isinstance(raised.value, zdcp.DistributedError) and "rank" not in str(raised.value)
+    assert not ckpt.exists() and not list(ckpt.parent.iterdir())
+
+
+def test_bytes_values_round_trip_without_pickle(ckpt):
+    """DCP stores bytes and io.BytesIO natively (dataloader states, losses in a BytesIO); zdcp
+    stores them without pickle, small ones inline as base64, large leaves as uint8 arrays, and
+    gives back the same types, from load and from open."""
+    big = bytes(range(256)) * 200  # 50 KiB: an array of its own
+    state = {
+        "blob": b"\x00\x01 dataloader state",
+        "losses": io.BytesIO(b"loss history"),
+        "big": big,
+        "big_io": io.BytesIO(big[::-1]),
+        "nested": {"rng": [b"a", (b"", io.BytesIO(b"c"))]},
+        "w": torch.ones(2),
+    }
+    zdcp.save(state, ckpt)
+    assert b"pickle" not in (ckpt / "zarr.json").read_bytes()
+    root = json.loads((ckpt / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert root["big"]["attributes"]["zdcp"] == {"kind": "bytes", "type": "bytes"}
+    assert root["big_io"]["attributes"]["zdcp"] == {"kind": "bytes", "type": "BytesIO"}
+    out = {"blob": None, "losses": None, "big": None, "big_io": None, "nested": {"rng": None}, "w": torch.zeros(2)}
+    zdcp.load(out, ckpt)  # no allow_pickle needed
+    for view in (out, zdcp.open(ckpt).to_state_dict()):
+        assert view["blob"] == state["blob"] and type(view["blob"]) is bytes
+        assert type(view["losses"]) is io.BytesIO and view["losses"].getvalue() == b"loss history"
+        assert view["big"] == big and view["big_io"].getvalue() == big[::-1] and view["big_io"].tell() == 0
+        rng = view["nested"]["rng"]
+        assert rng[0] == b"a" and rng[1][0] == b"" and rng[1][1].getvalue() == b"c"
+    dcp_out = {"blob": None, "losses": None, "big": None, "big_io": None, "w": torch.zeros(2)}
+    dcp.load(dcp_out, storage_reader=zdcp.ZarrReader(ckpt), no_dist=True)  # DCP's own planner
+    assert dcp_out["big"] == big and dcp_out["losses"].getvalue() == b"loss history"
+    assert zarr.open_group(ckpt, mode="r")["big"][:].tobytes() == big
+    report = zdcp.verify(ckpt)
+    assert report.ok and report.arrays == 3, report
+
+
+def test_refusing_to_replace_says_what_dcp_says(ckpt):
+    """DCP's FileSystemWriter says "Checkpoint already exists"; users and DCP's tests grep for it."""
+    zdcp.save({"w": torch.ones(1)}, ckpt)
+    with pytest.raises(zdcp.CheckpointExistsError, match="Checkpoint already exists"):
+        zdcp.save({"w": torch.ones(1)}, ckpt)
+    with pytest.raises(dcp.api.CheckpointException, match="Checkpoint already exists"):
+        dcp.save({"w": torch.ones(1)}, storage_writer=zdcp.ZarrWriter(ckpt), no_dist=True)

@@ -31,8 +31,8 @@ def test_navigation_and_metadata(saved):
     w = ck["model/net1.weight"]
     assert ck["model"]["net1.weight"].path == w.path == ("model", "net1.weight")
     assert (w.shape, w.dtype, w.chunks, w.nbytes, w.ndim, len(w)) == ((8, 10), torch.float32, (8, 10), 320, 2, 8)
-    assert w.layout == {"type": "Tensor"}
-    assert ck.info["format_version"] == 2 and ck.info["world_size"] == 1
+    assert w.placement == {"type": "Tensor"}
+    assert ck.info["format_version"] == 3 and ck.info["world_size"] == 1
     assert ck["lst"].is_list and list(ck["lst"]) == [0, 1]
     with pytest.raises(KeyError, match="model/nope"):
         ck["model/nope"]

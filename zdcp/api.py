@@ -9,7 +9,6 @@ and errors, which are zdcp's own ``Exception`` subclasses raised on every rank i
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.distributed_c10d import _get_object_coll_device
 
+from . import collector
 from .errors import DistributedError, StorageError, ZdcpError
 from .locations import CheckpointId
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
@@ -41,28 +41,7 @@ T = TypeVar("T")
 _SAVER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdcp-async-save")
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for a synchronous save or load, as torch's
-    ``get_state_dict`` does.
-
-    DCP's planning allocates several objects per tensor and shard (plans, items, metadata) that
-    live until the save ends; with the collector on, they trigger collections that scan every
-    object the training process holds (hundreds of thousands once torch is imported). They are
-    freed by reference counting when the save returns, so pausing the collector skips that work
-    rather than deferring it. Not used on an ``async_save``'s background thread, where it would
-    pause collection for the training thread too.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-@gc_paused()
+@collector.paused()
 def save(
     state_dict: dict[str, Any],
     checkpoint_id: CheckpointId,
@@ -77,6 +56,8 @@ def save(
     single-process when ``no_dist`` or when no group is initialized. Every rank writes its own
     shards; replicated tensors are written once. Top-level ``Stateful`` values are saved through
     their ``state_dict()``. The checkpoint counts only once the coordinator has committed it.
+    Python's garbage collector is paused meanwhile (:mod:`zdcp.collector`); ``async_save``
+    leaves it alone on its background thread, where pausing it would pause the training's too.
 
     Args:
         **options: the fields of :class:`~zdcp.SaveOptions`: ``overwrite`` (replace a committed
@@ -153,7 +134,7 @@ def run_save(
             raise
 
 
-@gc_paused()
+@collector.paused()
 def load(
     state_dict: dict[str, Any],
     checkpoint_id: CheckpointId,

@@ -12,6 +12,7 @@ Long work shows a progress bar when stderr is a terminal, unless ``--quiet``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -122,7 +123,7 @@ def _node_json(path: tuple[Any, ...], child: Any) -> dict[str, Any]:
             shape=list(child.shape),
             chunks=list(child.chunks),
             nbytes=child.nbytes,
-            layout=child.layout,
+            placement=child.placement,
         )
     else:
         node.update(type="value", value=_jsonable(child))
@@ -132,6 +133,8 @@ def _node_json(path: tuple[Any, ...], child: Any) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):  # JSON has no nan/inf
         return repr(value)
+    if isinstance(value, (bytes, io.BytesIO)):  # JSON has no byte strings
+        return _short_repr(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -270,5 +273,5 @@ def _human(nbytes: int) -> str:
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    text = f"BytesIO({value.getvalue()!r})" if isinstance(value, io.BytesIO) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

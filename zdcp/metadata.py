@@ -3,11 +3,11 @@ in DCP's own ``metadata.py``.
 
 Save: the coordinator's writer tells each rank where to write in ``SavePlan.storage_data``
 (:class:`RankPlan`); each rank reports every plain value back in ``WriteResult.storage_data``
-(:class:`StoredValue` or :class:`PickledValue`; a tensor's is its placement record).
+(:class:`StoredValue` or :class:`ArrayValue`; a tensor's is its placement record).
 
 Load: ``Metadata.storage_data`` of :class:`~zdcp.ZarrReader` is :class:`CatalogViews`, the
 checkpoint's leaves under both FQN schemes; :class:`~zdcp.planner.ZarrLoadPlanner` plans
-against its node-path view, DCP's own planners against the dotted one.
+against zdcp's, DCP's own planners against DCP's dotted one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RankPlan", "StoredValue", "PickledValue", "ValueSource", "CatalogView", "CatalogViews"]
+__all__ = ["RankPlan", "StoredValue", "ArrayValue", "ValueSource", "CatalogView", "CatalogViews"]
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,21 @@ class StoredValue:
 
 
 @dataclass(frozen=True)
-class PickledValue:
-    """A value the rank stored as a pickle in a uint8 array of ``nbytes`` bytes."""
+class ArrayValue:
+    """A value the rank stored as a uint8 array of ``nbytes`` bytes, with zdcp attributes
+    ``attrs``: a large byte string (``{"kind": "bytes", "type": ...}``) or a pickle
+    (``{"kind": "pickle"}``)."""
 
     nbytes: int
+    attrs: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class ValueSource:
-    """Where one FQN's data comes from: an array node, or part of a plain value."""
+    """Where one FQN's data comes from: the array or value of a catalog FQN, or part of a
+    plain value."""
 
-    node: str
+    fqn: str
     subpath: tuple[Any, ...] = ()
 
 
@@ -64,11 +68,12 @@ class CatalogView:
 
 @dataclass(frozen=True)
 class CatalogViews:
-    """Both FQN schemes: node paths (zdcp's planners) and DCP's dotted FQNs.
+    """Both FQN schemes: zdcp's (encoded keys joined with "/", :attr:`Entry.fqn
+    <zdcp.format.names.Entry.fqn>`) and DCP's dotted FQNs.
 
     Kept apart because the two can disagree: DCP splits a list of dicts into one item per leaf
     and reads a dotted name that zdcp may hold as another node's path.
     """
 
-    nodes: CatalogView
-    dotted: CatalogView
+    zdcp: CatalogView
+    dcp: CatalogView

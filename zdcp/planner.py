@@ -35,7 +35,7 @@ __all__ = ["ZarrSavePlanner", "ZarrLoadPlanner"]
 class ZarrSavePlanner(DefaultSavePlanner):
     """DCP's default save planner over a zdcp-flattened state dict.
 
-    ``planner_data`` of each local plan maps every FQN (node path) to its
+    ``planner_data`` of each local plan maps every FQN to its
     :class:`~zdcp.tree.Entry`, which the writer uses to build groups and record placements.
     """
 
@@ -99,9 +99,9 @@ class ZarrLoadPlanner(DefaultLoadPlanner):
     :class:`~zdcp.MissingKeysError` unless ``allow_partial_load``. Plain values replace the
     destination's values with their stored Python types.
 
-    Its FQNs are Zarr node paths: with :class:`~zdcp.ZarrReader`'s metadata it plans against
-    the node-path view (:class:`~zdcp.metadata.CatalogViews`), and the reader reads by that view
-    for this planner.
+    Its FQNs are zdcp's (:attr:`Entry.fqn <zdcp.format.names.Entry.fqn>`): with
+    :class:`~zdcp.ZarrReader`'s metadata it plans against zdcp's view of the checkpoint
+    (:class:`~zdcp.metadata.CatalogViews`), and the reader reads by that view for this planner.
     """
 
     def __init__(self, *, allow_partial_load: bool = False):
@@ -118,7 +118,7 @@ class ZarrLoadPlanner(DefaultLoadPlanner):
         self.state_dict, self.mappings = flatten(state_dict)
         views = metadata.storage_data if metadata is not None else None
         if isinstance(views, CatalogViews):
-            metadata = Metadata(views.nodes.metadata, planner_data=views.nodes.paths, storage_data=views)
+            metadata = Metadata(views.zdcp.metadata, planner_data=views.zdcp.paths, storage_data=views)
         self.metadata = metadata
         self.is_coordinator = is_coordinator
 

@@ -5,19 +5,18 @@ slice per destination shard, whatever the save-time sharding was, and each slice
 tensorstore call that touches only the stored chunks it overlaps, straight into the destination
 tensor's memory when that is on the CPU.
 
-Every leaf is described under two FQN schemes (:class:`~zdcp.metadata.CatalogViews`): its
-node path, which zdcp's planner uses, and DCP's dotted FQN, which DCP's default planner uses, so
+Every leaf is described under two FQN schemes (:class:`~zdcp.metadata.CatalogViews`): zdcp's
+(encoded keys joined with "/"), which zdcp's planner uses, and DCP's dotted FQN, which DCP's default planner uses, so
 ``dcp.load(..., storage_reader=ZarrReader(p))`` works as well as ``zdcp.load``. In the dotted
 view plain values are split the way DCP's planner splits them (a list of dicts becomes one item
 per leaf). ``read_metadata`` hands DCP the dotted view; :class:`~zdcp.planner.ZarrLoadPlanner`
-plans against the node-path view, and ``read_data`` reads by the view of the planner it is given.
+plans against zdcp's view, and ``read_data`` reads by the view of the planner it is given.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .errors import MismatchError, UnsafeError, UsageError
+from .errors import MismatchError, UsageError
 from .format.catalog import ArrayNode, Catalog
 from .format.constants import METADATA_KEY
 from .format.dtypes import numpy_to_tensor, tensor_to_numpy
@@ -110,26 +109,26 @@ class ZarrReader(StorageReader):
         assert self.store is not None
         catalog, self._given = self._given or read_catalog(self.store), None
         self.catalog = catalog
-        nodes, dcp_fqns = CatalogView(), CatalogView()
+        zdcp_fqns, dcp_fqns = CatalogView(), CatalogView()
         candidates: dict[str, list[tuple[Any, ValueSource, tuple[Any, ...]]]] = {}
-        for node, array in catalog.arrays.items():
+        for fqn, array in catalog.arrays.items():
             md = _tensor_metadata(array) if array.kind == "tensor" else BytesStorageMetadata()
-            nodes.add(node, md, ValueSource(node), array.entry.path)
-            candidates.setdefault(array.entry.dcp_fqn, []).append((md, ValueSource(node), array.entry.path))
-        for node, value in catalog.composites.items():
-            nodes.add(node, BytesStorageMetadata(), ValueSource(node), value.entry.path)
-        for node, value in catalog.values.items():
+            zdcp_fqns.add(fqn, md, ValueSource(fqn), array.entry.path)
+            candidates.setdefault(array.entry.dcp_fqn, []).append((md, ValueSource(fqn), array.entry.path))
+        for fqn, value in catalog.composites.items():
+            zdcp_fqns.add(fqn, BytesStorageMetadata(), ValueSource(fqn), value.entry.path)
+        for fqn, value in catalog.values.items():
             path = value.entry.path
-            nodes.add(node, BytesStorageMetadata(), ValueSource(node), path)
+            zdcp_fqns.add(fqn, BytesStorageMetadata(), ValueSource(fqn), path)
             for sub in _dcp_leaves(value.value):
                 leaf = path + sub
-                found = (BytesStorageMetadata(), ValueSource(node, sub), leaf)
+                found = (BytesStorageMetadata(), ValueSource(fqn, sub), leaf)
                 candidates.setdefault(dotted(leaf), []).append(found)
         # DCP's dotted names can be ambiguous ("a.b" vs a -> b); an ambiguous one is left out.
         for fqn, found in candidates.items():
             if len(found) == 1:
                 dcp_fqns.add(fqn, *found[0])
-        self.views = CatalogViews(nodes=nodes, dotted=dcp_fqns)
+        self.views = CatalogViews(zdcp=zdcp_fqns, dcp=dcp_fqns)
         return Metadata(state_dict_metadata=dcp_fqns.metadata, planner_data=dcp_fqns.paths, storage_data=self.views)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -144,22 +143,18 @@ class ZarrReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         assert self.store is not None and self.catalog is not None
-        view = self.views.nodes if isinstance(planner, ZarrLoadPlanner) else self.views.dotted
+        view = self.views.zdcp if isinstance(planner, ZarrLoadPlanner) else self.views.dcp
         sources = [view.sources[item.storage_index.fqn] for item in plan.items]
-        if not self.allow_pickle:
-            for source in sources:
-                array = self.catalog.arrays.get(source.node)
-                if array is not None and array.kind == "pickle":
-                    raise UnsafeError(
-                        f"{describe(array.entry.path)!r} is a pickled value; loading it runs code from "
-                        "the checkpoint: pass allow_pickle=True only if you trust the checkpoint"
-                    )
+        for source in sources:
+            array = self.catalog.arrays.get(source.fqn)
+            if array is not None:
+                array.check_readable(allow_pickle=self.allow_pickle)
         tensor_items, value_items = [], []
         for item, source in zip(plan.items, sources):
             if item.type == LoadItemType.BYTE_IO:
                 value_items.append((item, source))
                 continue
-            array = self.catalog.arrays[source.node]
+            array = self.catalog.arrays[source.fqn]
             dest = planner.resolve_tensor(item)
             if dest.dtype != array.dtype.torch and not self.allow_cast:
                 raise MismatchError(
@@ -175,7 +170,7 @@ class ZarrReader(StorageReader):
         stores: dict[str, ts.TensorStore] = {}
         window = InflightWindow(self.max_inflight_bytes)
         for item, dest, array in tensor_items:
-            node = array.entry.node
+            node = array.node
             if self._read_direct(item, dest, array):
                 planner.commit_tensor(item, dest)
                 continue
@@ -205,28 +200,27 @@ class ZarrReader(StorageReader):
             return False
         if any(item.storage_offsets[1:]) or list(item.lengths[1:]) != list(array.shape[1:]):
             return False
-        node = array.entry.node
-        if node not in self._slabs:
-            self._slabs[node] = row_slabs(array.document)
-        slabs = self._slabs[node]
+        if array.node not in self._slabs:
+            self._slabs[array.node] = row_slabs(array.document)
+        slabs = self._slabs[array.node]
         if slabs is None or dest.numel() == 0:
             return False
         rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
         start, stop = item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0]
-        slabs.read(root, array.entry.node, describe(array.entry.path), start, stop, rows)
+        slabs.read(root, array.node, describe(array.entry.path), start, stop, rows)
         return True
 
     def _value_bytes(self, source: ValueSource) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
         assert self.catalog is not None
-        if source.node in self.catalog.arrays:
+        if source.fqn in self.catalog.arrays:
             assert self.store is not None
-            array = self.catalog.arrays[source.node]
+            array = self.catalog.arrays[source.fqn]
             with reading(describe(array.entry.path), self.store.url):
-                data = self.store.open_array(source.node, array.document).result().read().result()
-            value = pickle.loads(data.tobytes())
+                data = self.store.open_array(array.node, array.document).result().read().result()
+            value = array.value(data.tobytes(), allow_pickle=self.allow_pickle)
         else:
-            value = (self.catalog.values.get(source.node) or self.catalog.composites[source.node]).value
+            value = (self.catalog.values.get(source.fqn) or self.catalog.composites[source.fqn]).value
             for key in source.subpath:
                 value = value[key]
         buf = io.BytesIO()

@@ -3,8 +3,9 @@
 DCP flattens a nested state dict into ``{fqn: leaf}`` plus a mapping ``fqn -> key path``.
 zdcp's planners flatten the same way, with three differences that the format needs:
 
-* the FQN is the leaf's Zarr node path (``"app/model/net1.weight"``), encoded by
-  :mod:`zdcp.format.names`, so it is unique and names the node directly;
+* the FQN is the leaf's keys encoded by :mod:`zdcp.format.names` and joined with ``"/"``
+  (``"app/model/net1.weight"``): unique, and the node path of the leaf except where a long
+  name is shortened;
 * key types are kept (DCP turns int keys into strings), and each key remembers whether it
   indexes a dict or a list, so groups can be rebuilt as the right container;
 * a list is only descended into when it holds tensors; a list of plain values (optimizer
@@ -42,7 +43,7 @@ def _holds_tensor(value: Any) -> bool:
 
 
 def flatten(state_dict: Mapping[Key, Any]) -> tuple[dict[str, Any], dict[str, Entry]]:
-    """``({node_path: leaf}, {node_path: Entry})`` for a nested state dict.
+    """``({fqn: leaf}, {fqn: Entry})`` for a nested state dict.
 
     A ``ShardedTensor`` nested in another (FSDP's 2-D state dicts) is replaced by its inner
     shard, as DCP's planners do; DCP's own helper for it rebuilds the whole state dict with
@@ -65,8 +66,8 @@ def flatten(state_dict: Mapping[Key, Any]) -> tuple[dict[str, Any], dict[str, En
                 if value is None:  # no local shard: nothing to read or write here
                     return
             entry = Entry(path, kinds)
-            flat[entry.node] = value
-            entries[entry.node] = entry
+            flat[entry.fqn] = value
+            entries[entry.fqn] = entry
 
     for key, value in state_dict.items():
         if not isinstance(key, str):  # DCP's load sorts the top-level keys and calls Stateful by name

@@ -77,9 +77,9 @@ def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | Non
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
     expected = {METADATA_KEY} | {f"{node}/{METADATA_KEY}" for node in consolidated}
-    for node, array in catalog.arrays.items():
+    for array in catalog.arrays.values():
         report.arrays += 1
-        expected.update(_check_array(store, node, array, report, progress))
+        expected.update(_check_array(store, array, report, progress))
     for key in sorted(k.decode() for k in store.wait(store.kv.list())):
         if key not in expected:
             report.faults.append(Fault(key.rsplit("/", 1)[0], f"unexpected file {key!r} (not part of the checkpoint)"))
@@ -87,9 +87,10 @@ def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | Non
 
 
 def _check_array(
-    store: Store, node: str, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
+    store: Store, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
 ) -> set[str]:
     """Read each chunk of one array on its own, so that a fault names its chunk."""
+    node = array.node
     try:
         handle = store.open_array(node, array.document).result()
     except ValueError as e:  # metadata tensorstore will not open
@@ -101,7 +102,7 @@ def _check_array(
     for index in itertools.product(*grid):
         region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape))
         reads.append((index, handle[region].read() if region else handle.read()))
-        keys.add(array.chunk_key(node, index))
+        keys.add(array.chunk_key(index))
     itemsize = array.dtype.numpy.itemsize
     for index, read in reads:
         try:

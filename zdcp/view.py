@@ -14,14 +14,12 @@ only the stored chunks the index touches and returns a CPU tensor.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorstore as ts
 import torch
 
-from .errors import UnsafeError
 from .format.catalog import ArrayNode, Catalog, GroupNode
 from .format.dtypes import numpy_to_tensor
 from .format.names import LIST, Key, describe
@@ -52,10 +50,9 @@ class _Source:
         self._arrays: dict[str, ts.TensorStore] = {}
 
     def array(self, node: ArrayNode) -> ts.TensorStore:
-        path = node.entry.node
-        if path not in self._arrays:
-            self._arrays[path] = self.store.wait(self.store.open_array(path, node.document))
-        return self._arrays[path]
+        if node.node not in self._arrays:
+            self._arrays[node.node] = self.store.wait(self.store.open_array(node.node, node.document))
+        return self._arrays[node.node]
 
     def child(self, node: str) -> Any:
         """The view of a node: a Group, an Array, or a plain value."""
@@ -67,12 +64,9 @@ class _Source:
         array = catalog.arrays[node]
         if array.kind == "tensor":
             return Array(self, array)
-        if not self.allow_pickle:
-            raise UnsafeError(
-                f"{describe(array.entry.path)!r} is a pickled value; reading it runs code from the "
-                "checkpoint: open with allow_pickle=True only if you trust it"
-            )
-        return pickle.loads(_read(self.array(array), ..., array, self.store.url).numpy().tobytes())
+        array.check_readable(allow_pickle=self.allow_pickle)
+        data = _read(self.array(array), ..., array, self.store.url).numpy().tobytes()
+        return array.value(data, allow_pickle=self.allow_pickle)
 
 
 class Group(Mapping[Key, Any]):
@@ -187,9 +181,9 @@ class Array:
         return self.shape.numel() * self._node.dtype.numpy.itemsize
 
     @property
-    def layout(self) -> dict[str, Any] | None:
+    def placement(self) -> dict[str, Any] | None:
         """How the tensor was distributed at save (placements, mesh), as recorded."""
-        return self._node.layout
+        return self._node.placement
 
     def __len__(self) -> int:
         if not self._node.shape:

@@ -39,13 +39,13 @@ from torch.futures import Future
 
 from .errors import UnsupportedValueError, UsageError
 from .format.codecs import plain_encoding
-from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, METADATA_KEY
+from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, MAX_INLINE_BYTES, METADATA_KEY
 from .format.documents import array_document, chunk_key, chunk_shape, group_document
 from .format.dtypes import from_torch, tensor_to_numpy
-from .format.names import DICT, Entry, describe, encode_key, join
-from .format.values import to_json
+from .format.names import DICT, Entry, describe, encode_key, join, node_name
+from .format.values import as_bytes, to_json
 from .locations import CheckpointId, kvstore_spec
-from .metadata import PickledValue, RankPlan, StoredValue
+from .metadata import ArrayValue, RankPlan, StoredValue
 from .options import SaveOptions
 from .storage.commit import InPlaceSave, LocalSave, begin_save
 from .storage.inflight import InflightWindow
@@ -118,6 +118,27 @@ class ZarrWriter(StorageWriter):
             raise UsageError("ZarrWriter needs DCP's collectives when several ranks save (use_collectives=True)")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Refuse, before anything is written, a key whose files would have paths longer than
+        the storage allows (deep nesting: each node name is at most 128 bytes)."""
+        assert self.store is not None
+        limit = self.store.max_key_bytes()
+        if limit is None:
+            return plan
+        entries = _entries_of(plan)
+        for item in plan.items:
+            # An FQN is at least as long as its node path; a chunk key adds at most the digits
+            # of every dimension's length.
+            shape = item.tensor_data.size if item.tensor_data is not None else torch.Size([1])
+            if len(item.index.fqn) + 12 + sum(len(str(n)) + 1 for n in shape) <= limit:
+                continue
+            entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
+            chunk = chunk_key(entry.node, [max(n - 1, 0) for n in shape])
+            longest = max(len(chunk), len(f"{entry.node}/{METADATA_KEY}"))
+            if longest > limit:
+                raise UnsupportedValueError(
+                    f"key {describe(entry.path)!r} is nested too deep for {self.store.url}: its files need keys of "
+                    f"{longest} bytes there, and at most {limit} fit (use fewer or shorter keys, or a shorter path)"
+                )
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -213,23 +234,33 @@ class ZarrWriter(StorageWriter):
         return written, results
 
     def _write_value(self, store: Store, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
+        """A plain value goes back to the coordinator as JSON; a large byte string, or with
+        ``allow_pickle`` a value JSON cannot hold, is written here as an array."""
         value = _lookup(planner, item)
+        raw = as_bytes(value)
+        if raw is not None and len(raw[0]) > MAX_INLINE_BYTES:
+            return self._write_array(store, item, entry, raw[0], {"kind": "bytes", "type": raw[1]})
         try:
             j, desc = to_json(value, describe(entry.path))
         except UnsupportedValueError:
             if not self.options.allow_pickle:
                 raise
-            data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-            metadata = array_document(list(data.shape), _UINT8, data.shape, {})
-            array = store.open_array(entry.node, metadata, write=True).result()
-            array.write(data).result()
-            return WriteResult(index=item.index, size_in_bytes=data.size, storage_data=PickledValue(data.size))
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            return self._write_array(store, item, entry, data, {"kind": "pickle"})
         return WriteResult(index=item.index, size_in_bytes=0, storage_data=StoredValue(j, desc))
+
+    def _write_array(
+        self, store: Store, item: WriteItem, entry: Entry, data: bytes, attrs: dict[str, Any]
+    ) -> WriteResult:
+        array = np.frombuffer(data, dtype=np.uint8)
+        metadata = array_document([array.size], _UINT8, [array.size], attrs)
+        store.open_array(entry.node, metadata, write=True).result().write(array).result()
+        return WriteResult(index=item.index, size_in_bytes=array.size, storage_data=ArrayValue(array.size, attrs))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._save is not None
         store = Store(self._save.location)
-        # Per FQN: a StoredValue or PickledValue for plain values, the placement record for
+        # Per FQN: a StoredValue or ArrayValue for plain values, the placement record for
         # tensors (any rank that wrote a shard reports the same one).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}
         groups: dict[tuple[Any, ...], _Group] = {(): _Group(DICT)}
@@ -240,16 +271,21 @@ class ZarrWriter(StorageWriter):
                 groups.setdefault(entry.path[:depth], _Group(kind)).check(kind, entry.path[:depth])
             if isinstance(md, BytesStorageMetadata):
                 data = stored[fqn]
-                if isinstance(data, PickledValue):
-                    arrays[entry.node] = array_document([data.nbytes], _UINT8, [data.nbytes], {"kind": "pickle"})
+                if isinstance(data, ArrayValue):
+                    arrays[entry.node] = array_document([data.nbytes], _UINT8, [data.nbytes], data.attrs)
+                    groups[entry.path[:-1]].name_child(entry.path[-1])
                 else:
                     groups[entry.path[:-1]].add(entry.path[-1], data)
             else:
                 dtype = from_torch(md.properties.dtype)
-                attrs = {"kind": "tensor", "dtype": dtype.torch_name, "layout": stored.get(fqn)}
+                attrs = {"kind": "tensor", "dtype": dtype.torch_name, "placement": stored.get(fqn)}
                 grid = self._grids[fqn]
                 arrays[entry.node] = array_document(list(md.size), dtype, grid, attrs, self.options.compression)
-        nodes = {join([encode_key(k) for k in path]): g.document() for path, g in groups.items()}
+                groups[entry.path[:-1]].name_child(entry.path[-1])
+        for path in groups:
+            if path:
+                groups[path[:-1]].name_child(path[-1])
+        nodes = {join([node_name(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
         local = _local_files(store, self)
@@ -278,12 +314,14 @@ class ZarrWriter(StorageWriter):
 
 
 class _Group:
-    """A group being assembled at finish: its container kind and plain values."""
+    """A group being assembled at finish: its container kind, plain values, and the whole
+    names of its children whose node names are shortened."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self.values: dict[str, Any] = {}
         self.types: dict[str, Any] = {}
+        self.long_names: dict[str, str] = {}
 
     def check(self, kind: str, path: tuple[Any, ...]) -> None:
         if kind != self.kind:
@@ -295,10 +333,18 @@ class _Group:
         if value.desc is not None:
             self.types[name] = value.desc
 
+    def name_child(self, key: Any) -> None:
+        """Record the whole name of the child node at ``key`` if its node name is shortened."""
+        short = node_name(key)
+        if short != (name := encode_key(key)):
+            self.long_names[short] = name
+
     def document(self) -> dict[str, Any]:
         attrs: dict[str, Any] = {"container": self.kind}
         if self.types:
             attrs["types"] = self.types
+        if self.long_names:
+            attrs["long_names"] = self.long_names
         return group_document(self.values, attrs)
 
 

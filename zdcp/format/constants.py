@@ -11,13 +11,14 @@ __all__ = [
     "PENDING_INFIX",
     "CHUNK_KEY_SEPARATOR",
     "INNER_CHUNK_BYTES",
+    "MAX_INLINE_BYTES",
 ]
 
 #: ``attributes.zdcp.format`` of every root document.
 FORMAT_NAME = "zdcp"
 #: Bumped on any change that an older reader would misread (docs/format.md, section 5, lists
 #: the versions). Readers read every version up to this one.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: The one attribute key under which zdcp keeps its own metadata in every node.
 ATTR = "zdcp"
 #: Every node's metadata document, Zarr v3's name for it.
@@ -38,3 +39,7 @@ CHUNK_KEY_SEPARATOR = "."
 #: a resharded load or a slice reads whole inner chunks where its bounds cut them, so smaller
 #: ones waste less, and larger ones cost more per read (docs/benchmarks.md has the trade-off).
 INNER_CHUNK_BYTES = 64 << 10
+#: A byte string (``bytes``, ``io.BytesIO``) up to this size is stored as base64 JSON in its
+#: group's attributes; a larger one that is a leaf of the state dict gets an array of its own,
+#: so that the root document, which every reader reads whole, stays small.
+MAX_INLINE_BYTES = 16 << 10

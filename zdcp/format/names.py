@@ -13,18 +13,40 @@ format's own files:
   ``"."``/``".."``, of ``"zarr.json"`` and of ``"zdcp"`` (zdcp's attribute key).
 
 Percent escapes use two upper-case hex digits per UTF-8 byte; ``"%i"`` and ``"%e"`` cannot come
-out of percent-encoding, so decoding is unambiguous. docs/format.md states the same rules.
+out of percent-encoding, so decoding is unambiguous.
+
+A *node* name (a directory or object-key segment, unlike an attribute name) longer than
+:data:`MAX_NAME_BYTES` is shortened to a readable prefix, ``"%h"`` and a hash of the whole name;
+the parent group records the whole name (its ``long_names``), which a reader checks against the
+hash. docs/format.md, section 2, states the same rules.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import quote, unquote
 
 from ..errors import UnsafeError, UnsupportedValueError
 
-__all__ = ["Key", "encode_key", "decode_key", "join", "describe", "dotted", "Entry", "DICT", "LIST"]
+__all__ = [
+    "Key",
+    "encode_key",
+    "decode_key",
+    "node_name",
+    "shortened",
+    "decode_node_name",
+    "MAX_NAME_BYTES",
+    "join",
+    "describe",
+    "dotted",
+    "Entry",
+    "DICT",
+    "LIST",
+]
 
 Key = str | int
 #: What a key indexes: a dict (a group) or a list that holds tensors (a ``"list"`` group).
@@ -34,6 +56,13 @@ DICT, LIST = "dict", "list"
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%/\\")
 # Escaped in their first character only, since they mean something to Zarr or to zdcp.
 _RESERVED_NAMES = {".", "..", "zarr.json", "zdcp"}
+# A non-empty key of safe characters only, which most keys are, is its own name unless reserved.
+_VERBATIM = re.compile(f"[{re.escape(_SAFE)}]+")
+
+
+def _verbatim(text: str) -> bool:
+    """Whether ``text`` is a key that is its own name (and so a name that is its own key)."""
+    return _VERBATIM.fullmatch(text) is not None and text not in _RESERVED_NAMES and not text.startswith("__")
 
 
 def encode_key(key: Key, where: str = "") -> str:
@@ -45,6 +74,8 @@ def encode_key(key: Key, where: str = "") -> str:
         )
     if isinstance(key, int):
         return f"%i{key}"
+    if _verbatim(key):
+        return key
     if key == "":
         return "%e"
     try:
@@ -63,6 +94,8 @@ def decode_key(name: str) -> Key:
     Only names in the exact form :func:`encode_key` produces are accepted, so a crafted
     checkpoint cannot smuggle ``".."`` or ``"a/b"`` into a path through an odd spelling.
     """
+    if _verbatim(name):
+        return name
     key: Key | None
     try:
         if name.startswith("%i"):
@@ -76,6 +109,47 @@ def decode_key(name: str) -> Key:
     if key is None or encode_key(key) != name:
         raise UnsafeError(f"{name!r} is not a node name zdcp writes; refusing to use it as a path")
     return key
+
+
+#: Node names longer than this are shortened: filesystems allow 255 bytes per name, some
+#: (encrypted ones) fewer. Encoded names are ASCII, so characters and bytes count alike.
+MAX_NAME_BYTES = 128
+#: How much of a long name a shortened one keeps, and how many hex digits of its SHA-256 follow.
+_PREFIX_LENGTH = 64
+_HASH_DIGITS = 32
+#: Separates a shortened name's prefix from its hash; never part of an encoded name, whose "%"
+#: is always followed by two upper-case hex digits, "i" or "e".
+_HASHED = "%h"
+
+
+def node_name(key: Key, where: str = "") -> str:
+    """The name of the node (group or array) that holds ``key``: its encoded name, shortened
+    when longer than :data:`MAX_NAME_BYTES`."""
+    name = encode_key(key, where)
+    return name if len(name) <= MAX_NAME_BYTES else shortened(name)
+
+
+def shortened(name: str) -> str:
+    """The short form of a long encoded name: its first 64 characters (fewer where that would
+    cut a percent escape in two), ``"%h"``, and the first 32 hex digits of its SHA-256."""
+    prefix = name[:_PREFIX_LENGTH]
+    escape = prefix.find("%", len(prefix) - 2)
+    if escape != -1:
+        prefix = prefix[:escape]
+    return f"{prefix}{_HASHED}{hashlib.sha256(name.encode()).hexdigest()[:_HASH_DIGITS]}"
+
+
+def decode_node_name(name: str, long_names: Mapping[str, str]) -> tuple[Key, str]:
+    """The key of a node named ``name`` in a group whose recorded ``long_names`` map short
+    names to whole ones, and the key's whole encoded name. A short name must be recorded and be
+    exactly what :func:`shortened` makes of its whole name, which must itself be a canonical
+    long name."""
+    if _HASHED not in name:
+        return decode_key(name), name
+    whole = long_names.get(name)
+    if not isinstance(whole, str) or len(whole) <= MAX_NAME_BYTES or shortened(whole) != name:
+        raise UnsafeError(f"{name!r} is not a shortened node name of this group; refusing to use it as a path")
+    return decode_key(whole), whole
 
 
 def join(names: list[str] | tuple[str, ...]) -> str:
@@ -110,9 +184,15 @@ class Entry:
         return cls(tuple(path), tuple(LIST if isinstance(k, int) else DICT for k in path))
 
     @cached_property
-    def node(self) -> str:
-        """The leaf's Zarr node path."""
+    def fqn(self) -> str:
+        """The leaf's FQN in zdcp's planners: its keys encoded and joined with ``"/"``, unique
+        and reversible (``"app/model/net1.weight"``)."""
         return join([encode_key(k) for k in self.path])
+
+    @cached_property
+    def node(self) -> str:
+        """The leaf's Zarr node path, where a save puts it: its FQN with long names shortened."""
+        return join([node_name(k) for k in self.path])
 
     @property
     def dcp_fqn(self) -> str:

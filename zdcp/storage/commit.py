@@ -193,7 +193,9 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         if zdcp_attrs(root) is None:
             raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
         if not overwrite:
-            raise CheckpointExistsError(f"{url} already holds a committed checkpoint; pass overwrite=True")
+            raise CheckpointExistsError(
+                f"Checkpoint already exists: {url} holds a committed checkpoint; pass overwrite=True"
+            )
     elif found.state == "value":
         if not overwrite:
             raise CheckpointExistsError(
@@ -233,7 +235,9 @@ def _begin_beside(target: str, *, overwrite: bool, marker: dict[str, object]) ->
         if kind == "foreign":
             raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
         if kind == "committed" and not overwrite:
-            raise CheckpointExistsError(f"{target} already holds a committed checkpoint; pass overwrite=True")
+            raise CheckpointExistsError(
+                f"Checkpoint already exists: {target} holds a committed checkpoint; pass overwrite=True"
+            )
     os.makedirs(os.path.dirname(target), exist_ok=True)
     path = pending_name(target)
     os.mkdir(path)

@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 
+from .. import collector
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.catalog import Catalog
 from ..format.constants import METADATA_KEY, PENDING_INFIX
@@ -28,23 +29,24 @@ def read_catalog(store: Store) -> Catalog:
     :class:`~zdcp.IncompleteCheckpointError` when a save never committed there, and
     :class:`~zdcp.CorruptCheckpointError` when the root document is damaged.
     """
-    try:
-        root = store.read_json(METADATA_KEY)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
-        raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e!r})") from None
-    if root is None:
-        if not store.is_empty():
-            raise IncompleteCheckpointError(
-                f"{store.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
-            )
-        pending = interrupted_saves(store.url) if store.local_root is not None else []
-        if pending:
-            raise IncompleteCheckpointError(
-                f"no committed checkpoint at {store.url}: a save to it never committed (or is still running); "
-                f"what saves left is in {', '.join(pending)}"
-            )
-        raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
-    return Catalog.parse(root, store.url)
+    with collector.paused():
+        try:
+            root = store.read_json(METADATA_KEY)
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
+            raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e!r})") from None
+        if root is not None:
+            return Catalog.parse(root, store.url)
+    if not store.is_empty():
+        raise IncompleteCheckpointError(
+            f"{store.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
+        )
+    pending = interrupted_saves(store.url) if store.local_root is not None else []
+    if pending:
+        raise IncompleteCheckpointError(
+            f"no committed checkpoint at {store.url}: a save to it never committed (or is still running); "
+            f"what saves left is in {', '.join(pending)}"
+        )
+    raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
 
 
 def interrupted_saves(target: str | os.PathLike[str]) -> list[str]:

@@ -10,19 +10,22 @@ whole JSON values. A request the storage refuses or fails becomes a :class:`~zdc
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import tensorstore as ts
 
-from ..errors import CorruptCheckpointError, StorageError, UsageError
+from ..errors import CorruptCheckpointError, StorageError, UsageError, ZdcpError
 from ..locations import CheckpointId, kvstore_spec, url_of
 from .oscalls import FilesystemSync
 
 __all__ = ["Store", "store_for", "encode_json", "reading", "storage_access"]
 
 _MEMORY = ts.Context()
+_PATH_MAX = 4095  # Linux's PATH_MAX, less its terminating NUL
+_OBJECT_KEY_MAX = 1024
 
 
 class Store:
@@ -70,6 +73,18 @@ class Store:
     def local_root(self) -> str | None:
         """The root directory when the checkpoint is in the local filesystem, else None."""
         return self.spec["path"] if self.spec["driver"] == "file" else None
+
+    def max_key_bytes(self) -> int | None:
+        """The longest key a save may write under this location, None when there is no limit:
+        a local path (with the pending directory a save writes into, 40 bytes longer than the
+        checkpoint's own, and the ``.__lock`` suffix of tensorstore's temporary files) within
+        ``PATH_MAX``; an object key within the 1,024 bytes S3 and GCS allow."""
+        driver, prefix = self.spec["driver"], os.fsencode(self.spec["path"])
+        if driver == "file":
+            return _PATH_MAX - len(prefix) - len(".zdcp-") - 34 - len(".__lock")
+        if driver in ("s3", "gcs"):
+            return _OBJECT_KEY_MAX - len(prefix)
+        return None
 
     def node_spec(self, node: str) -> dict[str, Any]:
         """The kvstore spec of a node's directory (``node`` is a "/"-joined node path)."""
@@ -145,11 +160,16 @@ def reading(array: str, url: str) -> Iterator[None]:
 
 @contextmanager
 def storage_access(url: str) -> Iterator[None]:
-    """Turn tensorstore's error for a request the storage refused or failed (no such bucket,
-    bad credentials, no access, unreachable) into a :class:`~zdcp.StorageError` naming ``url``.
-    Other errors pass through."""
+    """Turn a request the storage refused or failed into a :class:`~zdcp.StorageError` naming
+    the file or ``url``: an ``OSError`` of a local file (no space, no access, a name too long),
+    or tensorstore's error for one (no such bucket, bad credentials, no access, unreachable).
+    Other errors, zdcp's own included, pass through."""
     try:
         yield
+    except ZdcpError:
+        raise
+    except OSError as e:
+        raise StorageError(f"{e.filename or url}: {e.strerror or e}") from e
     except ValueError as e:
         text = str(e)
         if text.startswith(_ACCESS_CODES) or "NoSuchBucket" in text or "http_response_code=" in text:
