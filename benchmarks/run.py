@@ -395,6 +395,70 @@ def sharded(root: Path, rounds: int) -> tuple[list[dict[str, Any]], list[dict[st
     return rows, amplification
 
 
+# -- DCP's plan caching: 2,000 DTensors on 4 and 8 gloo ranks ---------------------------------
+
+
+def _cached_saves(rank: int, world_size: int, root: Path, rounds: int, out: Path) -> None:
+    """Saves of 2,000 small DTensors with DCP's planner, plan caching off and on, through DCP's
+    FileSystemWriter and zdcp's ZarrWriter: the whole save and its planning phase (DCP's
+    gather-plan-scatter, timed around its reduce_scatter), maxima over ranks."""
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+    from torch.distributed.checkpoint import state_dict_saver as saver
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {f"layers.{i}.w": distribute_tensor(torch.randn(64, 8), mesh, [Shard(0)]) for i in range(2000)}
+    writers = {"dcp": FileSystemWriter, "zdcp": zdcp.ZarrWriter}
+    real = saver._DistWrapper.reduce_scatter
+    planning: list[float] = []
+
+    def timed_planning(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            planning.append(time.perf_counter() - start)
+
+    saver._DistWrapper.reduce_scatter = timed_planning
+    times: dict[str, list[tuple[float, float]]] = {}
+    count = 0
+    for caching in (False, True):
+        for name, writer in writers.items():
+            planner = DefaultSavePlanner(enable_plan_caching=caching)
+            for r in range(rounds + 1):  # round 0 fills the cache (and warms up)
+                count += 1
+                path = root / f"{name}-{caching}-{count}"
+                total = _collective_timed(
+                    lambda: dcp.save(state, storage_writer=writer(path), planner=planner)  # noqa: B023
+                )
+                if r:
+                    times.setdefault(f"{name}, caching {'on' if caching else 'off'}", []).append(
+                        (total, _max_over_ranks(planning[-1]))
+                    )
+    saver._DistWrapper.reduce_scatter = real
+    if rank == 0:
+        torch.save(times, out)
+
+
+def plan_caching(root: Path, rounds: int) -> list[dict[str, Any]]:
+    out = []
+    for world_size in (4, 8):
+        root.mkdir(parents=True, exist_ok=True)
+        result = root / f"caching{world_size}.pt"
+        run_ranks(world_size, _cached_saves, root, rounds, result, timeout=1800)
+        for case, pairs in torch.load(result).items():
+            out.append(
+                {
+                    "ranks": world_size,
+                    "case": case,
+                    "save": median([p[0] for p in pairs]),
+                    "planning": median([p[1] for p in pairs]),
+                }
+            )
+    return out
+
+
 def nbytes_of_dir(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -595,6 +659,7 @@ def report(
     root: Path,
     s3: list[dict[str, Any]] | None = None,
     opened: list[dict[str, Any]] | None = None,
+    caching: list[dict[str, Any]] | None = None,
 ) -> str:
     out = [f"Machine: {machine()}. Storage: the filesystem under `{root}`; page cache warm.", ""]
     if rows:
@@ -638,6 +703,9 @@ def report(
         ]
         for o in opened:
             out.append(f"| {o['keys']:,} | {o['root MB']:.1f} MB | {' | '.join(f'{o[c]:.3f}' for c in cases)} |")
+    if caching:
+        out += ["", "| 2,000 DTensors, DCP's planner | ranks | save s | planning s |", "| --- | --- | --- | --- |"]
+        out += [f"| {c['case']} | {c['ranks']} | {c['save']:.3f} | {c['planning']:.3f} |" for c in caching]
     if s3:
         out += [
             "",
@@ -659,7 +727,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"), help="runs go into a new directory here")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", default="large,small,retention,sharded,slice,memory,async,open,s3")
+    parser.add_argument("--workloads", default="large,small,retention,sharded,slice,memory,async,open,caching,s3")
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -692,7 +760,8 @@ def run_workloads(chosen: set[str], root: Path, rounds: int) -> str:
     asynchronous = async_blocking(root, rounds) if "async" in chosen else None
     s3 = s3_requests(root / "s3") if "s3" in chosen else None
     opened = open_one(root / "open") if "open" in chosen else None
-    return report(rows, amplification, mem, asynchronous, root.parent, s3, opened)
+    caching = plan_caching(root / "caching", rounds) if "caching" in chosen else None
+    return report(rows, amplification, mem, asynchronous, root.parent, s3, opened, caching)
 
 
 if __name__ == "__main__":

@@ -419,20 +419,125 @@ def test_latest_checkpoint_skips_what_a_crash_or_damage_left(tmp_path):
 # -- DCP features the Zarr storage cannot honour, and commit corner cases ------------------------
 
 
-def test_dcp_plan_caching_is_refused(tmp_path):
+@pytest.fixture
+def plan_cache():
+    """DCP's plan caches are class attributes, kept per process: start and end empty."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    caches = [v for k, v in vars(SavePlanner).items() if k.startswith("_cached") and isinstance(v, dict)]
+    assert caches, "DCP keeps no plan cache where this test looks"
+    for cache in caches:
+        cache.clear()
+    yield
+    for cache in caches:
+        cache.clear()
+
+
+@pytest.mark.parametrize("planner", ["DefaultSavePlanner", "ZarrSavePlanner"])
+def test_dcp_plan_caching_saves_every_checkpoint(tmp_path, planner, plan_cache, monkeypatch):
+    """With DCP's plan caching, saves after the first skip planning (their plans arrive
+    unusable) and still write each checkpoint whole, into its own pending directory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultSavePlanner
 
-    state = {"w": torch.ones(3)}
-    for step in (1, 2):
-        planner = DefaultSavePlanner(enable_plan_caching=True)
-        writer = zdcp.ZarrWriter(tmp_path / f"step_{step}")
-        if step == 1:  # nothing cached yet
-            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
-        else:  # the cached plan would send the chunks to step 1's staging directory
-            with pytest.raises(BaseException, match="plan caching"):
-                dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
-    assert zdcp.verify(tmp_path / "step_1").ok and not (tmp_path / "step_2").exists()
+    from zdcp.planner import ZarrSavePlanner
+
+    seen = []
+    real = zdcp.ZarrWriter.prepare_global_plan
+    monkeypatch.setattr(zdcp.ZarrWriter, "prepare_global_plan", lambda self, p: seen.append(p[0].usable) or real(self, p))
+    make = {"DefaultSavePlanner": DefaultSavePlanner, "ZarrSavePlanner": ZarrSavePlanner}[planner]
+    steps = [(1, "step_1"), (2, "step_2"), (3, "step_2"), (4, "step_4")]  # step_2 replaced; step 4 adds a key
+    for step, name in steps:
+        state = {"model": {"w": torch.full((5, 3), float(step))}, "step": step} | ({"new": torch.ones(2)} if step == 4 else {})
+        writer = zdcp.ZarrWriter(tmp_path / name, overwrite=True)
+        dcp.save(state, storage_writer=writer, planner=make(enable_plan_caching=True), no_dist=True)
+    assert seen == [True, False, False, True], "saves 2 and 3 used the cached plan, 4 planned again"
+    for step, name in steps[0], steps[2], steps[3]:
+        out = {"model": {"w": torch.zeros(5, 3)}, "step": 0}
+        zdcp.load(out, tmp_path / name, allow_partial_load=True)
+        assert out["step"] == step and torch.equal(out["model"]["w"], torch.full((5, 3), float(step)))
+        assert zdcp.verify(tmp_path / name).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2", "step_4"], "no pending directory left"
+
+
+def test_a_rank_writes_only_where_the_coordinator_prepared_the_save(tmp_path):
+    from zdcp.storage.commit import check_location, save_location
+    from zdcp.storage.store import Store
+
+    zdcp.save({"w": torch.ones(2)}, tmp_path / "c")
+    location = save_location(Store(tmp_path / "d"), "0" * 32)
+    with pytest.raises(zdcp.UsageError, match="not where the coordinator prepared this save"):
+        check_location(location, "0" * 32)
+    assert not (tmp_path / ".d.zdcp-" f"{'0' * 32}").exists()
+
+
+def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, monkeypatch):
+    """dcp.save with the ZarrWriter (DCP has no failure hook: the failed save's writer cleans
+    up when it is dropped) and a conversion (which runs zdcp's own save) leave no pending
+    directory when their writes fail."""
+    import gc
+
+    import safetensors.torch
+    import torch.distributed.checkpoint as dcp
+
+    import zdcp.storage.localfiles
+    from zdcp import format_utils
+
+    safetensors.torch.save_file({"w": torch.ones(4)}, tmp_path / "model.safetensors")
+
+    def disk_full(self, key, *parts):
+        raise OSError(28, "No space left on device", key)
+
+    monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", disk_full)
+    try:
+        dcp.save({"w": torch.ones(3)}, storage_writer=zdcp.ZarrWriter(tmp_path / "dcp"), no_dist=True)
+    except BaseException as e:  # DCP's CheckpointException
+        assert "No space left" in str(e)
+    else:
+        raise AssertionError("the save did not fail")
+    gc.collect()  # what still refers to the failed writer (the exception's frames) is gone
+    with pytest.raises(zdcp.StorageError, match="No space left"):
+        format_utils.safetensors_to_zdcp(tmp_path / "model.safetensors", tmp_path / "converted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_what_killed_saves_left_is_removed_once_their_process_is_gone(tmp_path):
+    """The next save to the same target, and latest_checkpoint, delete the pending directories
+    of saves whose process provably died (on this host); those of live processes, or from
+    other hosts, stay."""
+    import subprocess
+    import sys
+
+    from zdcp.storage.oscalls import _start_time, process_identity
+
+    assert _run(_save_killed_at, tmp_path / "step_20", 20, "before the commit") == -signal.SIGKILL
+    killed = interrupted_saves(tmp_path / "step_20")
+    assert len(killed) == 1
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        me = process_identity()
+        owners = {
+            "alive": {**me, "pid": alive.pid, "started": _start_time(alive.pid)},
+            "elsewhere": {**me, "host": "another-host", "pid": 1},
+            "rebooted": {**me, "boot": "another-boot", "pid": 1},
+        }
+        kept = []
+        for name, owner in owners.items():
+            pending = tmp_path / f".step_20.zdcp-{name:0>32}"
+            pending.mkdir()
+            (pending / "__zdcp_saving__").write_text(json.dumps({"owner": owner}))
+            kept.append(str(pending))
+        zdcp.save(versioned(21), tmp_path / "step_20")
+        assert interrupted_saves(tmp_path / "step_20") == sorted(kept)
+        assert committed_version(tmp_path / "step_20") == 21
+        assert _run(_save_killed_at, tmp_path / "step_30", 30, "writing chunks") == -signal.SIGKILL
+        assert interrupted_saves(tmp_path / "step_30")
+        assert zdcp.latest_checkpoint(tmp_path) == tmp_path / "step_20"
+        assert not interrupted_saves(tmp_path / "step_30")
+        assert interrupted_saves(tmp_path / "step_20") == sorted(kept)
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def _without_collectives(rank, world_size, root):

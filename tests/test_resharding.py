@@ -223,3 +223,45 @@ def test_sharded_tensor_dcp_plugin_and_errors_on_every_rank(tmp_path):
     state = {"st": torch.zeros(7, 3)}
     zdcp.load(state, tmp_path / "sharded")
     assert_bitwise_equal(state["st"], reference("rows7"))
+
+
+def cached_plans(rank, world_size, root):
+    """DCP's plan caching on 4 ranks: the first save plans, the second reuses every rank's
+    cached plan, in the third one rank's plan changes (a tensor of its own) and only that rank
+    is planned again."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    seen = []
+    real = zdcp.ZarrWriter.prepare_global_plan
+
+    def recording(self, plans):
+        seen.append([p.usable for p in plans])
+        return real(self, plans)
+
+    zdcp.ZarrWriter.prepare_global_plan = recording
+    for step in (1, 2, 3):
+        state = {"model": dtensors(mesh, SAVE_1D), "step": step}
+        for dt in state["model"].values():
+            dt.to_local().mul_(step)
+        if step == 3 and rank == 3:
+            state["only_rank_3"] = torch.full((2,), 3.0)
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        dcp.save(state, storage_writer=zdcp.ZarrWriter(root / f"step_{step}"), planner=planner)
+    if rank == 0:
+        assert seen == [[True] * 4, [False] * 4, [False, False, False, True]], seen
+
+
+def test_dcp_plan_caching_on_four_ranks(tmp_path):
+    run_ranks(4, cached_plans, tmp_path)
+    for step in (1, 2, 3):
+        state = {"model": {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in SHAPES.items()}, "step": 0}
+        zdcp.load(state, tmp_path / f"step_{step}")
+        assert state["step"] == step
+        for name, tensor in state["model"].items():
+            assert_bitwise_equal(tensor, reference(name) * step, (step, name))
+        assert verify(tmp_path / f"step_{step}").ok
+    only = {"only_rank_3": torch.zeros(2)}
+    zdcp.load(only, tmp_path / "step_3")
+    assert torch.equal(only["only_rank_3"], torch.full((2,), 3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2", "step_3"]

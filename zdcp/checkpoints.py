@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from .errors import ZdcpError
-from .storage.committed import read_catalog
+from .storage.commit import remove_dead_saves
+from .storage.committed import pending_directories, read_catalog
 from .storage.store import Store
 from .verify import verify as verify_checkpoint
 
@@ -31,7 +32,11 @@ def latest_checkpoint(directory: str | os.PathLike[str], *, verify: bool = False
     that are damaged or from a newer format version, and with ``verify=True`` any checkpoint in
     which :func:`zdcp.verify` finds a fault (that reads every chunk). None when ``directory``
     does not exist or holds no such checkpoint.
+
+    A job restarted after a crash calls it first: it also deletes the pending directories of
+    saves whose process provably died (:func:`zdcp.storage.commit.remove_dead_saves`).
     """
+    remove_dead_saves(pending_directories(directory))
     try:
         entries = [p for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith(".")]
     except FileNotFoundError:

@@ -3,7 +3,7 @@ in DCP's own ``metadata.py``.
 
 Save: the coordinator's writer tells each rank where to write in ``SavePlan.storage_data``
 (:class:`RankPlan`); each rank reports every plain value back in ``WriteResult.storage_data``
-(:class:`StoredValue` or :class:`ArrayValue`; a tensor's is its placement record).
+(:class:`StoredValue` or :class:`ArrayValue`), and every tensor's placement (:class:`WrittenTensor`).
 
 Load: ``Metadata.storage_data`` of :class:`~zdcp.ZarrReader` is :class:`CatalogViews`, the
 checkpoint's leaves under both FQN schemes; :class:`~zdcp.planner.ZarrLoadPlanner` plans
@@ -15,16 +15,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RankPlan", "StoredValue", "ArrayValue", "ValueSource", "CatalogView", "CatalogViews"]
+__all__ = ["RankPlan", "WrittenTensor", "StoredValue", "ArrayValue", "ValueSource", "CatalogView", "CatalogViews"]
 
 
 @dataclass(frozen=True)
 class RankPlan:
-    """Where a rank writes (a kvstore spec: the pending directory, or the object-store
-    prefix), and the chunk grid of every array it writes."""
+    """What the coordinator tells a rank: the save's session, from which the rank finds where
+    to write (:func:`zdcp.storage.commit.save_location`), and the chunk grid of every array it
+    writes. Nothing in it names one save's target: DCP may cache it for the next save."""
 
-    location: dict[str, Any]
+    session: str
     grids: dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    """What a rank reports of a tensor it wrote: its placement record, and the grid it cut its
+    chunks along (the coordinator checks that every rank used the same one)."""
+
+    placement: dict[str, Any] | None
+    grid: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,13 @@ class ZarrSavePlanner(DefaultSavePlanner):
     #: (conversions do); otherwise a meta tensor has no data and is refused.
     resolves_placeholders = False
 
-    def __init__(self, *, allow_pickle: bool = False):
+    def __init__(self, *, allow_pickle: bool = False, enable_plan_caching: bool = False):
         super().__init__(
             flatten_state_dict=False,
             flatten_sharded_tensors=False,  # done leaf by leaf in flatten()
+            # DCP's plan caching: an unchanged plan is not sent again, the coordinator skips
+            # global planning, and each rank writes by its cached final plan (see ZarrWriter).
+            **({"enable_plan_caching": True} if enable_plan_caching else {}),
         )
         self.allow_pickle = allow_pickle
 
@@ -71,8 +74,9 @@ class ZarrSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         plan = super().create_local_plan()
-        self.plan = dataclasses.replace(plan, planner_data=self.mappings)
-        return self.plan
+        if plan.usable:  # an unusable plan stands for this rank's cached one (DCP's plan caching)
+            plan = self.plan = dataclasses.replace(plan, planner_data=self.mappings)
+        return plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         """DCP's global plan (which checks that the shards tile each tensor), after checking that

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 import tensorstore as ts
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
@@ -45,9 +46,9 @@ from .format.dtypes import from_torch, tensor_to_numpy
 from .format.names import DICT, Entry, describe, encode_key, join, node_name
 from .format.values import as_bytes, to_json
 from .locations import CheckpointId, kvstore_spec
-from .metadata import ArrayValue, RankPlan, StoredValue
+from .metadata import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .options import SaveOptions
-from .storage.commit import InPlaceSave, LocalSave, begin_save
+from .storage.commit import InPlaceSave, LocalSave, begin_save, check_location, save_location
 from .storage.inflight import InflightWindow
 from .storage.localfiles import LocalFiles
 from .storage.store import Store, encode_json, storage_access, store_for
@@ -109,6 +110,7 @@ class ZarrWriter(StorageWriter):
         return True
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
+        self.abandon()  # a save through this writer that never committed (DCP has no failure hook)
         self.store = store_for(checkpoint_id, self.store, type(self).__name__)
         self._reset_state()
 
@@ -142,19 +144,34 @@ class ZarrWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Derive every array's chunk grid from all ranks' shards, check the target and prepare
+        the save, and tell each rank its grids and the save's session (:class:`RankPlan`).
+
+        With DCP's plan caching, a rank whose plan did not change sends an unusable plan and
+        then writes by its cached final plan. This writer keeps the final plans it handed out
+        (:data:`_HANDED_OUT`), so it knows every rank's items: the grids are derived from all
+        of them, the session stays the one the cached plans carry, and a rank whose cached
+        storage data would be out of date (a grid changed by another rank's new shards) gets
+        its plan again, usable.
+        """
         assert self.store is not None
-        if not all(getattr(p, "usable", True) for p in plans):
-            # A rank whose plan is unchanged reuses its cached final plan, which would send its
-            # chunks to the previous save's pending directory.
-            raise UsageError("ZarrWriter does not support DCP's plan caching (enable_plan_caching=True)")
         self._world_size = len(plans)
         if self.store.spec["driver"] == "memory" and self._world_size > 1:
             raise UsageError(f"{self.store.url}: a memory:// store lives in one process; several ranks cannot share it")
-        for plan in plans:
+        global _HANDED_OUT
+        cached = _HANDED_OUT
+        if all(getattr(p, "usable", True) for p in plans):
+            session, full = uuid.uuid4().hex, plans
+        elif cached is not None and len(cached.plans) == len(plans):
+            session = cached.session
+            full = [p if getattr(p, "usable", True) else cached.plans[rank] for rank, p in enumerate(plans)]
+        else:
+            raise UsageError("DCP's plan cache holds plans this process's ZarrWriter never handed out: save without it")
+        for plan in full:
             self._entries.update(_entries_of(plan))
         shards: dict[str, list[tuple[Any, Any]]] = {}
         shapes: dict[str, torch.Size] = {}
-        for item in _tensor_items(p.items for p in plans):
+        for item in _tensor_items(p.items for p in full):
             fqn = item.index.fqn
             shards.setdefault(fqn, []).append((item.tensor_data.chunk.offsets, item.tensor_data.chunk.sizes))
             shapes[fqn] = item.tensor_data.size
@@ -162,18 +179,21 @@ class ZarrWriter(StorageWriter):
         # Last, once the plans are known to be valid: nothing is created for a save that fails
         # planning.
         self._save = begin_save(
-            self.store, overwrite=self.options.overwrite, marker={"world_size": self._world_size, "zdcp": __version__}
+            self.store,
+            overwrite=self.options.overwrite,
+            session=session,
+            marker={"world_size": self._world_size, "zdcp": __version__},
         )
-        # Each rank learns where to write, and the grids of the arrays it writes.
-        return [
-            dataclasses.replace(
-                p,
-                storage_data=RankPlan(
-                    self._save.location, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([p.items])}
-                ),
-            )
-            for p in plans
-        ]
+        handed_out, scattered = [], []
+        for rank, (sent, plan) in enumerate(zip(plans, full)):
+            data = RankPlan(session, {i.index.fqn: self._grids[i.index.fqn] for i in _tensor_items([plan.items])})
+            handed_out.append(dataclasses.replace(plan, storage_data=data, usable=True))
+            # A rank that sent an unusable plan keeps its cached final plan if that carries this
+            # very storage data; any other rank gets its plan (copies share the items).
+            keeps = not getattr(sent, "usable", True) and cached is not None and cached.plans[rank].storage_data == data
+            scattered.append(sent if keeps else handed_out[rank])
+        _HANDED_OUT = _HandedOut(session, handed_out)
+        return scattered
 
     def abandon(self) -> None:
         """Delete what a save that failed wrote (on the coordinator; a no-op elsewhere); the
@@ -183,8 +203,13 @@ class ZarrWriter(StorageWriter):
             self._save = None
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        assert self.store is not None
+        if self._save is not None and not getattr(planner, "_enable_plan_caching", False):
+            _forget_handed_out()  # the coordinator keeps the plans only for DCP's plan cache
         rank_plan: RankPlan = plan.storage_data
-        store = Store(rank_plan.location)
+        location = save_location(self.store, rank_plan.session)
+        check_location(location, rank_plan.session)
+        store = Store(location)
         # Each rank's data is durable before it reports success. A single process's becomes
         # durable with everything else at the commit instead (LocalSave.commit syncs through a
         # handle opened before any write): one sync of the filesystem per save, not two. With
@@ -210,7 +235,8 @@ class ZarrWriter(StorageWriter):
         for item, nbytes in written:
             source = sources.get(item.index.fqn)
             placement = tensor_placement(source) if isinstance(source, torch.Tensor) else None
-            results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=placement))
+            written_as = WrittenTensor(placement, rank_plan.grids[item.index.fqn])
+            results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=written_as))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -260,9 +286,10 @@ class ZarrWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._save is not None
         store = Store(self._save.location)
-        # Per FQN: a StoredValue or ArrayValue for plain values, the placement record for
-        # tensors (any rank that wrote a shard reports the same one).
+        # Per FQN: a StoredValue or ArrayValue for plain values, a WrittenTensor for tensors
+        # (every rank that wrote a shard reports the same placement).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}
+        _check_grids(metadata, results, self._grids)
         groups: dict[tuple[Any, ...], _Group] = {(): _Group(DICT)}
         arrays: dict[str, dict[str, Any]] = {}
         for fqn, md in metadata.state_dict_metadata.items():
@@ -278,7 +305,9 @@ class ZarrWriter(StorageWriter):
                     groups[entry.path[:-1]].add(entry.path[-1], data)
             else:
                 dtype = from_torch(md.properties.dtype)
-                attrs = {"kind": "tensor", "dtype": dtype.torch_name, "placement": stored.get(fqn)}
+                written = stored.get(fqn)
+                placement = written.placement if isinstance(written, WrittenTensor) else None
+                attrs = {"kind": "tensor", "dtype": dtype.torch_name, "placement": placement}
                 grid = self._grids[fqn]
                 arrays[entry.node] = array_document(list(md.size), dtype, grid, attrs, self.options.compression)
                 groups[entry.path[:-1]].name_child(entry.path[-1])
@@ -408,6 +437,43 @@ def _local_files(store: Store, writer: ZarrWriter) -> LocalFiles | None:
     if root is None or not writer.direct_writes:
         return None
     return LocalFiles(root, start_writeback=writer.options.sync_files)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HandedOut:
+    """The final plans the coordinator's writer last handed out, as the ranks hold them when
+    DCP caches them, and their session."""
+
+    session: str
+    plans: list[SavePlan]
+
+
+#: This process's :class:`_HandedOut`, as DCP keeps its plan cache: per process.
+_HANDED_OUT: _HandedOut | None = None
+
+
+def _forget_handed_out() -> None:
+    global _HANDED_OUT
+    _HANDED_OUT = None
+
+
+def _check_grids(metadata: Metadata, results: list[list[WriteResult]], grids: dict[str, tuple[int, ...]]) -> None:
+    """Refuse to commit chunks cut along another grid than the shards of the save give (a
+    rank's cached plan out of step with this writer's): the checkpoint would not read back."""
+    for rank, rank_results in enumerate(results):
+        for result in rank_results:
+            written = result.storage_data
+            if isinstance(written, WrittenTensor) and written.grid != grids.get(result.index.fqn):
+                raise UsageError(
+                    f"rank {rank} wrote {result.index.fqn!r} in chunks of {written.grid}, but the save's shards give "
+                    f"{grids.get(result.index.fqn)} (DCP's cached plans out of step with the writer's): nothing is "
+                    "committed"
+                )
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata) and fqn in grids:
+            expected = chunk_shape(md.size, [(c.offsets, c.sizes) for c in md.chunks])
+            if expected != grids[fqn]:
+                raise UsageError(f"{fqn!r}: the save's metadata gives chunks of {expected}, the plans {grids[fqn]}")
 
 
 def _entries_of(plan: SavePlan) -> dict[str, Entry]:

@@ -41,7 +41,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+import weakref
 from typing import Any
 
 import tensorstore as ts
@@ -49,22 +49,30 @@ import tensorstore as ts
 from ..errors import CheckpointExistsError, UsageError, ZdcpError
 from ..format.constants import METADATA_KEY, SAVING_MARKER
 from ..format.documents import zdcp_attrs
-from .committed import local_contents, pending_name
-from .oscalls import FilesystemSync, exchange
+from .committed import interrupted_saves, local_contents, pending_name
+from .oscalls import FilesystemSync, exchange, process_identity, process_running
 from .store import Store, encode_json
 
-__all__ = ["LocalSave", "InPlaceSave", "begin_save"]
+__all__ = ["LocalSave", "InPlaceSave", "begin_save", "save_location", "check_location", "remove_dead_saves"]
 
 
-@dataclass(frozen=True)
 class LocalSave:
     """A local save in progress: the pending directory ``path`` is written, then committed to
-    ``target``."""
+    ``target``.
 
-    target: str
-    path: str
-    overwrite: bool
-    durable: FilesystemSync  # opened when the pending directory was created, before any write
+    A save that does not commit deletes its pending directory: when it is abandoned, and also
+    when it is forgotten without either (``dcp.save`` has no hook through which a failed save
+    could abandon it, so the writer's last reference going away has to do).
+    """
+
+    def __init__(self, target: str, path: str, overwrite: bool):
+        self.target = target
+        self.path = path
+        self.overwrite = overwrite
+        # Opened before any write of the save, for the syncs to report their failures.
+        self.durable = FilesystemSync(path)
+        _ACTIVE.add(path)
+        self._discard = weakref.finalize(self, _discard_pending, path, self.durable)
 
     @property
     def location(self) -> dict[str, Any]:
@@ -91,6 +99,8 @@ class LocalSave:
         except BaseException:
             self.abandon()
             raise
+        self._discard.detach()
+        _ACTIVE.discard(self.path)
         try:
             if sync:
                 self.durable.sync()  # the new name survives a crash (same filesystem)
@@ -116,20 +126,28 @@ class LocalSave:
 
     def abandon(self) -> None:
         """Delete the pending directory of a failed save."""
-        self.durable.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        self._discard()
 
 
-@dataclass(frozen=True)
+def _discard_pending(path: str, durable: FilesystemSync) -> None:
+    durable.close()
+    shutil.rmtree(path, ignore_errors=True)
+    _ACTIVE.discard(path)
+
+
 class InPlaceSave:
     """A save written in place under an object store prefix (see the module docstring).
 
     ``generation`` is the storage generation of this save's marker: the save owns the prefix
-    while the marker is unchanged, and commits or cleans up only then.
+    while the marker is unchanged, and commits or cleans up only then. Unlike a
+    :class:`LocalSave`, one that is forgotten without either does not clean up: that would be
+    requests to a remote store at whatever moment the garbage collector picks, which may wait
+    for minutes on an unreachable one; the next save to the prefix finds its marker.
     """
 
-    store: Store
-    generation: bytes
+    def __init__(self, store: Store, generation: bytes):
+        self.store = store
+        self.generation = generation
 
     @property
     def location(self) -> dict[str, Any]:
@@ -138,7 +156,7 @@ class InPlaceSave:
     def commit(self, root: dict[str, Any], *, sync: bool) -> None:
         """Write the root document, the commit, if the prefix is still this save's; then
         remove the marker (a failure there only leaves a harmless marker beside the root)."""
-        self._check_owned()
+        _check_owned(self.store, self.generation)
         try:
             self.store.write_json(METADATA_KEY, root)
         except BaseException:
@@ -153,30 +171,88 @@ class InPlaceSave:
         """Delete what a failed save wrote, its marker included, unless another save has taken
         the prefix over (``overwrite``) since: then what is there is that save's."""
         try:
-            self._check_owned()
+            _check_owned(self.store, self.generation)
         except CheckpointExistsError:
             return
         self.store.wait(self.store.kv.delete_range(ts.KvStore.KeyRange()))
 
-    def _check_owned(self) -> None:
-        found = self.store.wait(self.store.kv.read(SAVING_MARKER))
-        if found.state != "value" or found.stamp.generation != self.generation:
-            raise CheckpointExistsError(
-                f"another save to {self.store.url} took it over while this one ran; this save is not committed"
-            )
+
+def _check_owned(store: Store, generation: bytes) -> None:
+    found = store.wait(store.kv.read(SAVING_MARKER))
+    if found.state != "value" or found.stamp.generation != generation:
+        raise CheckpointExistsError(
+            f"another save to {store.url} took it over while this one ran; this save is not committed"
+        )
 
 
-def begin_save(store: Store, *, overwrite: bool, marker: dict[str, object]) -> LocalSave | InPlaceSave:
+#: The pending directories of this process's saves that have neither committed nor been
+#: abandoned (paths are added and removed whole, so no lock is needed).
+_ACTIVE: set[str] = set()
+
+
+def begin_save(store: Store, *, overwrite: bool, session: str, marker: dict[str, Any]) -> LocalSave | InPlaceSave:
     """Check that a save may go to ``store``'s location, then prepare it: a pending directory
-    beside a local target, the in-progress marker under an object store prefix.
+    beside a local target, named after ``session`` (:func:`save_location`), or the in-progress
+    marker under an object store prefix. The marker records ``marker``, the session and this
+    process (so that a later save can tell a save whose process died, and remove what it left).
 
     Raises :class:`~zdcp.CheckpointExistsError` when the target holds a committed checkpoint
     (without ``overwrite``), an interrupted or running save (object stores, without
-    ``overwrite``), or anything zdcp did not write (always).
+    ``overwrite``), a running save of this session (local), or anything zdcp did not write
+    (always).
     """
+    marker = {**marker, "session": session, "owner": process_identity()}
     if store.local_root is None:
         return _begin_in_place(store, overwrite=overwrite, marker=marker)
-    return _begin_beside(store.local_root.rstrip("/"), overwrite=overwrite, marker=marker)
+    return _begin_beside(_local_target(store), overwrite=overwrite, session=session, marker=marker)
+
+
+def save_location(store: Store, session: str) -> dict[str, Any]:
+    """Where the ranks of a save to ``store``'s location with ``session`` write: the pending
+    directory of a local target, the prefix itself on an object store. Each rank finds it from
+    what it knows, so nothing that differs from save to save travels in a (cached) plan."""
+    if store.local_root is None:
+        return store.spec
+    return {"driver": "file", "path": pending_name(_local_target(store), session) + "/"}
+
+
+def check_location(location: dict[str, Any], session: str) -> None:
+    """Refuse to write where the coordinator did not prepare a save of ``session``: a rank
+    must never create a pending directory (or write into an object-store prefix) itself."""
+    store = Store(location)
+    try:
+        marker = store.read_json(SAVING_MARKER)
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict) or marker.get("session") != session:
+        raise UsageError(
+            f"{store.url} is not where the coordinator prepared this save (DCP's cached plans out of step "
+            "with the writer's?); this rank writes nothing there"
+        )
+
+
+def remove_dead_saves(pending: list[str]) -> None:
+    """Delete those of the ``pending`` directories whose save provably ended without a commit:
+    its process no longer runs (same host, boot and PID namespace), or it is this process and
+    the save is not under way. Any other is left alone: it may be running on another host."""
+    me = process_identity()
+    for path in pending:
+        try:
+            with open(os.path.join(path, SAVING_MARKER), "rb") as f:
+                owner = json.load(f).get("owner")
+        except (OSError, ValueError, AttributeError):
+            continue  # no marker (yet): nothing proves anything
+        if owner == me and me is not None:
+            dead = path not in _ACTIVE
+        else:
+            dead = process_running(owner) is False
+        if dead:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _local_target(store: Store) -> str:
+    assert store.local_root is not None
+    return os.path.realpath(store.local_root.rstrip("/"))
 
 
 def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object]) -> InPlaceSave:
@@ -205,6 +281,8 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
     elif not store.is_empty():
         raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
     # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
+    # (A pending directory's dead saves can be told by their marker's owner; an object store's
+    # cannot: there may be no other machine like the one that wrote it.)
     expected = found.stamp.generation if found.state == "value" else _NO_VALUE
     written = store.wait(store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
     if not written.generation:
@@ -223,9 +301,9 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
 _NO_VALUE = b"\x02"
 
 
-def _begin_beside(target: str, *, overwrite: bool, marker: dict[str, object]) -> LocalSave:
-    """The pending directory of a local save, with the in-progress ``marker`` in it."""
-    target = os.path.realpath(target)
+def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[str, Any]) -> LocalSave:
+    """The pending directory of a local save, with the in-progress ``marker`` in it; first,
+    what dead saves to the same target left is removed."""
     if os.path.lexists(target):
         if not os.path.isdir(target):
             raise CheckpointExistsError(f"{target} exists and is not a directory")
@@ -239,12 +317,16 @@ def _begin_beside(target: str, *, overwrite: bool, marker: dict[str, object]) ->
                 f"Checkpoint already exists: {target} holds a committed checkpoint; pass overwrite=True"
             )
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    path = pending_name(target)
-    os.mkdir(path)
-    durable = FilesystemSync(path)
+    remove_dead_saves(interrupted_saves(target))
+    path = pending_name(target, session)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        raise CheckpointExistsError(f"another save of this job to {target} is still running ({path})") from None
+    save = LocalSave(target, path, overwrite)
     with open(os.path.join(path, SAVING_MARKER), "w") as f:
         json.dump({**marker, "target": target}, f)
-    return LocalSave(target, path, overwrite, durable)
+    return save
 
 
 def _delete_replaced(directory: str) -> None:

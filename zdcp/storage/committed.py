@@ -19,7 +19,7 @@ from ..format.constants import METADATA_KEY, PENDING_INFIX
 from ..format.documents import zdcp_attrs
 from .store import Store
 
-__all__ = ["read_catalog", "interrupted_saves", "pending_name", "local_contents"]
+__all__ = ["read_catalog", "interrupted_saves", "pending_directories", "pending_name", "local_contents"]
 
 
 def read_catalog(store: Store) -> Catalog:
@@ -53,17 +53,28 @@ def interrupted_saves(target: str | os.PathLike[str]) -> list[str]:
     """Pending directories of a local ``target`` left by saves that never committed (or that
     are still running)."""
     target = os.path.realpath(target)
-    parent, prefix = os.path.dirname(target), f".{os.path.basename(target)}{PENDING_INFIX}"
+    return pending_directories(os.path.dirname(target), f".{os.path.basename(target)}{PENDING_INFIX}")
+
+
+def pending_directories(directory: str | os.PathLike[str], prefix: str = ".") -> list[str]:
+    """The pending directories in ``directory`` (of every target, or of those whose names
+    start with ``prefix``)."""
     try:
-        names = os.listdir(parent)
+        names = os.listdir(directory)
     except OSError:
         return []
-    return sorted(os.path.join(parent, n) for n in names if n.startswith(prefix) and len(n) == len(prefix) + 32)
+    return sorted(
+        os.path.join(directory, n)
+        for n in names
+        if n.startswith(prefix) and len(n.rpartition(PENDING_INFIX)[2]) == 32 and PENDING_INFIX in n
+    )
 
 
-def pending_name(target: str) -> str:
-    """A new pending directory name for a save to the local ``target``."""
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PENDING_INFIX}{uuid.uuid4().hex}")
+def pending_name(target: str, session: str | None = None) -> str:
+    """The pending directory of a save to the local ``target``: named after the save's
+    ``session`` (32 hex digits), or a new random name."""
+    session = session or uuid.uuid4().hex
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PENDING_INFIX}{session}")
 
 
 def local_contents(directory: str) -> str:

@@ -1,15 +1,18 @@
-"""The Linux calls the commit protocol needs and Python does not wrap: ``syncfs``,
-``sync_file_range`` and ``renameat2``, through the C library (no-ops or fallbacks elsewhere)."""
+"""What the commit protocol needs of the operating system beyond Python's ``os``: the Linux calls
+``syncfs``, ``sync_file_range`` and ``renameat2`` through the C library, and whether a process
+still runs (from /proc); no-ops or fallbacks elsewhere."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["FilesystemSync", "start_writeback", "exchange"]
+__all__ = ["FilesystemSync", "start_writeback", "exchange", "process_identity", "process_running"]
 
 
 class FilesystemSync:
@@ -79,3 +82,47 @@ _SYNC_FILE_RANGE_WRITE = 2
 _RENAMEAT2 = _libc("renameat2")
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+def process_identity() -> dict[str, Any] | None:
+    """This process, recorded so that a later process can tell whether it still runs: host
+    name, boot, PID namespace, PID and start time (from Linux's /proc); None elsewhere."""
+    host = _host()
+    started = _start_time(os.getpid())
+    if host is None or started is None:
+        return None
+    return {**host, "pid": os.getpid(), "started": started}
+
+
+def process_running(identity: Any) -> bool | None:
+    """Whether the process ``identity`` (:func:`process_identity`) still runs: True or False
+    when this process can tell (the same host, boot and PID namespace), None when it cannot."""
+    if not isinstance(identity, dict) or type(identity.get("pid")) is not int:
+        return None
+    host = _host()
+    if host is None or any(identity.get(k) != v for k, v in host.items()):
+        return None
+    return _start_time(identity["pid"]) == identity.get("started")
+
+
+def _host() -> dict[str, str] | None:
+    """What a PID is unique within: the host, its boot (a reboot reuses PIDs) and the PID
+    namespace (a container on the same host sees other PIDs)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return {"host": socket.gethostname(), "boot": boot, "pid_namespace": namespace}
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (field 22 of /proc/PID/stat), which
+    tells it from a later process that reuses its PID; None when no such process runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return int(fields[19])
