@@ -444,11 +444,14 @@ def test_dcp_plan_caching_saves_every_checkpoint(tmp_path, planner, plan_cache, 
 
     seen = []
     real = zdcp.ZarrWriter.prepare_global_plan
-    monkeypatch.setattr(zdcp.ZarrWriter, "prepare_global_plan", lambda self, p: seen.append(p[0].usable) or real(self, p))
+    recording = lambda self, plans: seen.append(plans[0].usable) or real(self, plans)  # noqa: E731
+    monkeypatch.setattr(zdcp.ZarrWriter, "prepare_global_plan", recording)
     make = {"DefaultSavePlanner": DefaultSavePlanner, "ZarrSavePlanner": ZarrSavePlanner}[planner]
     steps = [(1, "step_1"), (2, "step_2"), (3, "step_2"), (4, "step_4")]  # step_2 replaced; step 4 adds a key
     for step, name in steps:
-        state = {"model": {"w": torch.full((5, 3), float(step))}, "step": step} | ({"new": torch.ones(2)} if step == 4 else {})
+        state = {"model": {"w": torch.full((5, 3), float(step))}, "step": step}
+        if step == 4:
+            state["new"] = torch.ones(2)
         writer = zdcp.ZarrWriter(tmp_path / name, overwrite=True)
         dcp.save(state, storage_writer=writer, planner=make(enable_plan_caching=True), no_dist=True)
     assert seen == [True, False, False, True], "saves 2 and 3 used the cached plan, 4 planned again"
