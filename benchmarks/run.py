@@ -174,11 +174,12 @@ def raw_read(dest: Any, file: Path) -> None:
 def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     dest = empty_like(state)
-    dirs = {k: NewPaths(root / f"{name}-{k}") for k in ("zdcp", "dcp", "torch", "raw")}
+    dirs = {k: NewPaths(root / f"{name}-{k}") for k in ("zdcp", "packed", "dcp", "torch", "raw")}
     saves = interleaved(
         rounds,
         {
             "zdcp": lambda: timed(lambda: zdcp.save(state, dirs["zdcp"]())),
+            "packed": lambda: timed(lambda: zdcp.save(state, dirs["packed"](), layout="packed")),
             "dcp": lambda: timed(lambda: dcp.save(state, checkpoint_id=dirs["dcp"](), no_dist=True)),
             "torch": lambda: timed(lambda: torch_save_fsync(state, dirs["torch"]())),
             "raw": lambda: timed(lambda: raw_write(state, dirs["raw"]())),
@@ -189,6 +190,7 @@ def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[
         rounds,
         {
             "zdcp": lambda: timed(lambda: zdcp.load(dest, paths["zdcp"])),
+            "packed": lambda: timed(lambda: zdcp.load(dest, paths["packed"])),
             "dcp": lambda: timed(lambda: dcp.load(dest, checkpoint_id=paths["dcp"], no_dist=True)),
             "torch": lambda: timed(lambda: torch.load(paths["torch"], weights_only=True)),
             "raw": lambda: timed(lambda: raw_read(dest, paths["raw"])),
@@ -196,7 +198,7 @@ def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[
     )
     size = nbytes(state)
     rows = [_row(name, "save", saves, size), _row(name, "load", loads, size)]
-    rows[0]["files"] = {k: files_in(paths[k]) for k in ("zdcp", "dcp")}
+    rows[0]["files"] = {k: files_in(paths[k]) for k in ("zdcp", "packed", "dcp")}
     return rows
 
 
@@ -217,6 +219,7 @@ def retention(state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
     dest = empty_like(state)
     savers = {
         "zdcp": (lambda p: zdcp.save(state, p), lambda p: zdcp.load(dest, p)),
+        "packed": (lambda p: zdcp.save(state, p, layout="packed"), lambda p: zdcp.load(dest, p)),
         "dcp": (
             lambda p: dcp.save(state, checkpoint_id=p, no_dist=True),
             lambda p: dcp.load(dest, checkpoint_id=p, no_dist=True),
@@ -291,7 +294,8 @@ def _fsdp_state(world_size: int, seed: int):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])  # 32 MiB of params
+    # 96 parameters (25 MiB), and Adam's exp_avg, exp_avg_sq and step for each: 384 arrays
+    model = torch.nn.Sequential(*[m for _ in range(24) for m in (torch.nn.Linear(512, 512), torch.nn.LayerNorm(512))])
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.rand(4, 1024)).sum().backward()
@@ -314,7 +318,7 @@ def _collective_timed(fn: Callable[[], Any]) -> float:
 
 def sharded_save(rank: int, world_size: int, root: Path, rounds: int, out: Path) -> None:
     state = _fsdp_state(world_size, 0)
-    count = {"zdcp": 0, "dcp": 0}
+    count = {"zdcp": 0, "packed": 0, "dcp": 0}
 
     def into_new(name: str, save: Callable[[Path], Any]) -> float:
         # A new directory every round, as in NewPaths; the last one stays for the loads.
@@ -326,6 +330,7 @@ def sharded_save(rank: int, world_size: int, root: Path, rounds: int, out: Path)
         rounds,
         {
             "zdcp": lambda: into_new("zdcp", lambda p: zdcp.save(state, p)),
+            "packed": lambda: into_new("packed", lambda p: zdcp.save(state, p, layout="packed")),
             "dcp": lambda: into_new("dcp", lambda p: dcp.save(state, checkpoint_id=p)),
         },
     )
@@ -347,18 +352,19 @@ def sharded_load(rank: int, world_size: int, root: Path, rounds: int, out: Path)
         reads.append(rchar() - before)
         return _max_over_ranks(seconds)
 
-    reads: dict[str, list[int]] = {"zdcp": [], "dcp": []}
+    reads: dict[str, list[int]] = {"zdcp": [], "packed": [], "dcp": []}
     times = interleaved(
         rounds,
         {
             "zdcp": lambda: load(lambda: zdcp.load(state, root / "zdcp"), reads["zdcp"]),
+            "packed": lambda: load(lambda: zdcp.load(state, root / "packed"), reads["packed"]),
             "dcp": lambda: load(lambda: dcp.load(state, checkpoint_id=root / "dcp"), reads["dcp"]),
         },
     )
-    totals = torch.tensor([needed] + [median(reads[k]) for k in ("zdcp", "dcp")], dtype=torch.float64)
+    totals = torch.tensor([needed] + [median(reads[k]) for k in ("zdcp", "packed", "dcp")], dtype=torch.float64)
     dist.all_reduce(totals)
     if rank == 0:
-        read = {"zdcp": totals[1].item(), "dcp": totals[2].item()}
+        read = {"zdcp": totals[1].item(), "packed": totals[2].item(), "dcp": totals[3].item()}
         torch.save({"times": times, "needed": totals[0].item(), "read": read}, out)
 
 
@@ -372,23 +378,26 @@ def _tensors(state: Any) -> list[torch.Tensor]:
     return []
 
 
-def sharded(root: Path, rounds: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def sharded(root: Path, rounds: int, saved_by: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """FSDP2 + Adam (384 arrays) saved by ``saved_by`` gloo ranks, loaded at 3 and at 1."""
     root.mkdir(parents=True)
     rows, amplification = [], []
-    run_ranks(4, sharded_save, root, rounds, root / "save.pt", timeout=1200)
+    run_ranks(saved_by, sharded_save, root, rounds, root / "save.pt", timeout=1800)
     saved = torch.load(root / "save.pt")
     size = nbytes_of_dir(root / "zdcp")
-    rows.append(_row("sharded (FSDP2+Adam)", "save at 4", saved, size))
-    rows[-1]["files"] = {k: files_in(root / k) for k in ("zdcp", "dcp")}
+    name = "sharded (FSDP2+Adam, 384 arrays)"
+    rows.append(_row(name, f"save at {saved_by}", saved, size))
+    rows[-1]["files"] = {k: files_in(root / k) for k in ("zdcp", "packed", "dcp")}
     for world_size in (3, 1):
-        run_ranks(world_size, sharded_load, root, rounds, root / f"load{world_size}.pt", timeout=1200)
+        run_ranks(world_size, sharded_load, root, rounds, root / f"load{world_size}.pt", timeout=1800)
         result = torch.load(root / f"load{world_size}.pt")
-        rows.append(_row("sharded (FSDP2+Adam)", f"load at {world_size}", result["times"], size))
+        rows.append(_row(name, f"load at {world_size}", result["times"], size))
         amplification.append(
             {
-                "case": f"4 -> {world_size} ranks, whole state",
+                "case": f"{saved_by} -> {world_size} ranks, whole state",
                 "needed": result["needed"],
                 "zdcp": result["read"]["zdcp"] / result["needed"],
+                "packed": result["read"]["packed"] / result["needed"],
                 "dcp": result["read"]["dcp"] / result["needed"],
             }
         )
@@ -473,23 +482,26 @@ def files_in(path: Path) -> int:
 def slice_amplification(root: Path) -> dict[str, Any]:
     """A 1% row slice of a 64 MiB tensor saved as 8 shards (one chunk per 'rank')."""
     full = torch.randn(16384, 1024)
-    path = root / "slice"
-    run_ranks(8, _save_sharded_tensor, path, full)
-    array = zdcp.open(path)["w"]
     rows = slice(5000, 5000 + 164)  # ~1% of the rows
     needed = 164 * 1024 * 4
-    before = rchar()
-    out = array[rows]
-    read = rchar() - before
-    assert torch.equal(out, full[rows])
-    return {"case": "1% row slice via zdcp.open (8 chunks)", "needed": needed, "zdcp": read / needed, "dcp": None}
+    result: dict[str, Any] = {"case": "1% row slice via zdcp.open (8 chunks)", "needed": needed, "dcp": None}
+    for layout, key in (("files", "zdcp"), ("packed", "packed")):
+        path = root / f"slice-{layout}"
+        run_ranks(8, _save_sharded_tensor, path, full, layout)
+        array = zdcp.open(path)["w"]
+        before = rchar()
+        out = array[rows]
+        result[key] = (rchar() - before) / needed
+        assert torch.equal(out, full[rows])
+    return result
 
 
-def _save_sharded_tensor(rank: int, world_size: int, path: Path, full: torch.Tensor) -> None:
+def _save_sharded_tensor(rank: int, world_size: int, path: Path, full: torch.Tensor, layout: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    zdcp.save({"w": distribute_tensor(full, init_device_mesh("cpu", (world_size,)), [Shard(0)])}, path)
+    mesh = init_device_mesh("cpu", (world_size,))
+    zdcp.save({"w": distribute_tensor(full, mesh, [Shard(0)])}, path, layout=layout)
 
 
 # -- workload 5: memory -------------------------------------------------------------------------
@@ -506,6 +518,7 @@ def rss():
         return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) * 1024
 if op.endswith("load"):
     if op == "zdcp-load": zdcp.save(state, path + "-z", overwrite=True)
+    if op == "packed-load": zdcp.save(state, path + "-p", overwrite=True, layout="packed")
     if op == "dcp-load": dcp.save(state, checkpoint_id=path + "-d", no_dist=True)
     if op == "torch-load": torch.save(state, path + "-t")
 before = rss()
@@ -513,6 +526,8 @@ before = rss()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 {"zdcp-save": lambda: zdcp.save(state, path + "-z", overwrite=True),
+ "packed-save": lambda: zdcp.save(state, path + "-p", overwrite=True, layout="packed"),
+ "packed-load": lambda: zdcp.load(state, path + "-p"),
  "dcp-save": lambda: dcp.save(state, checkpoint_id=path + "-d", no_dist=True),
  "torch-save": lambda: torch.save(state, path + "-t"),
  "zdcp-load": lambda: zdcp.load(state, path + "-z"),
@@ -530,7 +545,7 @@ def memory(root: Path) -> list[dict[str, Any]]:
     state_bytes = 128 * MiB
     for op in ("save", "load"):
         extra = {}
-        for impl in ("zdcp", "dcp", "torch"):
+        for impl in ("zdcp", "packed", "dcp", "torch"):
             run = subprocess.run(
                 [sys.executable, "-c", MEMORY_PROBE, f"{impl}-{op}", str(root / "mem")],
                 capture_output=True, text=True, check=True,
@@ -639,6 +654,121 @@ def s3_requests(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# -- S3 with the round-trip time of an object store ---------------------------------------------
+
+
+class LatencyProxy:
+    """A TCP proxy on loopback that holds every HTTP request for ``delay`` seconds before
+    passing it on to ``upstream`` (host:port). moto answers in about a millisecond on loopback,
+    where an object store takes tens: this puts that cost back, as real stores charge it, to
+    whoever makes the most requests. It serves only this process's benchmark, and stops with it."""
+
+    def __init__(self, upstream: str, delay: float = 0.020):
+        import asyncio
+        import threading
+
+        self.upstream, self.delay = upstream, delay
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _serve(self, client_reader: Any, client_writer: Any) -> None:
+        import asyncio
+
+        host, port = self.upstream.rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(reader: Any, writer: Any, hold: bool) -> None:
+            try:
+                while data := await reader.read(1 << 16):
+                    if hold and data[:4] in (b"GET ", b"PUT ", b"POST", b"HEAD", b"DELE"):
+                        await asyncio.sleep(self.delay)
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, upstream_writer, True), pipe(upstream_reader, client_writer, False))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def s3_latency(rounds: int) -> list[dict[str, Any]]:
+    """500 small tensors and 64 MiB of large ones saved and loaded through a 20 ms proxy in
+    front of moto: zdcp's two layouts and DCP's FsspecWriter/FsspecReader (s3fs), each round
+    under a new prefix; and the objects each checkpoint is."""
+    import boto3
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    from zdcp.testing import moto_server
+
+    g = torch.Generator().manual_seed(0)
+    states = {
+        "500 small": {f"layers.{i}.norm": torch.randn(256 * (1 + i % 4), generator=g) for i in range(500)},
+        "64 MiB large": {f"layer{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(16)},
+    }
+    rows = []
+    with moto_server() as endpoint:
+        proxy = LatencyProxy(endpoint.removeprefix("http://"))
+        os.environ.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_REGION="us-east-1",
+                          AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")  # fmt: skip
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="latency")
+        fs = {"endpoint_url": proxy.endpoint, "key": "bench", "secret": "bench"}
+        try:
+            for name, state in states.items():
+                dest = empty_like(state)
+                count = {"zdcp": 0, "packed": 0, "dcp": 0}
+
+                def url(impl: str, new: bool = False) -> str:
+                    count[impl] += new
+                    return f"s3://latency/{name[:3]}-{impl}-{count[impl]}"
+
+                saves = interleaved(
+                    rounds,
+                    {
+                        "zdcp": lambda: timed(lambda: zdcp.save(state, url("zdcp", True))),
+                        "packed": lambda: timed(lambda: zdcp.save(state, url("packed", True), layout="packed")),
+                        "dcp": lambda: timed(
+                            lambda: dcp.save(state, storage_writer=FsspecWriter(url("dcp", True), **fs), no_dist=True)
+                        ),
+                    },
+                )
+                loads = interleaved(
+                    rounds,
+                    {
+                        "zdcp": lambda: timed(lambda: zdcp.load(dest, url("zdcp"))),
+                        "packed": lambda: timed(lambda: zdcp.load(dest, url("packed"))),
+                        "dcp": lambda: timed(
+                            lambda: dcp.load(dest, storage_reader=FsspecReader(url("dcp"), **fs), no_dist=True)
+                        ),
+                    },
+                )
+                size = nbytes(state)
+                rows += [
+                    _row(f"S3 + 20 ms: {name}", "save", saves, size),
+                    _row(f"S3 + 20 ms: {name}", "load", loads, size),
+                ]
+                pages = s3.get_paginator("list_objects_v2")
+
+                def objects(prefix: str) -> int:
+                    return sum(
+                        len(p.get("Contents", [])) for p in pages.paginate(Bucket="latency", Prefix=prefix + "/")
+                    )
+
+                rows[-2]["files"] = {k: objects(url(k).removeprefix("s3://latency/")) for k in count}
+        finally:
+            proxy.close()
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -664,31 +794,43 @@ def report(
     out = [f"Machine: {machine()}. Storage: the filesystem under `{root}`; page cache warm.", ""]
     if rows:
         out += [
-            "| workload | op | size | zdcp s | DCP s | torch.save s | raw s | zdcp/DCP | zdcp vs raw throughput |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| workload | op | size | files s | packed s | DCP s | torch.save s | raw s | files/DCP | packed/DCP |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in rows:
             m = r["median"]
-            cells = [f"{m[k]:.3f}" if k in m else "" for k in ("zdcp", "dcp", "torch", "raw")]
-            raw = f"{m['raw'] / m['zdcp']:.2f}x" if "raw" in m else ""
+            cells = [f"{m[k]:.3f}" if k in m else "" for k in ("zdcp", "packed", "dcp", "torch", "raw")]
+            ratios = [f"{m[k] / m['dcp']:.2f}x" if k in m else "" for k in ("zdcp", "packed")]
             out.append(
                 f"| {r['workload']} | {r['op']} | {r['bytes'] / MiB:.0f} MiB | {' | '.join(cells)} | "
-                f"{m['zdcp'] / m['dcp']:.2f}x | {raw} |"
+                f"{' | '.join(ratios)} |"
             )
-        out.append(f"\nMedians of {rows[0]['rounds']} interleaved rounds.")
+        out.append(f"\nMedians of {rows[0]['rounds']} interleaved rounds; files and packed are zdcp's two layouts.")
         counted = [r for r in rows if "files" in r]
         if counted:
-            out += ["", "| files in one checkpoint | zdcp | DCP |", "| --- | --- | --- |"]
-            out += [f"| {r['workload']} | {r['files']['zdcp']} | {r['files']['dcp']} |" for r in counted]
+            out += ["", "| files in one checkpoint | zdcp files | zdcp packed | DCP |", "| --- | --- | --- | --- |"]
+            out += [
+                f"| {r['workload']} | {r['files']['zdcp']} | {r['files']['packed']} | {r['files']['dcp']} |"
+                for r in counted
+            ]
     if amplification:
-        out += ["", "| read amplification (bytes read / bytes needed) | zdcp | DCP |", "| --- | --- | --- |"]
+        out += [
+            "",
+            "| read amplification (bytes read / bytes needed) | files | packed | DCP |",
+            "| --- | --- | --- | --- |",
+        ]
         for a in amplification:
-            dcp_cell = f"{a['dcp']:.2f}" if a["dcp"] is not None else "n/a"
-            out.append(f"| {a['case']} ({a['needed'] / MiB:.1f} MiB needed) | {a['zdcp']:.2f} | {dcp_cell} |")
+            cells = [f"{a[k]:.2f}" if a.get(k) is not None else "n/a" for k in ("zdcp", "packed", "dcp")]
+            out.append(f"| {a['case']} ({a['needed'] / MiB:.1f} MiB needed) | {' | '.join(cells)} |")
     if mem:
-        out += ["", "| peak RSS above the state (128 MiB state) | zdcp | DCP | torch |", "| --- | --- | --- | --- |"]
+        out += [
+            "",
+            "| peak RSS above the state (128 MiB state) | files | packed | DCP | torch |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for m in mem:
-            cells = " | ".join(f"{m[k] / MiB:.0f} MiB ({m[k] / m['state']:.0%})" for k in ("zdcp", "dcp", "torch"))
+            impls = ("zdcp", "packed", "dcp", "torch")
+            cells = " | ".join(f"{m[k] / MiB:.0f} MiB ({m[k] / m['state']:.0%})" for k in impls)
             out.append(f"| {m['op']} | {cells} |")
     if asynchronous:
         copy = asynchronous["copy to host"]
@@ -727,7 +869,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"), help="runs go into a new directory here")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", default="large,small,retention,sharded,slice,memory,async,open,caching,s3")
+    parser.add_argument(
+        "--workloads", default="large,small,retention,sharded,slice,memory,async,open,caching,s3,latency"
+    )
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -750,13 +894,15 @@ def run_workloads(chosen: set[str], root: Path, rounds: int) -> str:
     if "retention" in chosen:
         rows += retention(small_state(), root / "retention", max(rounds, 5))
     if "sharded" in chosen:
-        more_rows, more_amp = sharded(root / "sharded", rounds)
+        more_rows, more_amp = sharded(root / "sharded", rounds, saved_by=8)
         rows += more_rows
         amplification += more_amp
     if "slice" in chosen:
         amplification.append(slice_amplification(root))
     if "memory" in chosen:
         mem = memory(root)
+    if "latency" in chosen:
+        rows += s3_latency(rounds)
     asynchronous = async_blocking(root, rounds) if "async" in chosen else None
     s3 = s3_requests(root / "s3") if "s3" in chosen else None
     opened = open_one(root / "open") if "open" in chosen else None

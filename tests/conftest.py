@@ -31,3 +31,32 @@ def assert_bitwise_equal(a, b, where=""):
         assert torch.equal(a, b), where
         return
     assert torch.equal(a.contiguous().view(width), b.contiguous().view(width)), where
+
+
+@pytest.fixture(params=["files", "packed"])
+def layout(request):
+    """Each on-disk layout in turn (zdcp.SaveOptions.layout): tests of behaviour both promise."""
+    return request.param
+
+
+def read_root(path):
+    """A checkpoint's root zarr.json, in either layout."""
+    from zdcp.storage.committed import root_document
+    from zdcp.storage.store import Store
+
+    return root_document(Store(path))[1]
+
+
+def write_root(path, document):
+    """Replace a checkpoint's root zarr.json, in either layout (to craft a damaged one)."""
+    from zdcp.storage.committed import root_document
+    from zdcp.storage.store import Store
+
+    hierarchy, _ = root_document(Store(path))
+    Store(path, hierarchy.layout, write=hierarchy.layout == "packed").write_json("zarr.json", document)
+
+
+def commit_record(path):
+    """What un-commits a local checkpoint when deleted: its root zarr.json, or its packed
+    database's manifest."""
+    return path / "zarr.json" if (path / "zarr.json").exists() else path / "manifest.ocdbt"

@@ -103,3 +103,27 @@ def test_large_shards_have_checksummed_inner_chunks(ckpt):
     with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
         view[400:410]
     assert not zdcp.verify(ckpt).ok
+
+
+def test_zarr_python_reads_either_layout_through_zdcp_zarr_store(ckpt, layout):
+    """zarr-python cannot read OCDBT; zdcp.zarr_store serves both layouts' keys (listing,
+    partial reads of sharded chunks, consolidated metadata or not)."""
+    big = torch.randn(600, 300)  # 720 KB: inner chunks, read partially
+    sd = {"model": {"w": big, "b": torch.randn(5).bfloat16()}, "step": 3, "cfg": {"lr": 0.1}}
+    zdcp.save(sd, ckpt, layout=layout)
+    store = zdcp.zarr_store(ckpt)
+    for consolidated in (True, False):
+        root = zarr.open_group(store, mode="r", use_consolidated=consolidated)
+        assert sorted(root.group_keys()) == ["cfg", "model"] and root.attrs["step"] == 3
+        assert np.array_equal(root["model/w"][100:103, 7:9], big[100:103, 7:9].numpy())
+        assert root["model/b"][:].view(np.uint16).tolist() == sd["model"]["b"].view(torch.int16).numpy().view(
+            np.uint16
+        ).tolist()
+        assert root["cfg"].attrs["lr"] == 0.1
+    with pytest.raises((ValueError, NotImplementedError)):
+        zarr.open_group(store, mode="a").create_group("new")
+    if layout == "packed":
+        packed = ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{ckpt}/", "path": "model/w/"}}
+        ).result()
+        assert np.array_equal(packed[5:7].read().result(), big[5:7].numpy())

@@ -155,6 +155,9 @@ def test_zarr_python_reads_the_checkpoint_from_the_bucket(s3, bucket):
     root = zarr.open_group(store, mode="r")
     assert (root["model/w"][:] == w.numpy()).all()
     assert root["model/h"][:].tolist() == [1.0] * 4
+    # ... and through zdcp.zarr_store, which needs no s3fs
+    root = zarr.open_group(zdcp.zarr_store(f"s3://{bucket}/step_100"), mode="r")
+    assert (root["model/w"][2:5] == w[2:5].numpy()).all()
 
 
 def test_cli_on_an_s3_path(s3, bucket, capsys, tmp_path):
@@ -236,20 +239,20 @@ def test_an_interrupted_save_on_s3_is_never_loadable(s3, bucket):
     assert objects(s3, bucket) == [f"step_1/{k}" for k in ("w/c.0", "w/zarr.json", "zarr.json")]
 
 
-def _concurrent(url, version, barrier, results):
+def _concurrent(url, version, barrier, results, layout):
     barrier.wait()
     try:
-        zdcp.save({"w": torch.full((64, 64), float(version))}, url)
+        zdcp.save({"w": torch.full((64, 64), float(version))}, url, layout=layout)
         results.put((version, "ok"))
     except zdcp.CheckpointExistsError as e:
         results.put((version, str(e)))
 
 
-def test_concurrent_saves_on_s3_one_fails_cleanly(s3, bucket):
+def test_concurrent_saves_on_s3_one_fails_cleanly(s3, bucket, layout):
     ctx = mp.get_context("spawn")
     url = f"s3://{bucket}/c"
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    savers = [ctx.Process(target=_concurrent, args=(url, v, barrier, results)) for v in (1, 2)]
+    savers = [ctx.Process(target=_concurrent, args=(url, v, barrier, results, layout)) for v in (1, 2)]
     for p in savers:
         p.start()
     outcomes = dict(results.get(timeout=120) for _ in savers)
@@ -265,13 +268,13 @@ def test_concurrent_saves_on_s3_one_fails_cleanly(s3, bucket):
 # -- S3: several ranks ----------------------------------------------------------------------------
 
 
-def _save_sharded(rank, world_size, url):
+def _save_sharded(rank, world_size, url, layout="files"):
     mesh = init_device_mesh("cpu", (world_size,))
     g = torch.Generator().manual_seed(1)
     full = {"rows": torch.randn(9, 40, generator=g), "cols": torch.randn(6, 50, generator=g)}
     state = {"rows": distribute_tensor(full["rows"], mesh, [Shard(0)]),
              "cols": distribute_tensor(full["cols"], mesh, [Shard(1)]), "step": 5}  # fmt: skip
-    zdcp.save(state, url)
+    zdcp.save(state, url, layout=layout)
 
 
 def _load_resharded(rank, world_size, url):
@@ -298,6 +301,37 @@ def test_ranks_write_their_own_chunks_to_s3_and_load_resharded(s3, bucket):
     out = {"rows": torch.zeros(9, 40)}
     zdcp.load(out, url, allow_partial_load=True)
     assert_bitwise_equal(out["rows"], rows)
+
+
+def test_a_packed_checkpoint_on_s3_is_a_few_objects_per_rank(s3, bucket):
+    """The packed layout on S3: each of 3 ranks writes one database (a manifest and a data
+    object), the coordinator's root database refers to them; it loads resharded at 2 ranks,
+    opens, verifies, replaces, reads in zarr-python through zdcp.zarr_store (no s3fs), and a
+    damaged data object is found, never loaded."""
+    url = f"s3://{bucket}/packed"
+    run_ranks(3, _save_sharded, url, "packed", timeout=180)
+    keys = objects(s3, bucket, "packed/")
+    assert "packed/manifest.ocdbt" in keys and not any("__zdcp_saving__" in k for k in keys)
+    assert len(keys) <= 4 * 3 + 16, keys
+    assert {k.split("/")[1] for k in keys if "ocdbt.process_" in k} == {f"ocdbt.process_{r}" for r in range(3)}
+    run_ranks(2, _load_resharded, url, timeout=180)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(9, 40, generator=g)
+    assert_bitwise_equal(zdcp.open(url)["rows"][2:5], rows[2:5])
+    assert zdcp.verify(url).ok
+    root = zarr.open_group(zdcp.zarr_store(url), mode="r")
+    assert (root["rows"][:] == rows.numpy()).all() and root.attrs["step"] == 5
+    with pytest.raises(zdcp.CheckpointExistsError, match="Checkpoint already exists"):
+        zdcp.save({"rows": torch.zeros(2)}, url, layout="packed")
+    zdcp.save({"rows": rows, "step": 6}, url, layout="packed", overwrite=True)
+    assert zdcp.open(url)["step"] == 6 and zdcp.verify(url).ok
+    data = max((k for k in objects(s3, bucket, "packed/ocdbt.process_0/d/")), key=lambda k: k)
+    body = bytearray(s3.get_object(Bucket=bucket, Key=data)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.put_object(Bucket=bucket, Key=data, Body=bytes(body))
+    with pytest.raises(zdcp.CorruptCheckpointError, match="rows"):
+        zdcp.load({"rows": torch.zeros(9, 40)}, url, allow_partial_load=True)
+    assert not zdcp.verify(url).ok
 
 
 def test_a_kvstore_spec_gives_full_control(s3, bucket):

@@ -44,14 +44,21 @@ def committed_version(path):
 # -- saves killed at chosen points and at random moments -----------------------------------------
 
 KILL_POINTS = {  # where: the function patched to SIGKILL the saving process
-    "writing chunks": "zdcp.storage.localfiles:LocalFiles.write_plain_chunk",
+    "writing chunks": "zdcp.writer:_ChunkWriter.write",
     "before the documents": "zdcp.writer:ZarrWriter.finish",
     "before the commit": "zdcp.storage.commit:LocalSave.commit",
+    "merging the ranks' databases": "zdcp.writer:merge",  # packed only
     "after the exchange": "zdcp.storage.commit:_delete_replaced",  # the new one is in place, the old not yet deleted
 }
+KILLS = [  # the merge exists in the packed layout only
+    (layout, where)
+    for layout in ("files", "packed")
+    for where in KILL_POINTS
+    if layout == "packed" or "merg" not in where
+]
 
 
-def _save_killed_at(path, version, where):
+def _save_killed_at(path, version, where, layout="files"):
     import importlib
 
     module, _, attr = KILL_POINTS[where].partition(":")
@@ -60,7 +67,7 @@ def _save_killed_at(path, version, where):
     for part in outer:
         owner = getattr(owner, part)
     setattr(owner, name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
-    zdcp.save(versioned(version), path, overwrite=True)
+    zdcp.save(versioned(version), path, overwrite=True, layout=layout)
 
 
 def _run(target, *args):
@@ -70,34 +77,34 @@ def _run(target, *args):
     return process.exitcode
 
 
-@pytest.mark.parametrize("where", KILL_POINTS)
-def test_a_save_killed_at_each_step_leaves_the_old_or_the_new_checkpoint(tmp_path, where):
+@pytest.mark.parametrize("layout, where", KILLS)
+def test_a_save_killed_at_each_step_leaves_the_old_or_the_new_checkpoint(tmp_path, layout, where):
     path = tmp_path / "ckpt"
     commits = where == "after the exchange"
     if commits:  # a first save has nothing to exchange with: it completes
-        assert _run(_save_killed_at, path, 1, where) == 0
+        assert _run(_save_killed_at, path, 1, where, layout) == 0
     else:
-        assert _run(_save_killed_at, path, 1, where) == -signal.SIGKILL
+        assert _run(_save_killed_at, path, 1, where, layout) == -signal.SIGKILL
         # nothing committed: refused as incomplete, naming the leftovers
         with pytest.raises(zdcp.IncompleteCheckpointError, match="never committed"):
             zdcp.load(versioned(-1), path)
-        zdcp.save(versioned(1), path)
+        zdcp.save(versioned(1), path, layout=layout)
     assert committed_version(path) == 1
-    assert _run(_save_killed_at, path, 2, where) == -signal.SIGKILL
+    assert _run(_save_killed_at, path, 2, where, layout) == -signal.SIGKILL
     assert committed_version(path) == (2 if commits else 1)
     assert interrupted_saves(path), "a killed save leaves its staging directory (or the replaced one)"
 
 
-def _save_versions_forever(path, first_version, committed, started):
+def _save_versions_forever(path, first_version, committed, started, layout):
     version = first_version
     started.set()
     while True:
-        zdcp.save(versioned(version), path, overwrite=True)
+        zdcp.save(versioned(version), path, overwrite=True, layout=layout)
         committed.value = version
         version += 1
 
 
-def test_saves_killed_at_random_moments_never_leave_a_partial_checkpoint(tmp_path):
+def test_saves_killed_at_random_moments_never_leave_a_partial_checkpoint(tmp_path, layout):
     path, earlier = tmp_path / "ckpt", tmp_path / "earlier"
     zdcp.save(versioned(7), earlier)
     ctx = mp.get_context("spawn")
@@ -107,7 +114,7 @@ def test_saves_killed_at_random_moments_never_leave_a_partial_checkpoint(tmp_pat
     for round_ in range(1, 6):
         committed.value = -1
         started = ctx.Event()
-        saver = ctx.Process(target=_save_versions_forever, args=(path, 1000 * round_, committed, started))
+        saver = ctx.Process(target=_save_versions_forever, args=(path, 1000 * round_, committed, started, layout))
         saver.start()
         assert started.wait(120)
         time.sleep(rng.uniform(0.0, 0.6))
@@ -127,19 +134,19 @@ def test_saves_killed_at_random_moments_never_leave_a_partial_checkpoint(tmp_pat
 # -- ranks killed, ranks failing ------------------------------------------------------------------
 
 
-def _rank_saves_forever(rank, world_size, path):
+def _rank_saves_forever(rank, world_size, path, layout):
     version = 0
     while True:
         version += 1
-        zdcp.save(versioned(version), path, overwrite=True)
+        zdcp.save(versioned(version), path, overwrite=True, layout=layout)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_a_killed_rank_makes_the_others_fail_promptly(tmp_path, seed):
+def test_a_killed_rank_makes_the_others_fail_promptly(tmp_path, seed, layout):
     path = tmp_path / "ckpt"
-    with ranks_running(2, _rank_saves_forever, path) as (rank0, rank1):
+    with ranks_running(2, _rank_saves_forever, path, layout) as (rank0, rank1):
         deadline = time.monotonic() + 120
-        while not (path / "zarr.json").exists():  # the ranks are up and saving
+        while not zdcp.latest_checkpoint(tmp_path):  # the ranks are up and saving
             assert time.monotonic() < deadline and rank0.is_alive() and rank1.is_alive()
             time.sleep(0.05)
         time.sleep(random.Random(seed).uniform(0, 0.5))
@@ -169,8 +176,8 @@ def _disk_full(*args):
     raise OSError(28, "No space left")
 
 
-def _one_rank_fails(rank, world_size, root):
-    import zdcp.storage.localfiles
+def _one_rank_fails(rank, world_size, root, layout):
+    import zdcp.writer
 
     mesh = init_device_mesh("cpu", (world_size,))
     full = torch.arange(12.0).reshape(6, 2)
@@ -180,29 +187,29 @@ def _one_rank_fails(rank, world_size, root):
 
     # a save failing on one rank, before planning: every rank raises, nothing is created
     with pytest.raises(zdcp.DistributedError, match=r"rank\(s\) \[1\].*failed on purpose"):
-        zdcp.save(state("state_dict"), root / "a")
+        zdcp.save(state("state_dict"), root / "a", layout=layout)
     # a save failing on one rank while it writes: every rank raises, nothing is committed
-    real = zdcp.storage.localfiles.LocalFiles.write_plain_chunk
+    real = zdcp.writer._ChunkWriter.write
     if rank == 1:
-        zdcp.storage.localfiles.LocalFiles.write_plain_chunk = _disk_full
+        zdcp.writer._ChunkWriter.write = _disk_full
     with pytest.raises(zdcp.ZdcpError, match="No space left"):
-        zdcp.save(state(), root / "b")
-    zdcp.storage.localfiles.LocalFiles.write_plain_chunk = real
+        zdcp.save(state(), root / "b", layout=layout)
+    zdcp.writer._ChunkWriter.write = real
     dist.barrier()
     assert not (root / "a").exists() and not (root / "b").exists()
-    assert not interrupted_saves(root / "b"), "a failed save removes its staging directory"
+    assert not interrupted_saves(root / "b"), "a failed save removes its pending directory"
     # ... and one replacing a checkpoint leaves that checkpoint as it was
-    zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank] * 0, mesh, [Shard(0)])}, root / "b")
+    zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank] * 0, mesh, [Shard(0)])}, root / "b", layout=layout)
     if rank == 1:
-        zdcp.storage.localfiles.LocalFiles.write_plain_chunk = _disk_full
+        zdcp.writer._ChunkWriter.write = _disk_full
     with pytest.raises(zdcp.ZdcpError, match="No space left"):
-        zdcp.save(state(), root / "b", overwrite=True)
-    zdcp.storage.localfiles.LocalFiles.write_plain_chunk = real
+        zdcp.save(state(), root / "b", overwrite=True, layout=layout)
+    zdcp.writer._ChunkWriter.write = real
     assert torch.equal(zdcp.open(root / "b")["w"][:], torch.zeros(6, 2))
     dist.barrier()
     assert not interrupted_saves(root / "b")
     # loads failing on one rank: every rank raises
-    zdcp.save(state(), root / "c")
+    zdcp.save(state(), root / "c", layout=layout)
     with pytest.raises(zdcp.DistributedError, match="load_state_dict failed on purpose"):
         zdcp.load(state("load_state_dict"), root / "c")
     wrong = {
@@ -213,8 +220,8 @@ def _one_rank_fails(rank, world_size, root):
         zdcp.load(wrong, root / "c")
 
 
-def test_a_failure_on_one_rank_fails_every_rank_promptly(tmp_path):
-    run_ranks(2, _one_rank_fails, tmp_path, timeout=120)
+def test_a_failure_on_one_rank_fails_every_rank_promptly(tmp_path, layout):
+    run_ranks(2, _one_rank_fails, tmp_path, layout, timeout=120)
 
 
 def _inconsistent_shards(rank, world_size, root):
@@ -238,24 +245,25 @@ def test_inconsistent_shards_are_refused_before_writing(tmp_path):
 # -- concurrent saves to one path -----------------------------------------------------------------
 
 
-def _concurrent_save(path, version, overwrite, barrier, results):
+def _concurrent_save(path, version, overwrite, barrier, results, layout):
     barrier.wait()
     try:
-        zdcp.save(versioned(version), path, overwrite=overwrite)
+        zdcp.save(versioned(version), path, overwrite=overwrite, layout=layout)
         results.put((version, "ok"))
     except zdcp.CheckpointExistsError as e:
         results.put((version, str(e)))
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_concurrent_saves_to_one_path_leave_one_whole_checkpoint(tmp_path, overwrite):
+def test_concurrent_saves_to_one_path_leave_one_whole_checkpoint(tmp_path, overwrite, layout):
     ctx = mp.get_context("spawn")
     for attempt in range(2):
         path = tmp_path / f"ckpt{attempt}"
         if overwrite and attempt == 0:  # both replace a checkpoint; then both are first saves
-            zdcp.save(versioned(0), path)
+            zdcp.save(versioned(0), path, layout=layout)
         barrier, results = ctx.Barrier(2), ctx.Queue()
-        savers = [ctx.Process(target=_concurrent_save, args=(path, v, overwrite, barrier, results)) for v in (1, 2)]
+        args = [(path, v, overwrite, barrier, results, layout) for v in (1, 2)]
+        savers = [ctx.Process(target=_concurrent_save, args=a) for a in args]
         for p in savers:
             p.start()
         outcomes = dict(results.get(timeout=120) for _ in savers)
@@ -383,6 +391,37 @@ def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path
     zdcp.load({k: torch.zeros_like(v) for k, v in state.items()}, path)
 
 
+def test_damaged_or_missing_data_files_of_a_packed_checkpoint_are_never_loaded(tmp_path):
+    """A packed checkpoint's chunks live in its ranks' data files: a flipped byte, a truncated
+    or a missing data file (or a rank's whole database) fails load, open and verify, naming the
+    array (OCDBT itself reads a missing data file as empty values: the chunk checksums and
+    sizes catch it)."""
+    path = tmp_path / "c"
+    state = versioned(3)
+    zdcp.save(state, path, layout="packed")
+    data = _largest_data_file(path)
+    assert "ocdbt.process_0" in str(data.relative_to(path))
+    good = data.read_bytes()
+    cases = {
+        "a flipped byte": lambda: data.write_bytes(good[:5000] + bytes([good[5000] ^ 0x10]) + good[5001:]),
+        "a truncated data file": lambda: data.write_bytes(good[: len(good) // 2]),
+        "a missing data file": data.unlink,
+        "a missing rank database": lambda: os.rename(path / "ocdbt.process_0", tmp_path / "aside"),
+    }
+    for what, damage in cases.items():
+        damage()
+        with pytest.raises(zdcp.CorruptCheckpointError, match="array 'model/"):
+            zdcp.load(versioned(-1), path)
+        with pytest.raises(zdcp.CorruptCheckpointError):
+            zdcp.open(path).to_state_dict()
+        faults = zdcp.verify(path).faults
+        assert faults and all(f.node.startswith("model/") and f.chunk is not None for f in faults), (what, faults)
+        if (tmp_path / "aside").exists():
+            os.rename(tmp_path / "aside", path / "ocdbt.process_0")
+        data.write_bytes(good)
+        assert committed_version(path) == 3, what
+
+
 def test_missing_or_corrupt_node_documents_are_named_by_verify(tmp_path):
     """Loads read every node's metadata from the root document (the commit record); the nodes'
     own zarr.json serve other Zarr readers, and verify checks each one against it."""
@@ -398,17 +437,23 @@ def test_missing_or_corrupt_node_documents_are_named_by_verify(tmp_path):
 # -- resuming after a crash -----------------------------------------------------------------------
 
 
-def test_latest_checkpoint_skips_what_a_crash_or_damage_left(tmp_path):
+def _largest_data_file(path):
+    """The file holding most of a checkpoint's chunk data, in either layout."""
+    return max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_latest_checkpoint_skips_what_a_crash_or_damage_left(tmp_path, layout):
     assert zdcp.latest_checkpoint(tmp_path / "none yet") is None
     for step in (1, 2, 5, 10):
-        zdcp.save(versioned(step), tmp_path / f"step_{step}")
-    (tmp_path / "step_10" / "zarr.json").unlink()  # never committed (written by other means)
-    assert _run(_save_killed_at, tmp_path / "step_20", 20, "before the commit") == -signal.SIGKILL
+        zdcp.save(versioned(step), tmp_path / f"step_{step}", layout=layout)
+    # never committed (written by other means): no root document, or no database manifest
+    (tmp_path / "step_10" / ("zarr.json" if layout == "files" else "manifest.ocdbt")).unlink()
+    assert _run(_save_killed_at, tmp_path / "step_20", 20, "before the commit", layout) == -signal.SIGKILL
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    chunk = tmp_path / "step_5" / "model" / "w3" / "c.0"
+    chunk = _largest_data_file(tmp_path / "step_5")
     data = chunk.read_bytes()
-    chunk.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # damaged data: only verify sees it
+    chunk.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])  # damaged data: only verify sees it
     assert zdcp.latest_checkpoint(tmp_path) == tmp_path / "step_5"
     assert zdcp.latest_checkpoint(tmp_path, verify=True) == tmp_path / "step_2"
     out = versioned(-1)

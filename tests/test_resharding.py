@@ -70,11 +70,15 @@ def save_1d(rank, world_size, root):
     zdcp.save({"model": dtensors(mesh, SAVE_1D), "step": 7}, root / f"w{world_size}")
 
 
+def save_at_4(rank, world_size, root, layout):
+    zdcp.save({"model": dtensors(init_device_mesh("cpu", (4,)), SAVE_1D), "step": 7}, root / "w4", layout=layout)
+    zdcp.save({"model": dtensors(init_device_mesh("cpu", (2, 2)), SAVE_2D), "step": 7}, root / "w4_2d", layout=layout)
+
+
 def save_and_reshard_at_4(rank, world_size, root):
+    save_at_4(rank, world_size, root, "files")
     mesh1 = init_device_mesh("cpu", (4,))
     mesh2 = init_device_mesh("cpu", (2, 2))
-    zdcp.save({"model": dtensors(mesh1, SAVE_1D), "step": 7}, root / "w4")
-    zdcp.save({"model": dtensors(mesh2, SAVE_2D), "step": 7}, root / "w4_2d")
     for saved_at in ("w2", "w3"):
         load_and_check(root / saved_at, mesh1, LOAD_1D)
         load_and_check(root / saved_at, mesh2, LOAD_1D_AS_2D)
@@ -141,6 +145,27 @@ def test_dtensor_placements_reshard_across_world_sizes(tmp_path):
         name = next(n for n in names if SHAPES_2D.get(n, SHAPES.get(n))[1] == torch.float32)
         stored = zarr.open_group(tmp_path / ckpt, mode="r")[f"model/{name}"][:]
         assert torch.equal(torch.from_numpy(stored), reference(name))
+
+
+def test_packed_checkpoints_reshard_like_files_ones(tmp_path):
+    """The packed layout: the same grids (chunks = shards), a database per rank, resharded
+    loads at 3 ranks and in one process, every chunk verified."""
+    run_ranks(4, save_at_4, tmp_path, "packed")
+    run_ranks(3, reshard_at_3, tmp_path)
+    for name in ("w4", "w4_2d"):
+        files = [p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file()]
+        assert len(files) <= 4 * 4 + 16, files
+        top = {f.parts[0] for f in files}
+        assert top - {"manifest.ocdbt", "d"} == {f"ocdbt.process_{r}" for r in range(4)}, top
+    group = zarr.open_group(zdcp.zarr_store(tmp_path / "w4"), mode="r")["model"]
+    assert group["rows7"].chunks == (2, 3) and group["big"].shards == (256, 256) and group["cols"].chunks == (4, 3)
+    report = verify(tmp_path / "w4_2d")
+    assert report.ok and report.arrays == 3 and report.chunks == 4 + 5 + 2, report
+    for ckpt, names in [("w4", SHAPES), ("w4_2d", SHAPES_2D)]:
+        state = {"model": {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in names.items()}}
+        zdcp.load(state, tmp_path / ckpt, allow_partial_load=True)
+        for name, tensor in state["model"].items():
+            assert_bitwise_equal(tensor, reference(name), (ckpt, name))
 
 
 def sharded_tensor_save_and_load(rank, world_size, root):

@@ -5,8 +5,9 @@
     zdcp.load({"app": app_state}, "ckpt/step_100")   # any world size, any placement
 
 A job restarted after a crash resumes from ``zdcp.latest_checkpoint("ckpt")``. Without the
-training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)``
-to check every chunk, ``zdcp.format_utils`` for conversions, and the ``zdcp`` command.
+training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)`` to check
+every chunk, ``zdcp.zarr_store(path)`` for zarr-python, ``zdcp.format_utils`` for
+conversions, and the ``zdcp`` command.
 
 Importing zdcp also registers bfloat16 and float8 with zarr-python, so that plain zarr code
 can read the arrays zdcp writes.
@@ -23,6 +24,7 @@ from .verify import Report, verify
 from .version import __version__ as __version__
 from .view import Array, Group, open
 from .writer import ZarrWriter
+from .zarr_store import zarr_store
 
 _zarr_dtypes.register()
 
@@ -39,5 +41,6 @@ __all__ = [
     "latest_checkpoint",
     "ZarrWriter",
     "ZarrReader",
+    "zarr_store",
     *_errors.__all__,
 ]

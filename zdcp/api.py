@@ -29,7 +29,7 @@ from .errors import DistributedError, StorageError, ZdcpError
 from .locations import CheckpointId
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
 from .reader import ZarrReader
-from .storage.committed import read_catalog
+from .storage.committed import open_committed
 from .storage.store import Store
 from .writer import ZarrWriter
 
@@ -161,9 +161,9 @@ def load(
     no_dist = no_dist or not _distributed()
     # Read here rather than in DCP's planning, which would replace a missing or damaged
     # checkpoint's error by an AssertionError.
-    catalog, error = _attempt(lambda: read_catalog(Store(checkpoint_id)))
+    committed, error = _attempt(lambda: open_committed(Store(checkpoint_id)))
     _agree(error, "reading the checkpoint", no_dist=no_dist, group=process_group)
-    reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle, catalog=catalog)
+    reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle, committed=committed)
     # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
     # In sorted key order, as DCP, so that Stateful methods running collectives match up.
     keys = sorted(state_dict)

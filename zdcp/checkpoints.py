@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import ZdcpError
 from .storage.commit import remove_dead_saves
-from .storage.committed import pending_directories, read_catalog
+from .storage.committed import open_committed, pending_directories
 from .storage.store import Store
 from .verify import verify as verify_checkpoint
 
@@ -43,7 +43,7 @@ def latest_checkpoint(directory: str | os.PathLike[str], *, verify: bool = False
         return None
     for path in sorted(entries, key=_step, reverse=True):
         try:
-            read_catalog(Store(path))
+            open_committed(Store(path))
         except ZdcpError:
             continue
         if verify and not verify_checkpoint(path).ok:

@@ -26,6 +26,7 @@ from typing import Any
 from . import format_utils
 from .errors import ZdcpError
 from .format.names import describe
+from .storage.layouts import FILES, LAYOUTS, OCDBT_MANIFEST
 from .storage.store import Store
 from .view import Array, Group
 from .view import open as open_checkpoint
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", type=_size, help="safetensors: shard size, e.g. 5GB (DST is a directory)")
     convert.add_argument("--drop-values", action="store_true", help="safetensors: leave out non-tensor values")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing zdcp checkpoint at DST")
+    convert.add_argument(
+        "--layout", choices=LAYOUTS, default=FILES, help="zdcp DST: one file per chunk, or a few per rank (packed)"
+    )
     convert.add_argument("--allow-pickle", action="store_true", help="unpickle/pickle values (trusted files only)")
     convert.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     convert.set_defaults(run=_convert)
@@ -183,7 +187,7 @@ def detect_format(path: str | os.PathLike[str], *, exists: bool = True) -> str |
         return "safetensors"
     if (p / ".metadata").is_file():
         return "dcp"
-    if (p / "zarr.json").is_file() or (p.is_dir() and not exists):
+    if (p / "zarr.json").is_file() or (p / OCDBT_MANIFEST).is_file() or (p.is_dir() and not exists):
         return "zdcp"
     return None
 
@@ -210,13 +214,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 _CONVERSIONS: dict[tuple[str, str], Callable[[str, str, argparse.Namespace, Any], None]] = {
     ("torch", "zdcp"): lambda s, d, a, p: format_utils.torch_save_to_zdcp(
-        s, d, overwrite=a.overwrite, allow_pickle=a.allow_pickle
+        s, d, overwrite=a.overwrite, allow_pickle=a.allow_pickle, layout=a.layout
     ),
     ("zdcp", "torch"): lambda s, d, a, p: format_utils.zdcp_to_torch_save(s, d, allow_pickle=a.allow_pickle),
-    ("dcp", "zdcp"): lambda s, d, a, p: format_utils.dcp_to_zdcp(s, d, overwrite=a.overwrite, progress=p),
+    ("dcp", "zdcp"): lambda s, d, a, p: format_utils.dcp_to_zdcp(
+        s, d, overwrite=a.overwrite, layout=a.layout, progress=p
+    ),
     ("zdcp", "dcp"): lambda s, d, a, p: format_utils.zdcp_to_dcp(s, d, allow_pickle=a.allow_pickle, progress=p),
     ("safetensors", "zdcp"): lambda s, d, a, p: format_utils.safetensors_to_zdcp(
-        s, d, overwrite=a.overwrite, progress=p
+        s, d, overwrite=a.overwrite, layout=a.layout, progress=p
     ),
     ("zdcp", "safetensors"): lambda s, d, a, p: format_utils.zdcp_to_safetensors(
         s, d, max_shard_size=a.max_shard_size, drop_values=a.drop_values, progress=p

@@ -31,6 +31,7 @@ from .api import dcp_call, run_save, save
 from .errors import UnsupportedValueError, ZdcpError
 from .format.names import Key, describe, dotted
 from .planner import ZarrSavePlanner
+from .storage.layouts import FILES
 from .view import Array, Group
 from .view import open as open_checkpoint
 from .writer import ZarrWriter
@@ -67,8 +68,11 @@ SAFETENSORS_METADATA_KEY = "__metadata__"
 # -- torch.save ---------------------------------------------------------------------------------
 
 
-def torch_save_to_zdcp(src: PathLike, dst: PathLike, *, overwrite: bool = False, allow_pickle: bool = False) -> None:
-    """Convert a ``torch.save`` file holding a state dict into a zdcp checkpoint.
+def torch_save_to_zdcp(
+    src: PathLike, dst: PathLike, *, overwrite: bool = False, allow_pickle: bool = False, layout: str = FILES
+) -> None:
+    """Convert a ``torch.save`` file holding a state dict into a zdcp checkpoint (in ``layout``,
+    ``"files"`` or ``"packed"``).
 
     The file is memory-mapped when it can be (zip format), so tensors are read as they are
     written. ``allow_pickle`` loads objects beyond tensors and plain values (``weights_only=False``)
@@ -77,7 +81,7 @@ def torch_save_to_zdcp(src: PathLike, dst: PathLike, *, overwrite: bool = False,
     state = _torch_load(src, allow_pickle)
     if not isinstance(state, dict):
         raise UnsupportedValueError(f"{src} holds a {type(state).__name__}, not a state dict")
-    save(state, dst, overwrite=overwrite, allow_pickle=allow_pickle)
+    save(state, dst, overwrite=overwrite, allow_pickle=allow_pickle, layout=layout)
 
 
 def zdcp_to_torch_save(src: PathLike, dst: PathLike, *, allow_pickle: bool = False) -> None:
@@ -97,8 +101,10 @@ def _torch_load(src: PathLike, allow_pickle: bool) -> Any:
 # -- DCP ----------------------------------------------------------------------------------------
 
 
-def dcp_to_zdcp(src: PathLike, dst: PathLike, *, overwrite: bool = False, progress: Progress | None = None) -> None:
-    """Convert a DCP checkpoint directory into a zdcp checkpoint, tensor by tensor.
+def dcp_to_zdcp(
+    src: PathLike, dst: PathLike, *, overwrite: bool = False, layout: str = FILES, progress: Progress | None = None
+) -> None:
+    """Convert a DCP checkpoint directory into a zdcp checkpoint (in ``layout``), tensor by tensor.
 
     The nesting DCP recorded (its ``planner_data``) becomes the zdcp hierarchy; non-tensor
     values are unpickled from DCP's files (DCP stores them with ``torch.save``).
@@ -125,7 +131,7 @@ def dcp_to_zdcp(src: PathLike, dst: PathLike, *, overwrite: bool = False, progre
             )
         return batches.loaded.pop(fqn)
 
-    _save_fetching(skeleton, fetch, dst, overwrite=overwrite, progress=progress, allow_pickle=True)
+    _save_fetching(skeleton, fetch, dst, overwrite=overwrite, layout=layout, progress=progress, allow_pickle=True)
 
 
 def zdcp_to_dcp(src: PathLike, dst: PathLike, *, allow_pickle: bool = False, progress: Progress | None = None) -> None:
@@ -177,10 +183,11 @@ class _Batches:
 
 
 def safetensors_to_zdcp(
-    src: PathLike, dst: PathLike, *, overwrite: bool = False, progress: Progress | None = None
+    src: PathLike, dst: PathLike, *, overwrite: bool = False, layout: str = FILES, progress: Progress | None = None
 ) -> None:
     """Convert one ``.safetensors`` file, or a Hugging Face model directory (sharded with
-    ``model.safetensors.index.json``, or a single ``model.safetensors``), into a zdcp checkpoint.
+    ``model.safetensors.index.json``, or a single ``model.safetensors``), into a zdcp checkpoint
+    (in ``layout``).
 
     Tensor names stay flat (``model.layers.0.mlp.weight`` is one array); the file's
     ``__metadata__`` becomes the plain value ``__metadata__``.
@@ -201,7 +208,7 @@ def safetensors_to_zdcp(
         (name,) = path
         return handles[files[name]].get_tensor(name)
 
-    _save_fetching(skeleton, fetch, dst, overwrite=overwrite, progress=progress)
+    _save_fetching(skeleton, fetch, dst, overwrite=overwrite, layout=layout, progress=progress)
 
 
 def zdcp_to_safetensors(
@@ -371,10 +378,11 @@ def _save_fetching(
     dst: PathLike,
     *,
     overwrite: bool,
+    layout: str,
     progress: Progress | None,
     allow_pickle: bool = False,
 ) -> None:
-    writer = ZarrWriter(dst, max_inflight_bytes=_WINDOW, overwrite=overwrite, allow_pickle=allow_pickle)
+    writer = ZarrWriter(dst, max_inflight_bytes=_WINDOW, overwrite=overwrite, allow_pickle=allow_pickle, layout=layout)
     planner = _FetchingSavePlanner(fetch, progress, allow_pickle=allow_pickle)
     run_save(skeleton, writer, planner=planner, no_dist=True)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .format.codecs import COMPRESSIONS
+from .storage.layouts import FILES, LAYOUTS
 
 __all__ = ["SaveOptions"]
 
@@ -23,13 +24,19 @@ class SaveOptions:
         sync_files: make every rank's data durable before the commit record is written, and
             the commit record before the save returns (as DCP's ``FileSystemWriter``). Off, a
             power loss soon after a save may lose a checkpoint that reads as committed.
+        layout: ``"files"`` (every chunk and document its own file or object) or
+            ``"packed"`` (the same hierarchy in a few files per rank: tensorstore's OCDBT
+            database; :mod:`zdcp.storage.layouts`). Readers tell them apart by themselves.
     """
 
     overwrite: bool = False
     allow_pickle: bool = False
     compression: str | None = None
     sync_files: bool = True
+    layout: str = FILES
 
     def __post_init__(self) -> None:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")

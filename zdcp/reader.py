@@ -34,14 +34,14 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from .errors import MismatchError, UsageError
-from .format.catalog import ArrayNode, Catalog
+from .format.catalog import ArrayNode
 from .format.constants import METADATA_KEY
 from .format.dtypes import numpy_to_tensor, tensor_to_numpy
 from .format.names import describe, dotted
 from .locations import CheckpointId
 from .metadata import CatalogView, CatalogViews, ValueSource
 from .planner import ZarrLoadPlanner
-from .storage.committed import read_catalog
+from .storage.committed import Committed, open_committed
 from .storage.inflight import InflightWindow
 from .storage.localfiles import RowSlabs, row_slabs
 from .storage.store import Store, reading, store_for
@@ -62,9 +62,9 @@ class ZarrReader(StorageReader):
             destination; the window bounds that memory.
         direct_reads: read whole-row slabs of plain local chunks straight into the destination
             (:mod:`zdcp.storage.localfiles`); ``False`` sends every read through tensorstore.
-        catalog: the checkpoint's catalog, already read, for the next load only (``zdcp.load``
-            reads it before DCP does, so that a missing or damaged checkpoint raises its own
-            error on every rank; DCP would replace it by an ``AssertionError``).
+        committed: the checkpoint, already opened, for the next load only (``zdcp.load`` opens
+            it before DCP does, so that a missing or damaged checkpoint raises its own error on
+            every rank; DCP would replace it by an ``AssertionError``).
     """
 
     def __init__(
@@ -75,16 +75,16 @@ class ZarrReader(StorageReader):
         allow_pickle: bool = False,
         max_inflight_bytes: int | None = 64 << 20,
         direct_reads: bool = True,
-        catalog: Catalog | None = None,
+        committed: Committed | None = None,
     ):
         self.store: Store | None = Store(path) if path is not None else None
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_reads = direct_reads
-        self._given = catalog
+        self._given = committed
         self._slabs: dict[str, RowSlabs | None] = {}
-        self.catalog: Catalog | None = None
+        self.committed: Committed | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
 
     @property
@@ -103,12 +103,12 @@ class ZarrReader(StorageReader):
             self._given = None
         self.store = store_for(checkpoint_id, self.store, type(self).__name__)
         self._slabs.clear()
-        self.catalog = None
+        self.committed = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         assert self.store is not None
-        catalog, self._given = self._given or read_catalog(self.store), None
-        self.catalog = catalog
+        self.committed, self._given = self._given or open_committed(self.store), None
+        catalog = self.committed.catalog
         zdcp_fqns, dcp_fqns = CatalogView(), CatalogView()
         candidates: dict[str, list[tuple[Any, ValueSource, tuple[Any, ...]]]] = {}
         for fqn, array in catalog.arrays.items():
@@ -142,11 +142,12 @@ class ZarrReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        assert self.store is not None and self.catalog is not None
+        assert self.committed is not None
+        catalog, store = self.committed.catalog, self.committed.store
         view = self.views.zdcp if isinstance(planner, ZarrLoadPlanner) else self.views.dcp
         sources = [view.sources[item.storage_index.fqn] for item in plan.items]
         for source in sources:
-            array = self.catalog.arrays.get(source.fqn)
+            array = catalog.arrays.get(source.fqn)
             if array is not None:
                 array.check_readable(allow_pickle=self.allow_pickle)
         tensor_items, value_items = [], []
@@ -154,7 +155,7 @@ class ZarrReader(StorageReader):
             if item.type == LoadItemType.BYTE_IO:
                 value_items.append((item, source))
                 continue
-            array = self.catalog.arrays[source.fqn]
+            array = catalog.arrays[source.fqn]
             dest = planner.resolve_tensor(item)
             if dest.dtype != array.dtype.torch and not self.allow_cast:
                 raise MismatchError(
@@ -175,7 +176,7 @@ class ZarrReader(StorageReader):
                 planner.commit_tensor(item, dest)
                 continue
             if node not in stores:
-                stores[node] = self.store.wait(self.store.open_array(node, array.document))
+                stores[node] = store.wait(store.open_array(node, array.document))
             region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
             in_place = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
             if in_place:  # tensorstore writes into the destination's memory: no staging copy
@@ -183,7 +184,7 @@ class ZarrReader(StorageReader):
             else:
                 future = region.read()
             nbytes = dest.numel() * dest.element_size()
-            finish = functools.partial(_finish_read, planner, item, dest, array, in_place, self.store.url)
+            finish = functools.partial(_finish_read, planner, item, dest, array, in_place, store.url)
             window.add(future, nbytes, finish)
         window.drain()
         done: Future[None] = Future()
@@ -192,8 +193,8 @@ class ZarrReader(StorageReader):
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
         """Read ``item`` with :mod:`zdcp.storage.localfiles` when its chunks and destination allow it."""
-        assert self.store is not None
-        root = self.store.local_root
+        assert self.committed is not None
+        root = self.committed.store.file_root
         if root is None or not self.direct_reads:
             return False
         if dest.device.type != "cpu" or dest.dtype != array.dtype.torch or not dest.is_contiguous():
@@ -212,15 +213,15 @@ class ZarrReader(StorageReader):
 
     def _value_bytes(self, source: ValueSource) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
-        assert self.catalog is not None
-        if source.fqn in self.catalog.arrays:
-            assert self.store is not None
-            array = self.catalog.arrays[source.fqn]
-            with reading(describe(array.entry.path), self.store.url):
-                data = self.store.open_array(array.node, array.document).result().read().result()
+        assert self.committed is not None
+        catalog, store = self.committed.catalog, self.committed.store
+        if source.fqn in catalog.arrays:
+            array = catalog.arrays[source.fqn]
+            with reading(describe(array.entry.path), store.url):
+                data = store.open_array(array.node, array.document).result().read().result()
             value = array.value(data.tobytes(), allow_pickle=self.allow_pickle)
         else:
-            value = (self.catalog.values.get(source.fqn) or self.catalog.composites[source.fqn]).value
+            value = (catalog.values.get(source.fqn) or catalog.composites[source.fqn]).value
             for key in source.subpath:
                 value = value[key]
         buf = io.BytesIO()

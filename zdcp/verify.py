@@ -18,7 +18,7 @@ from .errors import StorageError, ZdcpError
 from .format.catalog import ArrayNode
 from .format.constants import METADATA_KEY
 from .locations import CheckpointId
-from .storage.committed import read_catalog
+from .storage.committed import open_committed
 from .storage.store import Store, storage_access
 
 __all__ = ["verify", "Fault", "Report"]
@@ -56,15 +56,16 @@ class Report:
 
 def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | None = None) -> Report:
     """Read every chunk and document of a checkpoint; return a :class:`Report` of the faults."""
-    store = Store(checkpoint_id)
-    report = Report(store.url)
+    location = Store(checkpoint_id)
+    report = Report(location.url)
     try:
-        catalog = read_catalog(store)
+        committed = open_committed(location)
     except StorageError:  # the storage failed, not the checkpoint
         raise
     except ZdcpError as e:
         report.faults.append(Fault("", str(e)))
         return report
+    store, catalog = committed.store, committed.catalog
     consolidated = catalog.documents
     for node, document in consolidated.items():
         try:

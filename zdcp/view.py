@@ -24,7 +24,7 @@ from .format.catalog import ArrayNode, Catalog, GroupNode
 from .format.dtypes import numpy_to_tensor
 from .format.names import LIST, Key, describe
 from .locations import CheckpointId
-from .storage.committed import read_catalog
+from .storage.committed import open_committed
 from .storage.store import Store, reading
 
 __all__ = ["open", "Group", "Array"]
@@ -36,8 +36,8 @@ def open(checkpoint_id: CheckpointId, *, allow_pickle: bool = False) -> Group:  
         allow_pickle: let values saved with ``allow_pickle=True`` be unpickled when read.
             Unpickling runs code chosen by whoever wrote the checkpoint: trusted files only.
     """
-    store = Store(checkpoint_id)
-    return Group(_Source(store, read_catalog(store), allow_pickle), "")
+    committed = open_committed(Store(checkpoint_id))
+    return Group(_Source(committed.store, committed.catalog, allow_pickle), "")
 
 
 class _Source:

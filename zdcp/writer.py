@@ -50,7 +50,9 @@ from .metadata import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .options import SaveOptions
 from .storage.commit import InPlaceSave, LocalSave, begin_save, check_location, save_location
 from .storage.inflight import InflightWindow
+from .storage.layouts import PACKED
 from .storage.localfiles import LocalFiles
+from .storage.packed import merge, rank_store
 from .storage.store import Store, encode_json, storage_access, store_for
 from .tree import tensor_placement
 from .version import __version__
@@ -97,6 +99,7 @@ class ZarrWriter(StorageWriter):
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
         self._save: LocalSave | InPlaceSave | None = None
+        self._rank = 0
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
@@ -115,6 +118,7 @@ class ZarrWriter(StorageWriter):
         self._reset_state()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._rank = kwargs.get("rank", 0)  # which database a rank of a packed save writes
         if kwargs.get("use_collectives", True) is False and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank would plan, stage and commit alone: each commit would hold one rank's shards.
             raise UsageError("ZarrWriter needs DCP's collectives when several ranks save (use_collectives=True)")
@@ -156,7 +160,7 @@ class ZarrWriter(StorageWriter):
         """
         assert self.store is not None
         self._world_size = len(plans)
-        if self.store.spec["driver"] == "memory" and self._world_size > 1:
+        if self.store.location["driver"] == "memory" and self._world_size > 1:
             raise UsageError(f"{self.store.url}: a memory:// store lives in one process; several ranks cannot share it")
         global _HANDED_OUT
         cached = _HANDED_OUT
@@ -209,14 +213,14 @@ class ZarrWriter(StorageWriter):
         rank_plan: RankPlan = plan.storage_data
         location = save_location(self.store, rank_plan.session)
         check_location(location, rank_plan.session)
-        store = Store(location)
+        store = rank_store(location, self._rank) if self.options.layout == PACKED else Store(location)
         # Each rank's data is durable before it reports success. A single process's becomes
         # durable with everything else at the commit instead (LocalSave.commit syncs through a
         # handle opened before any write): one sync of the filesystem per save, not two. With
         # several ranks the coordinator syncs here too, alongside the others (on other hosts,
         # its sync at the commit would only start once theirs are done).
         syncs_at_commit = isinstance(self._save, LocalSave) and self._world_size == 1
-        durable = store.filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
+        durable = Store(location).filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
         chunks = _ChunkWriter(store, rank_plan, self)
         try:
             with storage_access(store.url):
@@ -252,36 +256,30 @@ class ZarrWriter(StorageWriter):
         for item in plan.items:
             entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
             if item.type == WriteItemType.BYTE_IO:
-                results.append(self._write_value(chunks.store, item, entry, planner))
+                results.append(self._write_value(chunks, item, entry, planner))
             else:
                 tensor = _host_tensor(planner.resolve_data(item))
                 written.append((item, chunks.write(item, entry, tensor)))
         chunks.drain()
         return written, results
 
-    def _write_value(self, store: Store, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
+    def _write_value(self, chunks: _ChunkWriter, item: WriteItem, entry: Entry, planner: SavePlanner) -> WriteResult:
         """A plain value goes back to the coordinator as JSON; a large byte string, or with
         ``allow_pickle`` a value JSON cannot hold, is written here as an array."""
         value = _lookup(planner, item)
         raw = as_bytes(value)
         if raw is not None and len(raw[0]) > MAX_INLINE_BYTES:
-            return self._write_array(store, item, entry, raw[0], {"kind": "bytes", "type": raw[1]})
+            stored = chunks.write_value(entry, raw[0], {"kind": "bytes", "type": raw[1]})
+            return WriteResult(index=item.index, size_in_bytes=len(raw[0]), storage_data=stored)
         try:
             j, desc = to_json(value, describe(entry.path))
         except UnsupportedValueError:
             if not self.options.allow_pickle:
                 raise
             data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            return self._write_array(store, item, entry, data, {"kind": "pickle"})
+            stored = chunks.write_value(entry, data, {"kind": "pickle"})
+            return WriteResult(index=item.index, size_in_bytes=len(data), storage_data=stored)
         return WriteResult(index=item.index, size_in_bytes=0, storage_data=StoredValue(j, desc))
-
-    def _write_array(
-        self, store: Store, item: WriteItem, entry: Entry, data: bytes, attrs: dict[str, Any]
-    ) -> WriteResult:
-        array = np.frombuffer(data, dtype=np.uint8)
-        metadata = array_document([array.size], _UINT8, [array.size], attrs)
-        store.open_array(entry.node, metadata, write=True).result().write(array).result()
-        return WriteResult(index=item.index, size_in_bytes=array.size, storage_data=ArrayValue(array.size, attrs))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._save is not None
@@ -317,14 +315,6 @@ class ZarrWriter(StorageWriter):
         nodes = {join([node_name(k) for k in path]): g.document() for path, g in groups.items()}
         nodes.update(arrays)
         root = nodes.pop("")
-        local = _local_files(store, self)
-        if local is not None:
-            for node, doc in nodes.items():
-                local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
-        else:
-            writes = [store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
-            for w in writes:
-                store.wait(w)
         root["attributes"][ATTR].update(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
@@ -339,7 +329,25 @@ class ZarrWriter(StorageWriter):
         # From here the save cleans up after itself: a failure once the checkpoint is committed
         # must not delete it.
         save, self._save = self._save, None
-        save.commit(root, sync=self.options.sync_files)
+        if self.options.layout == PACKED:
+            documents = {f"{node}/{METADATA_KEY}": encode_json(doc) for node, doc in nodes.items()}
+            documents[METADATA_KEY] = encode_json(root)  # visible with the rest, in one commit
+            ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
+            save.commit(lambda: merge(save.location, ranks, documents), sync=self.options.sync_files)
+        else:
+            save.commit(lambda: self._write_documents(store, nodes, root), sync=self.options.sync_files)
+
+    def _write_documents(self, store: Store, nodes: dict[str, dict[str, Any]], root: dict[str, Any]) -> None:
+        """The files layout's commit: every node's ``zarr.json``, then the root one."""
+        local = _local_files(store, self)
+        if local is not None:
+            for node, doc in nodes.items():
+                local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
+        else:
+            writes = [store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
+            for w in writes:
+                store.wait(w)
+        store.write_json(METADATA_KEY, root)
 
 
 class _Group:
@@ -384,9 +392,9 @@ DIRECT_SHARD_BYTES = 4 << 20
 
 class _ChunkWriter:
     """One rank's chunk writes where the save goes: small plain chunks and shards up to
-    :data:`DIRECT_SHARD_BYTES` of a local checkpoint as plain files
+    :data:`DIRECT_SHARD_BYTES` of a local checkpoint in the files layout as plain files
     (:mod:`zdcp.storage.localfiles`), the rest through tensorstore with a window of writes in
-    flight."""
+    flight; those of a packed save in one transaction of the rank's database."""
 
     def __init__(self, store: Store, plan: RankPlan, writer: ZarrWriter):
         self.store = store
@@ -394,6 +402,7 @@ class _ChunkWriter:
         self.compression = writer.options.compression
         self.local = _local_files(store, writer)
         self.window = InflightWindow(writer.max_inflight_bytes)
+        self.transaction = ts.Transaction(atomic=True) if store.layout == PACKED else None
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
 
@@ -418,22 +427,38 @@ class _ChunkWriter:
                 self.local.write_sharded_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor), encoding.inner)
                 return nbytes
         if fqn not in self.arrays:
-            self.arrays[fqn] = self.store.open_array(entry.node, self.documents[fqn], write=True)
+            self.arrays[fqn] = self._open(entry.node, self.documents[fqn])
         region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
         target = self.arrays[fqn].result()[region]
         # No copy of the source: the save does not return before the write completes.
         self.window.add(target.write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True), nbytes)
         return nbytes
 
+    def write_value(self, entry: Entry, data: bytes, attrs: dict[str, Any]) -> ArrayValue:
+        """Write a value stored as an array (a large byte string, a pickle: ``attrs`` say
+        which) in one chunk."""
+        array = np.frombuffer(data, dtype=np.uint8)
+        handle = self._open(entry.node, array_document([array.size], _UINT8, [array.size], attrs)).result()
+        self.window.add(handle.write(array, can_reference_source_data_indefinitely=True), array.size)
+        return ArrayValue(array.size, attrs)
+
+    def _open(self, node: str, document: dict[str, Any]) -> ts.Future:
+        return self.store.open_array(node, document, write=True, transaction=self.transaction)
+
     def drain(self) -> None:
+        """Complete every write (and commit the transaction of a packed save's rank)."""
         self.window.drain()
+        if self.transaction is not None:
+            self.store.wait(self.transaction.commit_async())
 
     def settle(self) -> None:
         self.window.settle()
+        if self.transaction is not None:
+            self.transaction.abort()
 
 
 def _local_files(store: Store, writer: ZarrWriter) -> LocalFiles | None:
-    root = store.local_root
+    root = store.file_root
     if root is None or not writer.direct_writes:
         return None
     return LocalFiles(root, start_writeback=writer.options.sync_files)
@@ -474,6 +499,10 @@ def _check_grids(metadata: Metadata, results: list[list[WriteResult]], grids: di
             expected = chunk_shape(md.size, [(c.offsets, c.sizes) for c in md.chunks])
             if expected != grids[fqn]:
                 raise UsageError(f"{fqn!r}: the save's metadata gives chunks of {expected}, the plans {grids[fqn]}")
+
+
+def _wrote_array(result: WriteResult) -> bool:
+    return result.size_in_bytes > 0 and isinstance(result.storage_data, (WrittenTensor, ArrayValue))
 
 
 def _entries_of(plan: SavePlan) -> dict[str, Entry]:

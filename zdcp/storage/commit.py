@@ -42,14 +42,16 @@ import os
 import shutil
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import tensorstore as ts
 
-from ..errors import CheckpointExistsError, UsageError, ZdcpError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, ZdcpError
 from ..format.constants import METADATA_KEY, SAVING_MARKER
 from ..format.documents import zdcp_attrs
-from .committed import interrupted_saves, local_contents, pending_name
+from .committed import interrupted_saves, local_contents, pending_name, root_document
+from .layouts import FILES, OCDBT_MANIFEST
 from .oscalls import FilesystemSync, exchange, process_identity, process_running
 from .store import Store, encode_json
 
@@ -79,15 +81,15 @@ class LocalSave:
         """The kvstore spec the ranks write into."""
         return {"driver": "file", "path": self.path + "/"}
 
-    def commit(self, root: dict[str, Any], *, sync: bool) -> None:
-        """Write the root document into the pending directory, make everything durable (when
-        ``sync``), and move it to the target (see the module docstring), deciding by what the
-        target holds now: another save may have committed there since this one began. Until the
-        move succeeds, a failure removes the pending directory."""
+    def commit(self, write_root: Callable[[], None], *, sync: bool) -> None:
+        """Write the root document (``write_root``, with whatever must be visible with it) into
+        the pending directory, make everything durable (when ``sync``), and move it to the
+        target (see the module docstring), deciding by what the target holds now: another save
+        may have committed there since this one began. Until the move succeeds, a failure
+        removes the pending directory."""
         try:
-            store = Store(self.location)
-            store.write_json(METADATA_KEY, root)
-            store.delete(SAVING_MARKER)
+            write_root()
+            Store(self.location).delete(SAVING_MARKER)
             if sync:
                 self.durable.sync()  # everything written is on disk before the move
             try:
@@ -151,14 +153,15 @@ class InPlaceSave:
 
     @property
     def location(self) -> dict[str, Any]:
-        return self.store.spec
+        return self.store.location
 
-    def commit(self, root: dict[str, Any], *, sync: bool) -> None:
-        """Write the root document, the commit, if the prefix is still this save's; then
-        remove the marker (a failure there only leaves a harmless marker beside the root)."""
+    def commit(self, write_root: Callable[[], None], *, sync: bool) -> None:
+        """Write the root document (``write_root``), the commit, if the prefix is still this
+        save's; then remove the marker (a failure there only leaves a harmless marker beside
+        the root)."""
         _check_owned(self.store, self.generation)
         try:
-            self.store.write_json(METADATA_KEY, root)
+            write_root()
         except BaseException:
             self.abandon()
             raise
@@ -202,7 +205,7 @@ def begin_save(store: Store, *, overwrite: bool, session: str, marker: dict[str,
     (always).
     """
     marker = {**marker, "session": session, "owner": process_identity()}
-    if store.local_root is None:
+    if store.local_dir is None:
         return _begin_in_place(store, overwrite=overwrite, marker=marker)
     return _begin_beside(_local_target(store), overwrite=overwrite, session=session, marker=marker)
 
@@ -211,8 +214,8 @@ def save_location(store: Store, session: str) -> dict[str, Any]:
     """Where the ranks of a save to ``store``'s location with ``session`` write: the pending
     directory of a local target, the prefix itself on an object store. Each rank finds it from
     what it knows, so nothing that differs from save to save travels in a (cached) plan."""
-    if store.local_root is None:
-        return store.spec
+    if store.local_dir is None:
+        return store.location
     return {"driver": "file", "path": pending_name(_local_target(store), session) + "/"}
 
 
@@ -251,18 +254,18 @@ def remove_dead_saves(pending: list[str]) -> None:
 
 
 def _local_target(store: Store) -> str:
-    assert store.local_root is not None
-    return os.path.realpath(store.local_root.rstrip("/"))
+    assert store.local_dir is not None
+    return os.path.realpath(store.local_dir.rstrip("/"))
 
 
 def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object]) -> InPlaceSave:
     url = store.url
-    if not store.spec["path"]:
+    if not store.location["path"]:
         # Replacing or cleaning up would delete every object of the bucket (or memory store).
         raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
     try:
-        root = store.read_json(METADATA_KEY)
-    except ValueError:  # not JSON: certainly not a checkpoint of ours
+        hierarchy, root = root_document(store)
+    except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
         raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
     found = store.wait(store.kv.read(SAVING_MARKER))
     if root is not None:
@@ -289,7 +292,9 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
     in_place = InPlaceSave(store, written.generation)
     if root is not None:
-        store.delete(METADATA_KEY)  # un-commit first: no load finds the old root over new chunks
+        # Un-commit first (the root document, or the packed database's manifest that holds
+        # it): no load finds the old root over new chunks.
+        store.delete(METADATA_KEY if hierarchy.layout == FILES else OCDBT_MANIFEST)
     # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))

@@ -1,52 +1,80 @@
 """The read side of the commit protocol: what a location holds.
 
 A location holds a committed checkpoint when its root ``zarr.json`` is there (the commit
-record, :mod:`zdcp.storage.commit`); :func:`read_catalog` reads and parses it, or says why there
-is none: nothing at all, an incomplete save, or saves that never committed beside a local
-target.
+record, :mod:`zdcp.storage.commit`), in either layout (:mod:`zdcp.storage.layouts`):
+:func:`open_committed` finds it, reads and parses it, or says why there is none: nothing at
+all, an incomplete save, or saves that never committed beside a local target.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from .. import collector
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.catalog import Catalog
 from ..format.constants import METADATA_KEY, PENDING_INFIX
 from ..format.documents import zdcp_attrs
+from .layouts import OCDBT_MANIFEST, PACKED
 from .store import Store
 
-__all__ = ["read_catalog", "interrupted_saves", "pending_directories", "pending_name", "local_contents"]
+__all__ = [
+    "Committed",
+    "open_committed",
+    "root_document",
+    "interrupted_saves",
+    "pending_directories",
+    "pending_name",
+    "local_contents",
+]
 
 
-def read_catalog(store: Store) -> Catalog:
-    """The catalog of the committed checkpoint at ``store``'s location.
+@dataclass(frozen=True)
+class Committed:
+    """A committed checkpoint: the store of its hierarchy, in its layout, and its catalog."""
+
+    store: Store
+    catalog: Catalog
+
+
+def open_committed(location: Store) -> Committed:
+    """The committed checkpoint at ``location`` (a files-layout store of the place).
 
     Raises :class:`~zdcp.CheckpointNotFoundError` when there is nothing,
     :class:`~zdcp.IncompleteCheckpointError` when a save never committed there, and
     :class:`~zdcp.CorruptCheckpointError` when the root document is damaged.
     """
     with collector.paused():
-        try:
-            root = store.read_json(METADATA_KEY)
-        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
-            raise CorruptCheckpointError(f"{store.url}/zarr.json is not valid JSON ({e!r})") from None
+        store, root = root_document(location)
         if root is not None:
-            return Catalog.parse(root, store.url)
-    if not store.is_empty():
+            return Committed(store, Catalog.parse(root, location.url))
+    if store.layout == PACKED or not location.is_empty():
         raise IncompleteCheckpointError(
-            f"{store.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
+            f"{location.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
         )
-    pending = interrupted_saves(store.url) if store.local_root is not None else []
+    pending = interrupted_saves(location.url) if location.local_dir is not None else []
     if pending:
         raise IncompleteCheckpointError(
-            f"no committed checkpoint at {store.url}: a save to it never committed (or is still running); "
+            f"no committed checkpoint at {location.url}: a save to it never committed (or is still running); "
             f"what saves left is in {', '.join(pending)}"
         )
-    raise CheckpointNotFoundError(f"no checkpoint at {store.url}")
+    raise CheckpointNotFoundError(f"no checkpoint at {location.url}")
+
+
+def root_document(location: Store) -> tuple[Store, Any | None]:
+    """The store of the hierarchy at ``location`` (a files-layout store of the place), in the
+    layout found there, and its parsed root ``zarr.json`` (None when there is none)."""
+    try:
+        root = location.read_json(METADATA_KEY)
+        if root is not None or location.wait(location.kv.read(OCDBT_MANIFEST)).state != "value":
+            return location, root
+        packed = Store(location.checkpoint_id, PACKED)
+        return packed, packed.read_json(METADATA_KEY)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
+        raise CorruptCheckpointError(f"{location.url}/zarr.json is not valid JSON ({e!r})") from None
 
 
 def interrupted_saves(target: str | os.PathLike[str]) -> list[str]:
@@ -78,16 +106,16 @@ def pending_name(target: str, session: str | None = None) -> str:
 
 
 def local_contents(directory: str) -> str:
-    """What a local directory holds: ``"empty"``, ``"committed"`` (a zdcp checkpoint),
-    ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``."""
+    """What a local directory holds: ``"empty"``, ``"committed"`` (a zdcp checkpoint, in
+    either layout), ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``."""
     if not os.path.isdir(directory):
         return "other"
-    root = os.path.join(directory, METADATA_KEY)
-    if os.path.exists(root):
-        try:
-            with open(root, "rb") as f:
-                doc = json.load(f)
-        except ValueError:  # not JSON: certainly not a checkpoint of ours
-            return "other"
-        return "committed" if zdcp_attrs(doc) is not None else "foreign"
-    return "empty" if not os.listdir(directory) else "other"
+    if not os.listdir(directory):
+        return "empty"
+    try:
+        _, root = root_document(Store(directory))
+    except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
+        return "other"
+    if root is None:
+        return "other"
+    return "committed" if zdcp_attrs(root) is not None else "foreign"

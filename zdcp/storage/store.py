@@ -19,20 +19,29 @@ import tensorstore as ts
 
 from ..errors import CorruptCheckpointError, StorageError, UsageError, ZdcpError
 from ..locations import CheckpointId, kvstore_spec, url_of
+from .layouts import FILES, PACKED, hierarchy_spec
 from .oscalls import FilesystemSync
 
 __all__ = ["Store", "store_for", "encode_json", "reading", "storage_access"]
 
 _MEMORY = ts.Context()
+#: A packed checkpoint's B-tree nodes, cached while it is read: they are decoded once.
+_NODE_CACHE_BYTES = 64 << 20
 _PATH_MAX = 4095  # Linux's PATH_MAX, less its terminating NUL
 _OBJECT_KEY_MAX = 1024
 
 
 class Store:
-    """One checkpoint's key-value store, with a shared tensorstore context.
+    """One checkpoint's Zarr hierarchy, stored in ``layout`` (:mod:`zdcp.storage.layouts`) at
+    the location ``checkpoint_id`` names, with a shared tensorstore context.
+
+    ``location`` is the kvstore spec of the place itself (a directory, an object-store prefix),
+    ``spec`` that of the hierarchy's keys: the same place for the files layout, the OCDBT
+    database there for the packed one (opened for writing with ``write``).
 
     The context is shared by every array opened through this store so that all chunk I/O of a
-    save or load draws on one pool of file-I/O and copy threads.
+    save or load draws on one pool of file-I/O and copy threads (and, packed, one cache of the
+    database's B-tree nodes).
 
     Writes are not synced one by one (tensorstore's ``file_io_sync`` is off): a writer that
     needs them on disk syncs the filesystem once its writes are done (:meth:`filesystem_sync`),
@@ -40,20 +49,27 @@ class Store:
     files and ``zarr.json`` documents would otherwise ``fsync`` each one.
     """
 
-    def __init__(self, checkpoint_id: CheckpointId):
+    def __init__(self, checkpoint_id: CheckpointId, layout: str = FILES, *, write: bool = False):
         self.checkpoint_id = checkpoint_id
-        self.spec = kvstore_spec(checkpoint_id)
-        # memory:// stores live in a context: one for the process, so that they outlive a call
-        self.context = _MEMORY if self.spec["driver"] == "memory" else ts.Context({"file_io_sync": False})
+        self.location = kvstore_spec(checkpoint_id)
+        self.layout = layout
+        self.spec = hierarchy_spec(self.location, layout, write=write)
+        if self.location["driver"] == "memory":
+            # memory:// stores live in a context: one for the process, so that they outlive a call
+            self.context = _MEMORY
+        elif layout == PACKED:
+            self.context = ts.Context({"file_io_sync": False, "cache_pool": {"total_bytes_limit": _NODE_CACHE_BYTES}})
+        else:
+            self.context = ts.Context({"file_io_sync": False})
         self._kv: ts.KvStore | None = None
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r})"
+        return f"Store({self.url!r}, {self.layout!r})"
 
     @property
     def url(self) -> str:
         """A human-readable name for messages: the local path, or the URL."""
-        return url_of(self.spec)
+        return url_of(self.location)
 
     @property
     def kv(self) -> ts.KvStore:
@@ -70,16 +86,25 @@ class Store:
             raise StorageError(f"{self.url}: {_short(e)}") from None
 
     @property
-    def local_root(self) -> str | None:
-        """The root directory when the checkpoint is in the local filesystem, else None."""
-        return self.spec["path"] if self.spec["driver"] == "file" else None
+    def local_dir(self) -> str | None:
+        """The checkpoint's directory when it is in the local filesystem, else None."""
+        return self.location["path"] if self.location["driver"] == "file" else None
+
+    @property
+    def file_root(self) -> str | None:
+        """The directory whose files are the hierarchy's keys (a local checkpoint in the files
+        layout), where chunks may be read and written as plain files; else None."""
+        return self.local_dir if self.layout == FILES else None
 
     def max_key_bytes(self) -> int | None:
-        """The longest key a save may write under this location, None when there is no limit:
-        a local path (with the pending directory a save writes into, 40 bytes longer than the
-        checkpoint's own, and the ``.__lock`` suffix of tensorstore's temporary files) within
-        ``PATH_MAX``; an object key within the 1,024 bytes S3 and GCS allow."""
-        driver, prefix = self.spec["driver"], os.fsencode(self.spec["path"])
+        """The longest key a save may write into the hierarchy, None when there is no limit
+        (the packed layout's keys are no paths): a local path (with the pending directory a
+        save writes into, 40 bytes longer than the checkpoint's own, and the ``.__lock`` suffix
+        of tensorstore's temporary files) within ``PATH_MAX``; an object key within the 1,024
+        bytes S3 and GCS allow."""
+        driver, prefix = self.location["driver"], os.fsencode(self.location["path"])
+        if self.layout != FILES:
+            return None
         if driver == "file":
             return _PATH_MAX - len(prefix) - len(".zdcp-") - 34 - len(".__lock")
         if driver in ("s3", "gcs"):
@@ -88,10 +113,13 @@ class Store:
 
     def node_spec(self, node: str) -> dict[str, Any]:
         """The kvstore spec of a node's directory (``node`` is a "/"-joined node path)."""
-        return {**self.spec, "path": self.spec["path"] + (node + "/" if node else "")}
+        return {**self.spec, "path": self.spec.get("path", "") + (node + "/" if node else "")}
 
-    def open_array(self, node: str, metadata: dict[str, Any], *, write: bool = False) -> ts.Future:
-        """Open the array at ``node`` from metadata already known, without touching storage.
+    def open_array(
+        self, node: str, metadata: dict[str, Any], *, write: bool = False, transaction: ts.Transaction | None = None
+    ) -> ts.Future:
+        """Open the array at ``node`` from metadata already known, without touching storage
+        (writes within ``transaction``, when given).
 
         Writing stores every chunk, all-zero ones included, so that a missing chunk file always
         means damage; reading treats a missing chunk file as an error, never as zeros.
@@ -101,7 +129,15 @@ class Store:
             spec["store_data_equal_to_fill_value"] = True
         else:
             spec["fill_missing_data_reads"] = False
-        return ts.open(spec, open=True, assume_metadata=True, read=not write, write=write, context=self.context)
+        return ts.open(
+            spec,
+            open=True,
+            assume_metadata=True,
+            read=not write,
+            write=write,
+            context=self.context,
+            transaction=transaction,
+        )
 
     def read_json(self, key: str) -> Any | None:
         """The parsed JSON document at ``key``, or None when there is none."""
@@ -127,7 +163,7 @@ class Store:
         """For a local checkpoint, a handle that makes writes under the root durable; open it
         before writing (see :class:`FilesystemSync`). None for an object store, which has made
         a write durable when it acknowledges it."""
-        return FilesystemSync(self.local_root) if self.local_root is not None else None
+        return FilesystemSync(self.local_dir) if self.local_dir is not None else None
 
 
 def store_for(checkpoint_id: CheckpointId | None, current: Store | None, owner: str) -> Store:

@@ -1,0 +1,72 @@
+"""The two ways a checkpoint's Zarr hierarchy is stored (docs/format.md, section 9).
+
+- ``"files"``: every key of the hierarchy (``zarr.json`` documents, chunks) is a file under the
+  checkpoint's directory, or an object under its prefix.
+- ``"packed"``: the same keys in tensorstore's OCDBT key-value store, a B-tree database at the
+  checkpoint's root (``manifest.ocdbt`` and data files under ``d/``). Each rank writes its
+  chunks into a database of its own, ``ocdbt.process_<rank>/`` under the root, and the
+  coordinator makes the root database refer to them (their data is not copied), so a
+  checkpoint is a few files per rank instead of one per chunk.
+
+Readers tell the layouts apart by what is at the root: ``zarr.json`` (files) or
+``manifest.ocdbt`` (packed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "FILES",
+    "PACKED",
+    "LAYOUTS",
+    "OCDBT_MANIFEST",
+    "hierarchy_spec",
+    "rank_database",
+    "database_spec",
+    "OCDBT_WRITE_CONFIG",
+]
+
+FILES, PACKED = "files", "packed"
+LAYOUTS = (FILES, PACKED)
+#: The file (or object) that holds an OCDBT database's root; its presence at a checkpoint's
+#: root marks the packed layout.
+OCDBT_MANIFEST = "manifest.ocdbt"
+#: The configuration every database of a packed checkpoint is written with: values of up to 1
+#: KiB (node documents, small chunks) are kept in the B-tree nodes rather than in data files,
+#: one manifest file, and the root's configuration equal to its ranks' (a merge re-encodes the
+#: inline values of a database whose limit is higher than its target's). Readers need none of
+#: it: a database records its configuration in its manifest.
+OCDBT_WRITE_CONFIG: dict[str, Any] = {
+    "max_inline_value_bytes": 1024,
+    "max_decoded_node_bytes": 100_000_000,
+    "manifest_kind": "single",
+}
+#: On an object store, reads of nearby data (a B-tree node, several chunks of one data file)
+#: are coalesced into one request; locally this only reads more.
+_REMOTE_READS: dict[str, Any] = {
+    "experimental_read_coalescing_threshold_bytes": 1_000_000,
+    "experimental_read_coalescing_merged_bytes": 500_000_000_000,
+    "experimental_read_coalescing_interval": "1ms",
+}
+
+
+def rank_database(rank: int) -> str:
+    """Where, under a packed checkpoint's root, rank ``rank`` writes its database."""
+    return f"ocdbt.process_{rank}/"
+
+
+def database_spec(location: dict[str, Any], *, write: bool) -> dict[str, Any]:
+    """The kvstore spec of the OCDBT database at ``location`` (a kvstore spec)."""
+    spec: dict[str, Any] = {"driver": "ocdbt", "base": location}
+    if write:
+        spec |= {"config": OCDBT_WRITE_CONFIG, "assume_config": True}
+    elif location["driver"] not in ("file", "memory"):
+        spec |= _REMOTE_READS
+    return spec
+
+
+def hierarchy_spec(location: dict[str, Any], layout: str, *, write: bool = False) -> dict[str, Any]:
+    """The kvstore spec under which a checkpoint's Zarr hierarchy is, for a checkpoint at
+    ``location`` (a kvstore spec) stored in ``layout``."""
+    return location if layout == FILES else database_spec(location, write=write)

@@ -1,0 +1,54 @@
+"""Writing a packed checkpoint (:mod:`zdcp.storage.layouts`): each rank's database, and the
+coordinator's root database that refers to them all.
+
+Each rank writes its chunks into a database of its own under the save's location, in one
+atomic transaction, so that it is whole or absent; no data passes between ranks. At the commit
+the coordinator, in one atomic transaction of the root database, copies the ranks' key ranges
+(B-tree entries that refer to the ranks' data files, which are not copied) and writes every
+node's ``zarr.json`` and the root one; the root manifest, which OCDBT writes last, makes them
+visible together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import tensorstore as ts
+
+from ..errors import StorageError
+from .layouts import OCDBT_MANIFEST, PACKED, database_spec, rank_database
+from .store import Store
+
+__all__ = ["rank_store", "merge"]
+
+
+def rank_store(location: dict[str, Any], rank: int) -> Store:
+    """The database into which rank ``rank`` of a save to ``location`` writes."""
+    return Store(_rank_location(location, rank), PACKED, write=True)
+
+
+def merge(location: dict[str, Any], ranks: Iterable[int], documents: dict[str, bytes]) -> None:
+    """Make the database at ``location`` hold every key of the databases of ``ranks``, and
+    ``documents`` (key -> bytes), in one atomic commit.
+
+    A rank's database that is missing (its transaction never committed) fails the merge
+    instead of merging as empty, which OCDBT would do.
+    """
+    root = Store(location, PACKED, write=True)
+    transaction = ts.Transaction(atomic=True)
+    target = root.kv.with_transaction(transaction)
+    for rank in ranks:
+        child = _rank_location(location, rank)
+        if root.wait(Store(child).kv.read(OCDBT_MANIFEST)).state != "value":
+            raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing")
+        # The same context as the root's: OCDBT copies references only within one.
+        source = root.wait(ts.KvStore.open(database_spec(child, write=False), context=root.context))
+        root.wait(source.experimental_copy_range_to(target))
+    for key, value in documents.items():
+        root.wait(target.write(key, value))
+    root.wait(transaction.commit_async())
+
+
+def _rank_location(location: dict[str, Any], rank: int) -> dict[str, Any]:
+    return {**location, "path": location["path"] + rank_database(rank)}
