@@ -298,7 +298,7 @@ def _fsdp_state(world_size: int, seed: int):
     model = torch.nn.Sequential(*[m for _ in range(24) for m in (torch.nn.Linear(512, 512), torch.nn.LayerNorm(512))])
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.rand(4, 1024)).sum().backward()
+    model(torch.rand(4, 512)).sum().backward()
     optim.step()
     model_sd, optim_sd = get_state_dict(model, optim)
     return {"model": model_sd, "optim": optim_sd}

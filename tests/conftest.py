@@ -60,3 +60,34 @@ def commit_record(path):
     """What un-commits a local checkpoint when deleted: its root zarr.json, or its packed
     database's manifest."""
     return path / "zarr.json" if (path / "zarr.json").exists() else path / "manifest.ocdbt"
+
+
+def _save_at_once(url, version, barrier, results, layout):
+
+    barrier.wait()
+    try:
+        zdcp.save({"w": torch.full((64, 64), float(version))}, url, layout=layout)
+        results.put((version, "ok"))
+    except zdcp.CheckpointExistsError as e:
+        results.put((version, str(e)))
+
+
+def assert_one_of_two_racing_saves_commits(url, layout):
+    """Two processes start saving to an object-store ``url`` at once: exactly one commits, the
+    other fails cleanly, and what is there loads whole."""
+    import torch.multiprocessing as mp
+
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    savers = [ctx.Process(target=_save_at_once, args=(url, v, barrier, results, layout)) for v in (1, 2)]
+    for p in savers:
+        p.start()
+    outcomes = dict(results.get(timeout=120) for _ in savers)
+    for p in savers:
+        p.join(60)
+    winners = [v for v, outcome in outcomes.items() if outcome == "ok"]
+    assert len(winners) == 1, outcomes
+    out = {"w": torch.zeros(64, 64)}
+    zdcp.load(out, url)
+    assert torch.all(out["w"] == winners[0]) and zdcp.verify(url).ok

@@ -9,9 +9,9 @@ import torch
 import zdcp
 
 
-def test_async_save_snapshots_the_state(ckpt):
+def test_async_save_snapshots_the_state(ckpt, layout):
     state = {"w": torch.arange(1000.0), "cfg": {"lr": 0.1, "history": [1, 2]}, "step": 3}
-    future = zdcp.async_save(state, ckpt)
+    future = zdcp.async_save(state, ckpt, layout=layout)
     assert isinstance(future, concurrent.futures.Future)
     state["w"].add_(1.0)  # training goes on
     state["cfg"]["history"].append(3)
@@ -24,15 +24,15 @@ def test_async_save_snapshots_the_state(ckpt):
     assert out["cfg"] == {"lr": 0.1, "history": [1, 2]} and out["step"] == 3
 
 
-def test_async_save_errors_come_through_the_future(ckpt):
-    zdcp.save({"w": torch.ones(1)}, ckpt)
-    future = zdcp.async_save({"w": torch.zeros(1)}, ckpt)
+def test_async_save_errors_come_through_the_future(ckpt, layout):
+    zdcp.save({"w": torch.ones(1)}, ckpt, layout=layout)
+    future = zdcp.async_save({"w": torch.zeros(1)}, ckpt, layout=layout)
     with pytest.raises(zdcp.CheckpointExistsError, match="overwrite=True"):
         future.result(timeout=60)
     out = {"w": torch.zeros(1)}
     zdcp.load(out, ckpt)
     assert out["w"].item() == 1.0  # the committed checkpoint is untouched
-    assert zdcp.async_save({"w": torch.zeros(1)}, ckpt, overwrite=True).result(timeout=60) is None
+    assert zdcp.async_save({"w": torch.zeros(1)}, ckpt, overwrite=True, layout=layout).result(timeout=60) is None
 
 
 def test_successive_async_saves_run_in_order(tmp_path):

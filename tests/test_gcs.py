@@ -8,9 +8,8 @@ import uuid
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import zarr
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, assert_one_of_two_racing_saves_commits
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -56,31 +55,9 @@ def test_both_layouts_on_gcs(bucket, layout):
     assert zdcp.open(url)["step"] == 2 and zdcp.verify(url).ok
 
 
-def _concurrent(url, version, barrier, results, layout):
-    barrier.wait()
-    try:
-        zdcp.save({"w": torch.full((64, 64), float(version))}, url, layout=layout)
-        results.put((version, "ok"))
-    except zdcp.CheckpointExistsError as e:
-        results.put((version, str(e)))
-
-
 def test_concurrent_saves_on_gcs_one_fails_cleanly(bucket, layout):
     """The save marker's conditional creation decides: exactly one of two saves commits."""
-    ctx = mp.get_context("spawn")
-    url = f"gs://{bucket}/c"
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    savers = [ctx.Process(target=_concurrent, args=(url, v, barrier, results, layout)) for v in (1, 2)]
-    for p in savers:
-        p.start()
-    outcomes = dict(results.get(timeout=120) for _ in savers)
-    for p in savers:
-        p.join(60)
-    winners = [v for v, outcome in outcomes.items() if outcome == "ok"]
-    assert len(winners) == 1, outcomes
-    out = {"w": torch.zeros(64, 64)}
-    zdcp.load(out, url)
-    assert torch.all(out["w"] == winners[0]) and zdcp.verify(url).ok
+    assert_one_of_two_racing_saves_commits(f"gs://{bucket}/c", layout)
 
 
 def _save_sharded(rank, world_size, url):

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "ranks_running", "moto_server", "gcs_server"]
+__all__ = ["run_ranks", "ranks_running", "moto_server", "gcs_server", "environment"]
 
 
 def _entry(rank: int, world_size: int, init_method: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -132,17 +132,11 @@ def gcs_server() -> Iterator[str]:
     )  # fmt: skip
     upstream = f"127.0.0.1:{emulator_port}"
     proxy = _PreconditionProxy(upstream)
-    saved = {k: os.environ.get(k) for k in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")}
     try:
         _wait_for(f"http://{upstream}/storage/v1/b", emulator)
-        os.environ.update(TENSORSTORE_GCS_HTTP_URL=proxy.endpoint, GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator")
-        yield proxy.endpoint
+        with environment(TENSORSTORE_GCS_HTTP_URL=proxy.endpoint, GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator"):
+            yield proxy.endpoint
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proxy.close()
         emulator.kill()
         emulator.wait()
@@ -227,6 +221,22 @@ class _PreconditionProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Environment variables set for the duration of the block (processes started in it
+    inherit them), and as they were after."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _free_port() -> int:

@@ -90,6 +90,7 @@ class ZarrWriter(StorageWriter):
         self.options = SaveOptions(**options)
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_writes = direct_writes
+        self._rank = 0  # which database this rank writes in a packed save (set_up_storage_writer)
         self._reset_state()
 
     @property
@@ -99,7 +100,6 @@ class ZarrWriter(StorageWriter):
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
         self._save: LocalSave | InPlaceSave | None = None
-        self._rank = 0
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
@@ -118,7 +118,7 @@ class ZarrWriter(StorageWriter):
         self._reset_state()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self._rank = kwargs.get("rank", 0)  # which database a rank of a packed save writes
+        self._rank = kwargs.get("rank", 0)
         if kwargs.get("use_collectives", True) is False and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank would plan, stage and commit alone: each commit would hold one rank's shards.
             raise UsageError("ZarrWriter needs DCP's collectives when several ranks save (use_collectives=True)")

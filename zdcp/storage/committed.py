@@ -8,6 +8,7 @@ all, an incomplete save, or saves that never committed beside a local target.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -67,10 +68,14 @@ def open_committed(location: Store) -> Committed:
 def root_document(location: Store) -> tuple[Store, Any | None]:
     """The store of the hierarchy at ``location`` (a files-layout store of the place), in the
     layout found there, and its parsed root ``zarr.json`` (None when there is none)."""
+    # Both at once: one round trip to an object store, whichever the layout.
+    files_root, manifest = location.kv.read(METADATA_KEY), location.kv.read(OCDBT_MANIFEST)
     try:
-        root = location.read_json(METADATA_KEY)
-        if root is not None or location.wait(location.kv.read(OCDBT_MANIFEST)).state != "value":
-            return location, root
+        found = location.wait(files_root)
+        if found.state == "value":
+            return location, json.loads(found.value)
+        if location.wait(manifest).state != "value":
+            return location, None
         packed = Store(location.checkpoint_id, PACKED)
         return packed, packed.read_json(METADATA_KEY)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
