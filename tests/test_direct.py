@@ -202,3 +202,24 @@ def test_local_files_finish_partial_writes_and_make_missing_directories(tmp_path
     files.write("a/e", b"second")
     assert (tmp_path / "a/b/c/d/file").read_bytes() == b"".join(parts)
     assert (tmp_path / "a/e").read_bytes() == b"second"
+
+
+def test_packed_direct_writes_store_what_tensorstore_stores(tmp_path):
+    """A packed save encodes small plain chunks and shards itself, as values of its rank's
+    database: the same values as tensorstore writes, key for key."""
+    import tensorstore as ts
+    import torch.distributed.checkpoint as dcp
+
+    from zdcp.planner import ZarrSavePlanner
+
+    state = {"small": torch.arange(10.0), "shard": torch.randn(300, 300), "big": torch.randn(1100, 1024)}
+    for direct in (True, False):
+        writer = zdcp.ZarrWriter(tmp_path / str(direct), layout="packed", direct_writes=direct)
+        dcp.save(state, storage_writer=writer, planner=ZarrSavePlanner(), no_dist=True)
+    values = {}
+    for direct in (True, False):
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path / str(direct)}/"}).result()
+        values[direct] = {key: kv[key] for key in kv.list().result()}
+    assert values[True] == values[False] and b"shard/c.0.0" in values[True]
+    for name, tensor in zdcp.open(tmp_path / "True").to_state_dict().items():
+        assert_bitwise_equal(tensor, state[name])

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from .errors import UnsupportedValueError, UsageError
-from .format.codecs import plain_encoding
+from .format.codecs import encode_chunk, plain_encoding
 from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, MAX_INLINE_BYTES, METADATA_KEY
 from .format.documents import array_document, chunk_key, chunk_shape, group_document
 from .format.dtypes import from_torch, tensor_to_numpy
@@ -70,10 +70,10 @@ class ZarrWriter(StorageWriter):
         max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight (``None``:
             no limit). Bounds the host memory that GPU tensors' copies or lazily produced
             tensors take while they are written.
-        direct_writes: write plain chunks of a local checkpoint (shards up to
-            :data:`DIRECT_SHARD_BYTES`) and the nodes' ``zarr.json`` as plain files
-            (:mod:`zdcp.storage.localfiles`); ``False`` writes everything through tensorstore.
-            The files are the same either way.
+        direct_writes: encode plain chunks (shards up to :data:`DIRECT_SHARD_BYTES`) here and
+            write them, with the nodes' ``zarr.json``, as plain files of a local checkpoint
+            (:mod:`zdcp.storage.localfiles`) or as values of a packed save's databases;
+            ``False`` writes every chunk through tensorstore. The bytes are the same either way.
         **options: the fields of :class:`~zdcp.SaveOptions` (``overwrite``, ``allow_pickle``,
             ``compression``, ``sync_files``).
     """
@@ -391,10 +391,14 @@ DIRECT_SHARD_BYTES = 4 << 20
 
 
 class _ChunkWriter:
-    """One rank's chunk writes where the save goes: small plain chunks and shards up to
-    :data:`DIRECT_SHARD_BYTES` of a local checkpoint in the files layout as plain files
-    (:mod:`zdcp.storage.localfiles`), the rest through tensorstore with a window of writes in
-    flight; those of a packed save in one transaction of the rank's database."""
+    """One rank's chunk writes where the save goes, with a window of writes in flight; those
+    of a packed save in one transaction of the rank's database.
+
+    Small plain chunks and shards up to :data:`DIRECT_SHARD_BYTES` are encoded here
+    (:func:`~zdcp.format.codecs.encode_chunk`) and written as plain files of a local checkpoint
+    in the files layout (:mod:`zdcp.storage.localfiles`), or as values of a packed save's
+    database: both cost a fraction of opening a tensorstore array per tensor. The rest goes
+    through tensorstore."""
 
     def __init__(self, store: Store, plan: RankPlan, writer: ZarrWriter):
         self.store = store
@@ -403,6 +407,8 @@ class _ChunkWriter:
         self.local = _local_files(store, writer)
         self.window = InflightWindow(writer.max_inflight_bytes)
         self.transaction = ts.Transaction(atomic=True) if store.layout == PACKED else None
+        direct = self.transaction is not None and writer.direct_writes
+        self.values = store.kv.with_transaction(self.transaction) if direct else None
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
 
@@ -417,15 +423,19 @@ class _ChunkWriter:
             shape = list(item.tensor_data.size)
             self.documents[fqn] = array_document(shape, dtype, self.grids[fqn], {}, self.compression)
         index = _whole_chunk(chunk.offsets, chunk.sizes, self.grids[fqn])
-        encoding = plain_encoding(self.documents[fqn]) if self.local is not None and index is not None else None
-        if encoding is not None:
-            assert self.local is not None and index is not None
-            if encoding.inner is None and nbytes <= INNER_CHUNK_BYTES:
-                self.local.write_plain_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor))
-                return nbytes
-            if encoding.inner is not None and nbytes <= DIRECT_SHARD_BYTES:
-                self.local.write_sharded_chunk(chunk_key(entry.node, index), tensor_to_numpy(tensor), encoding.inner)
-                return nbytes
+        direct = index is not None and (self.local is not None or self.values is not None)
+        encoding = plain_encoding(self.documents[fqn]) if direct else None
+        if encoding is not None and nbytes <= (INNER_CHUNK_BYTES if encoding.inner is None else DIRECT_SHARD_BYTES):
+            assert index is not None
+            key, data = chunk_key(entry.node, index), tensor_to_numpy(tensor)
+            if self.local is None:
+                assert self.values is not None
+                self.window.add(self.values.write(key, b"".join(encode_chunk(data, encoding))), nbytes)
+            elif encoding.inner is None:
+                self.local.write_plain_chunk(key, data)
+            else:
+                self.local.write_sharded_chunk(key, data, encoding.inner)
+            return nbytes
         if fqn not in self.arrays:
             self.arrays[fqn] = self._open(entry.node, self.documents[fqn])
         region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))

@@ -15,10 +15,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
+import numpy as np
+
 from .constants import INNER_CHUNK_BYTES
 from .dtypes import DType
 
-__all__ = ["COMPRESSIONS", "PLAIN_CODECS", "codec_chain", "inner_chunk_shape", "PlainEncoding", "plain_encoding"]
+__all__ = [
+    "COMPRESSIONS",
+    "PLAIN_CODECS",
+    "codec_chain",
+    "inner_chunk_shape",
+    "PlainEncoding",
+    "plain_encoding",
+    "encode_chunk",
+    "crc32c",
+]
 
 #: Optional compressors, as Zarr v3 codec documents (between ``bytes`` and ``crc32c``).
 COMPRESSIONS: dict[str, dict[str, Any]] = {
@@ -94,3 +106,37 @@ def plain_encoding(document: dict[str, Any]) -> PlainEncoding | None:
     if not plain or config.get("index_location", "end") != "end":
         return None
     return PlainEncoding(tuple(config["chunk_shape"]))
+
+
+def encode_chunk(data: np.ndarray, encoding: PlainEncoding) -> list[memoryview | bytes]:
+    """The stored bytes of one whole chunk of a plain-encoded array, as parts to write one
+    after another (the host must be little endian, see :func:`plain_encoding`): byte for byte
+    what tensorstore writes.
+
+    Unsharded: ``data``'s bytes in C order, then their crc32c. Sharded: its inner chunks of
+    shape ``encoding.inner`` in C order, each as its bytes and their crc32c, then the index of
+    ``(offset, nbytes)`` pairs (little-endian uint64, C order) and its crc32c.
+    """
+    if encoding.inner is None:
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        return [memoryview(raw), crc32c(raw).to_bytes(4, "little")]
+    inner = encoding.inner
+    grid = [n // i for n, i in zip(data.shape, inner)]
+    parts: list[memoryview | bytes] = []
+    index = np.empty((*grid, 2), dtype="<u8")
+    offset = 0
+    for position in np.ndindex(*grid):
+        block = data[tuple(slice(p * i, (p + 1) * i) for p, i in zip(position, inner))]
+        raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        parts += [memoryview(raw), crc32c(raw).to_bytes(4, "little")]
+        index[position] = (offset, raw.size + 4)
+        offset += raw.size + 4
+    table = index.reshape(-1).view(np.uint8)
+    return [*parts, memoryview(table), crc32c(table).to_bytes(4, "little")]
+
+
+def crc32c(data: np.ndarray) -> int:
+    """The crc32c checksum of an array's bytes (the ``crc32c`` codec's)."""
+    view = data.view()
+    view.flags.writeable = False  # google_crc32c reads read-only buffers without copying
+    return google_crc32c.value(view)

@@ -58,7 +58,7 @@ def rank_database(rank: int) -> str:
 
 def database_spec(location: dict[str, Any], *, write: bool) -> dict[str, Any]:
     """The kvstore spec of the OCDBT database at ``location`` (a kvstore spec)."""
-    spec: dict[str, Any] = {"driver": "ocdbt", "base": location}
+    spec: dict[str, Any] = {"driver": "ocdbt", "base": location, "cache_pool": "cache_pool#ocdbt_nodes"}
     if write:
         spec |= {"config": OCDBT_WRITE_CONFIG, "assume_config": True}
     elif location["driver"] not in ("file", "memory"):

@@ -31,7 +31,7 @@ import google_crc32c
 import numpy as np
 
 from ..errors import CorruptCheckpointError
-from ..format.codecs import plain_encoding
+from ..format.codecs import PlainEncoding, crc32c, encode_chunk, plain_encoding
 from ..format.documents import chunk_key, chunk_key_separator
 from ..format.dtypes import from_zarr
 from .oscalls import start_writeback
@@ -123,14 +123,8 @@ def _read_checked(fd: int, offset: int, dest: np.ndarray, where: str, chunk: int
     got = os.preadv(fd, [memoryview(dest).cast("B"), tail], offset)
     if got != dest.nbytes + 4:
         raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is truncated")
-    if _crc32c(dest) != int.from_bytes(tail, "little"):
+    if crc32c(dest) != int.from_bytes(tail, "little"):
         raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} fails its crc32c checksum")
-
-
-def _crc32c(data: np.ndarray) -> int:
-    view = data.view()
-    view.flags.writeable = False  # google_crc32c reads read-only buffers without copying
-    return google_crc32c.value(view)
 
 
 #: Files at least this large start their write-back as soon as they are written (when the save
@@ -185,28 +179,13 @@ class LocalFiles:
             self._dirs.add(directory)
 
     def write_sharded_chunk(self, key: str, data: np.ndarray, inner: tuple[int, ...]) -> None:
-        """Write one whole chunk with the ``sharding_indexed`` codec: its inner chunks of shape
-        ``inner`` in C order, each as its bytes and their crc32c, then the index of
-        ``(offset, nbytes)`` pairs (little-endian uint64, C order) and its crc32c; what
-        tensorstore writes for a whole shard, byte for byte."""
-        grid = [n // i for n, i in zip(data.shape, inner)]
-        parts: list[bytes | memoryview] = []
-        index = np.empty((*grid, 2), dtype="<u8")
-        offset = 0
-        for position in np.ndindex(*grid):
-            block = data[tuple(slice(p * i, (p + 1) * i) for p, i in zip(position, inner))]
-            raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
-            parts += [memoryview(raw), _crc32c(raw).to_bytes(4, "little")]
-            index[position] = (offset, raw.size + 4)
-            offset += raw.size + 4
-        table = index.reshape(-1).view(np.uint8)
-        self.write(key, *parts, memoryview(table), _crc32c(table).to_bytes(4, "little"))
+        """Write one whole chunk with the ``sharding_indexed`` codec of plain inner chunks of
+        shape ``inner`` (:func:`~zdcp.format.codecs.encode_chunk`)."""
+        self.write(key, *encode_chunk(data, PlainEncoding(inner)))
 
     def write_plain_chunk(self, key: str, data: np.ndarray) -> None:
-        """Write one whole chunk with the plain codec chain: ``data``'s bytes in C order (the
-        host must be little endian, see :func:`~zdcp.format.codecs.plain_encoding`), then their crc32c."""
-        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        self.write(key, memoryview(raw), _crc32c(raw).to_bytes(4, "little"))
+        """Write one whole chunk with the plain codec chain (:func:`~zdcp.format.codecs.encode_chunk`)."""
+        self.write(key, *encode_chunk(data, PlainEncoding(None)))
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:

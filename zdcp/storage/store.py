@@ -27,6 +27,7 @@ __all__ = ["Store", "store_for", "encode_json", "reading", "storage_access"]
 _MEMORY = ts.Context()
 #: A packed checkpoint's B-tree nodes, cached while it is read: they are decoded once.
 _NODE_CACHE_BYTES = 64 << 20
+_NODES = "ocdbt_nodes"
 _PATH_MAX = 4095  # Linux's PATH_MAX, less its terminating NUL
 _OBJECT_KEY_MAX = 1024
 
@@ -58,7 +59,10 @@ class Store:
             # memory:// stores live in a context: one for the process, so that they outlive a call
             self.context = _MEMORY
         elif layout == PACKED:
-            self.context = ts.Context({"file_io_sync": False, "cache_pool": {"total_bytes_limit": _NODE_CACHE_BYTES}})
+            # The database's B-tree nodes are cached; the arrays' chunks are not (the default
+            # cache pool holds nothing), so reads cost no memory beyond their destination.
+            nodes = {"total_bytes_limit": _NODE_CACHE_BYTES}
+            self.context = ts.Context({"file_io_sync": False, f"cache_pool#{_NODES}": nodes})
         else:
             self.context = ts.Context({"file_io_sync": False})
         self._kv: ts.KvStore | None = None
