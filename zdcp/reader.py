@@ -43,7 +43,8 @@ from .metadata import CatalogView, CatalogViews, ValueSource
 from .planner import ZarrLoadPlanner
 from .storage.committed import Committed, open_committed
 from .storage.inflight import InflightWindow
-from .storage.localfiles import RowSlabs, row_slabs
+from .storage.localfiles import Locate, RowSlabs, in_directory, row_slabs
+from .storage.packed import value_locations
 from .storage.store import Store, reading, store_for
 
 __all__ = ["ZarrReader"]
@@ -84,6 +85,7 @@ class ZarrReader(StorageReader):
         self.direct_reads = direct_reads
         self._given = committed
         self._slabs: dict[str, RowSlabs | None] = {}
+        self._locations: Locate | None = None
         self.committed: Committed | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
 
@@ -103,6 +105,7 @@ class ZarrReader(StorageReader):
             self._given = None
         self.store = store_for(checkpoint_id, self.store, type(self).__name__)
         self._slabs.clear()
+        self._locations = None
         self.committed = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -192,10 +195,11 @@ class ZarrReader(StorageReader):
         return done
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
-        """Read ``item`` with :mod:`zdcp.storage.localfiles` when its chunks and destination allow it."""
+        """Read ``item`` with :mod:`zdcp.storage.localfiles` when its chunks and destination
+        allow it: plain chunks of a local checkpoint, in files or in a packed database's data
+        files."""
         assert self.committed is not None
-        root = self.committed.store.file_root
-        if root is None or not self.direct_reads:
+        if not self.direct_reads or self.committed.store.local_dir is None:
             return False
         if dest.device.type != "cpu" or dest.dtype != array.dtype.torch or not dest.is_contiguous():
             return False
@@ -206,10 +210,24 @@ class ZarrReader(StorageReader):
         slabs = self._slabs[array.node]
         if slabs is None or dest.numel() == 0:
             return False
-        rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
         start, stop = item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0]
-        slabs.read(root, array.node, describe(array.entry.path), start, stop, rows)
+        locate = self._locate()
+        if not all(locate(key) for key in slabs.keys(array.node, start, stop).values()):
+            return False  # a small chunk kept inside a packed database's B-tree
+        rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
+        slabs.read(locate, array.node, describe(array.entry.path), start, stop, rows)
         return True
+
+    def _locate(self) -> Locate:
+        """Where the chunks of the local checkpoint being read are (computed once per load)."""
+        assert self.committed is not None
+        if self._locations is None:
+            store = self.committed.store
+            if store.file_root is not None:
+                self._locations = in_directory(store.file_root)
+            else:
+                self._locations = value_locations(store).get
+        return self._locations
 
     def _value_bytes(self, source: ValueSource) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,17 @@ from ..format.documents import chunk_key, chunk_key_separator
 from ..format.dtypes import from_zarr
 from .oscalls import start_writeback
 
-__all__ = ["RowSlabs", "row_slabs", "LocalFiles"]
+__all__ = ["RowSlabs", "row_slabs", "LocalFiles", "Locate", "in_directory"]
+
+#: Where a chunk's bytes are: ``locate(key)`` gives the file, the offset of the chunk's first
+#: byte in it and its size (None: the whole file), or None when there is no such chunk.
+Locate = Callable[[str], "tuple[str, int, int | None] | None"]
+
+
+def in_directory(root: str) -> Locate:
+    """The chunks of a files-layout checkpoint at ``root``: a file each."""
+    return lambda key: (os.path.join(root, key), 0, None)
+
 
 _MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
 
@@ -54,22 +65,36 @@ class RowSlabs:
     sharded: bool
     separator: str  # of the chunk keys
 
-    def read(self, root: str, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
-        """Read rows ``[start, stop)`` into ``dest`` (a ``(stop - start, row_bytes)`` uint8 view)."""
-        for chunk in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
-            key = chunk_key(node, (chunk,) + (0,) * self.trailing_chunks, self.separator)
+    def keys(self, node: str, start: int, stop: int) -> dict[int, str]:
+        """The chunks holding rows ``[start, stop)``: their indices along the rows, and keys."""
+        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
+        return {c: chunk_key(node, (c,) + (0,) * self.trailing_chunks, self.separator) for c in range(first, last + 1)}
+
+    def read(self, locate: Locate, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+        """Read rows ``[start, stop)`` into ``dest`` (a ``(stop - start, row_bytes)`` uint8 view),
+        finding each chunk's bytes with ``locate`` (:func:`in_directory`, or a packed
+        checkpoint's value locations)."""
+        for chunk, key in self.keys(node, start, stop).items():
+            found = locate(key)
             try:
-                fd = os.open(os.path.join(root, key), os.O_RDONLY)
+                if found is None:
+                    raise FileNotFoundError(key)
+                path, base, size = found
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is missing ({key})") from None
             try:
-                self._read_chunk(fd, chunk, where, start, stop, dest)
+                size = os.fstat(fd).st_size if size is None else size
+                self._read_chunk(fd, base, size, chunk, where, start, stop, dest)
             finally:
                 os.close(fd)
 
-    def _read_chunk(self, fd: int, chunk: int, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+    def _read_chunk(
+        self, fd: int, base: int, size: int, chunk: int, where: str, start: int, stop: int, dest: np.ndarray
+    ) -> None:
+        """Read rows of the chunk whose bytes are ``[base, base + size)`` of the file ``fd``."""
         first = chunk * self.chunk_rows
-        entries = self._index(fd, chunk, where)
+        entries = self._index(fd, base, size, chunk, where)
         for inner, (offset, nbytes) in enumerate(entries):
             lo = first + inner * self.inner_rows
             hi = lo + self.inner_rows
@@ -78,21 +103,21 @@ class RowSlabs:
             if offset == _MISSING or nbytes != self.inner_rows * self.row_bytes + 4:
                 raise CorruptCheckpointError(f"array {where!r}: chunk {chunk}, inner chunk {inner}: missing or damaged")
             if start <= lo and hi <= stop:  # the whole inner chunk lands in the destination
-                _read_checked(fd, offset, dest[lo - start : hi - start], where, chunk)
+                _read_checked(fd, base + offset, dest[lo - start : hi - start], where, chunk)
             else:  # partly needed, or padded past the array's end: through a small buffer
                 buffer = np.empty((self.inner_rows, self.row_bytes), dtype=np.uint8)
-                _read_checked(fd, offset, buffer, where, chunk)
+                _read_checked(fd, base + offset, buffer, where, chunk)
                 a, b = max(lo, start), min(hi, stop, self.rows)
                 dest[a - start : b - start] = buffer[a - lo : b - lo]
 
-    def _index(self, fd: int, chunk: int, where: str) -> list[tuple[int, int]]:
-        """``(offset, nbytes)`` of each inner chunk, from the checksummed index at the end."""
-        size = os.fstat(fd).st_size
+    def _index(self, fd: int, base: int, size: int, chunk: int, where: str) -> list[tuple[int, int]]:
+        """``(offset, nbytes)`` of each inner chunk, relative to the chunk's first byte, from
+        the checksummed index at its end."""
         if not self.sharded:
             return [(0, size)]
         count = self.chunk_rows // self.inner_rows
         length = count * 16 + 4
-        raw = os.pread(fd, length, size - length) if size >= length else b""
+        raw = os.pread(fd, length, base + size - length) if size >= length else b""
         if len(raw) != length or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} has a damaged shard index")
         table = np.frombuffer(raw[:-4], dtype="<u8").reshape(count, 2)

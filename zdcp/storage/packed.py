@@ -20,7 +20,7 @@ from ..errors import StorageError
 from .layouts import OCDBT_MANIFEST, PACKED, database_spec, rank_database
 from .store import Store
 
-__all__ = ["rank_store", "merge"]
+__all__ = ["rank_store", "merge", "value_locations"]
 
 
 def rank_store(location: dict[str, Any], rank: int) -> Store:
@@ -52,3 +52,28 @@ def merge(location: dict[str, Any], ranks: Iterable[int], documents: dict[str, b
 
 def _rank_location(location: dict[str, Any], rank: int) -> dict[str, Any]:
     return {**location, "path": location["path"] + rank_database(rank)}
+
+
+def value_locations(store: Store) -> dict[str, tuple[str, int, int]]:
+    """Where the values stored out of line in the local packed checkpoint ``store`` lie: per
+    key, the data file, the offset of the value's first byte in it and its length, from the
+    root database's B-tree (values kept inside the B-tree nodes are left out). With them a
+    reader reads plain chunks straight into their destination, as from the files layout."""
+    assert store.local_dir is not None
+    base = store.wait(ts.KvStore.open(store.location, context=store.context))
+    manifest = store.wait(ts.ocdbt.dump(base, context=store.context))
+    root = manifest["versions"][-1]["root"].get("location") if manifest["versions"] else None
+    found: dict[str, tuple[str, int, int]] = {}
+    pending = [(root, b"")] if root else []
+    while pending:
+        node_location, prefix = pending.pop()
+        node = store.wait(ts.ocdbt.dump(base, node_location, context=store.context))
+        for entry in node["entries"]:
+            if "location" in entry:  # an interior node: its children's keys follow its prefix
+                pending.append((entry["location"], prefix + entry["subtree_common_prefix"]))
+            elif "indirect_value" in entry:
+                # "value:<database path>:<data file>:<offset>:<length>", paths relative to the root
+                _, database, data_file, offset, length = entry["indirect_value"].split(":")
+                path = f"{store.local_dir}{database}{data_file}"
+                found[(prefix + entry["key"]).decode()] = (path, int(offset), int(length))
+    return found
