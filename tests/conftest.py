@@ -53,7 +53,8 @@ def write_root(path, document):
     from zdcp.storage.store import Store
 
     hierarchy, _ = root_document(Store(path))
-    Store(path, hierarchy.layout, write=hierarchy.layout == "packed").write_json("zarr.json", document)
+    # an existing database takes writes under the configuration its manifest records
+    Store(path, hierarchy.layout).write_json("zarr.json", document)
 
 
 def commit_record(path):

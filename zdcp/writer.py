@@ -212,7 +212,10 @@ class ZarrWriter(StorageWriter):
             _forget_handed_out()  # the coordinator keeps the plans only for DCP's plan cache
         rank_plan: RankPlan = plan.storage_data
         location = save_location(self.store, rank_plan.session)
-        check_location(location, rank_plan.session)
+        if self._save is None:
+            check_location(location, rank_plan.session)
+        elif location != self._save.location:  # the coordinator knows where it prepared the save
+            raise UsageError(f"{self.store.url}: this rank's plan is not for the save being prepared")
         store = rank_store(location, self._rank) if self.options.layout == PACKED else Store(location)
         # Each rank's data is durable before it reports success. A single process's becomes
         # durable with everything else at the commit instead (LocalSave.commit syncs through a

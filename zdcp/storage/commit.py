@@ -263,11 +263,13 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
     if not store.location["path"]:
         # Replacing or cleaning up would delete every object of the bucket (or memory store).
         raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
+    # All that decides where the save stands, read at once: one round trip.
+    reading_marker, listing = store.kv.read(SAVING_MARKER), store.kv.list()
     try:
         hierarchy, root = root_document(store)
     except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
         raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
-    found = store.wait(store.kv.read(SAVING_MARKER))
+    found = store.wait(reading_marker)
     if root is not None:
         if zdcp_attrs(root) is None:
             raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
@@ -281,7 +283,7 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
                 f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
                 "(make sure no other save to it is running)"
             )
-    elif not store.is_empty():
+    elif store.wait(listing):
         raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
     # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
     # (A pending directory's dead saves can be told by their marker's owner; an object store's
@@ -295,9 +297,10 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         # Un-commit first (the root document, or the packed database's manifest that holds
         # it): no load finds the old root over new chunks.
         store.delete(METADATA_KEY if hierarchy.layout == FILES else OCDBT_MANIFEST)
-    # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
-    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
-    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
+    if root is not None or found.state == "value":
+        # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
+        store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
+        store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
     return in_place
 
 

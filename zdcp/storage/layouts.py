@@ -25,6 +25,7 @@ __all__ = [
     "rank_database",
     "database_spec",
     "OCDBT_WRITE_CONFIG",
+    "OCDBT_ROOT_CONFIG",
 ]
 
 FILES, PACKED = "files", "packed"
@@ -32,16 +33,20 @@ LAYOUTS = (FILES, PACKED)
 #: The file (or object) that holds an OCDBT database's root; its presence at a checkpoint's
 #: root marks the packed layout.
 OCDBT_MANIFEST = "manifest.ocdbt"
-#: The configuration every database of a packed checkpoint is written with: values of up to 1
-#: KiB (node documents, small chunks) are kept in the B-tree nodes rather than in data files,
-#: one manifest file, and the root's configuration equal to its ranks' (a merge re-encodes the
-#: inline values of a database whose limit is higher than its target's). Readers need none of
-#: it: a database records its configuration in its manifest.
+#: The configuration a rank's database of a packed checkpoint is written with: values of up to
+#: 1 KiB (small chunks) are kept in the B-tree nodes rather than in data files, large nodes (so
+#: that even a large checkpoint's tree is one or two levels), one manifest file. Readers need
+#: none of it: a database records its configuration in its manifest.
 OCDBT_WRITE_CONFIG: dict[str, Any] = {
     "max_inline_value_bytes": 1024,
     "max_decoded_node_bytes": 100_000_000,
     "manifest_kind": "single",
 }
+#: The root database keeps values of up to 1 MiB inline, OCDBT's largest: the documents, the
+#: root one included, then come with the B-tree node a reader reads first, one round trip less
+#: on an object store. (Its limit must not be below its ranks', or a merge would re-encode
+#: their inline values.)
+OCDBT_ROOT_CONFIG: dict[str, Any] = OCDBT_WRITE_CONFIG | {"max_inline_value_bytes": 1 << 20}
 #: On an object store, reads of nearby data (a B-tree node, several chunks of one data file)
 #: are coalesced into one request; locally this only reads more.
 _REMOTE_READS: dict[str, Any] = {
@@ -56,11 +61,12 @@ def rank_database(rank: int) -> str:
     return f"ocdbt.process_{rank}/"
 
 
-def database_spec(location: dict[str, Any], *, write: bool) -> dict[str, Any]:
-    """The kvstore spec of the OCDBT database at ``location`` (a kvstore spec)."""
+def database_spec(location: dict[str, Any], *, write: bool, root: bool = False) -> dict[str, Any]:
+    """The kvstore spec of the OCDBT database at ``location`` (a kvstore spec): a rank's or,
+    with ``root``, the root one."""
     spec: dict[str, Any] = {"driver": "ocdbt", "base": location, "cache_pool": "cache_pool#ocdbt_nodes"}
     if write:
-        spec |= {"config": OCDBT_WRITE_CONFIG, "assume_config": True}
+        spec |= {"config": OCDBT_ROOT_CONFIG if root else OCDBT_WRITE_CONFIG, "assume_config": True}
     elif location["driver"] not in ("file", "memory"):
         spec |= _REMOTE_READS
     return spec

@@ -17,7 +17,7 @@ from typing import Any
 import tensorstore as ts
 
 from ..errors import StorageError
-from .layouts import OCDBT_MANIFEST, PACKED, database_spec, rank_database
+from .layouts import PACKED, database_spec, rank_database
 from .store import Store
 
 __all__ = ["rank_store", "merge", "value_locations"]
@@ -35,16 +35,23 @@ def merge(location: dict[str, Any], ranks: Iterable[int], documents: dict[str, b
     A rank's database that is missing (its transaction never committed) fails the merge
     instead of merging as empty, which OCDBT would do.
     """
-    root = Store(location, PACKED, write=True)
+    root = Store(location, PACKED)
     transaction = ts.Transaction(atomic=True)
-    target = root.kv.with_transaction(transaction)
-    for rank in ranks:
-        child = _rank_location(location, rank)
-        if root.wait(Store(child).kv.read(OCDBT_MANIFEST)).state != "value":
-            raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing")
-        # The same context as the root's: OCDBT copies references only within one.
-        source = root.wait(ts.KvStore.open(database_spec(child, write=False), context=root.context))
-        root.wait(source.experimental_copy_range_to(target))
+    target = root.wait(ts.KvStore.open(database_spec(location, write=True, root=True), context=root.context))
+    target = target.with_transaction(transaction)
+    # Every rank's database at once: a few round trips to an object store, however many ranks.
+    # The same context as the root's: OCDBT copies references only within one (and the
+    # listing's B-tree nodes are cached for the copy).
+    ranks = list(ranks)
+    specs = [database_spec(_rank_location(location, rank), write=False) for rank in ranks]
+    opening = [ts.KvStore.open(spec, context=root.context) for spec in specs]
+    sources = [root.wait(future) for future in opening]
+    listings = [source.list() for source in sources]
+    for rank, listing in zip(ranks, listings):
+        if not root.wait(listing):
+            raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing or empty")
+    for copy in [source.experimental_copy_range_to(target) for source in sources]:
+        root.wait(copy)
     for key, value in documents.items():
         root.wait(target.write(key, value))
     root.wait(transaction.commit_async())

@@ -38,7 +38,8 @@ class Store:
 
     ``location`` is the kvstore spec of the place itself (a directory, an object-store prefix),
     ``spec`` that of the hierarchy's keys: the same place for the files layout, the OCDBT
-    database there for the packed one (opened for writing with ``write``).
+    database there for the packed one (with ``write``, a new rank database, created with
+    zdcp's configuration; an existing database is written under the one its manifest records).
 
     The context is shared by every array opened through this store so that all chunk I/O of a
     save or load draws on one pool of file-I/O and copy threads (and, packed, one cache of the
