@@ -9,11 +9,16 @@ buffers (the storage limit of the machine). Implementations alternate within eac
 rounds repeat, so that drift (page cache, other load) hits all of them alike; medians and ratios
 are printed as markdown (docs/benchmarks.md keeps them, with the machine).
 
-Workloads (issue 4): 1 large tensors, 2 many small tensors, 3 an FSDP2 model + Adam saved by 4
-gloo ranks and loaded at 3 and 1, 4 read amplification (bytes read / bytes needed) of a
-resharded load and of a 1% slice, 5 peak memory above the state's size, 6 how long
-``zdcp.async_save`` blocks, against copying the state to host memory; and (issue 6) ``s3``:
-objects and S3 requests of saves and loads of workloads 1-3 on a moto server on loopback.
+Workloads (``--workloads``, comma-separated; zdcp's two layouts, files and packed, side by side):
+``large`` 16 large tensors; ``small`` 2,000 small ones; ``retention`` save, load and delete the
+previous checkpoint, in a loop; ``sharded`` an FSDP2 model + Adam saved by 8 gloo ranks and
+loaded at 3 and 1, with the read amplification (bytes read / bytes needed) of the loads;
+``sharded4`` the same saved by 4; ``slice`` the read amplification of a 1% slice through
+``zdcp.open``; ``memory`` peak memory above the state's size; ``async`` how long
+``zdcp.async_save`` blocks, against copying the state to host memory; ``open`` one tensor of a
+checkpoint with many keys; ``caching`` DCP's plan caching; ``s3`` objects and requests of saves
+and loads on a moto server on loopback; ``latency`` S3 with 20 ms added to every request,
+against DCP's ``FsspecWriter``/``FsspecReader``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 MiB = 1 << 20
 
 
-# -- timing helpers -----------------------------------------------------------------------------
+# -- timing helpers -------------------------------------------------------------------------------
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -107,7 +112,7 @@ def rchar() -> int:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
-# -- state builders -----------------------------------------------------------------------------
+# -- state builders -------------------------------------------------------------------------------
 
 
 def large_state() -> dict[str, torch.Tensor]:
@@ -144,7 +149,7 @@ def leaves(state: Any) -> list[torch.Tensor]:
     return [t for v in state.values() for t in leaves(v)]
 
 
-# -- anchors ------------------------------------------------------------------------------------
+# -- anchors --------------------------------------------------------------------------------------
 
 
 def torch_save_fsync(state: Any, file: Path) -> None:
@@ -168,7 +173,7 @@ def raw_read(dest: Any, file: Path) -> None:
             f.readinto(memoryview(t.numpy()).cast("B"))
 
 
-# -- workloads 1 and 2: one process -------------------------------------------------------------
+# -- large and small: one process -----------------------------------------------------------------
 
 
 def single_process(name: str, state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
@@ -207,7 +212,7 @@ def _row(workload: str, op: str, times: dict[str, list[float]], size: int) -> di
     return {"workload": workload, "op": op, "bytes": size, "median": med, "rounds": len(next(iter(times.values())))}
 
 
-# -- retention: save, load, delete the previous checkpoint ---------------------------------------
+# -- retention: save, load, delete the previous checkpoint ----------------------------------------
 
 
 def retention(state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
@@ -243,7 +248,7 @@ def retention(state: Any, root: Path, rounds: int) -> list[dict[str, Any]]:
     return [_row("retention: " + f"{len(leaves(state))} small, save/load/delete", op, times[op], size) for op in times]
 
 
-# -- open: one tensor of a checkpoint with many keys ---------------------------------------------
+# -- open: one tensor of a checkpoint with many keys ----------------------------------------------
 
 
 def open_one(root: Path, sizes: tuple[int, ...] = (2_000, 20_000, 100_000)) -> list[dict[str, Any]]:
@@ -285,7 +290,7 @@ _NAMES = ("q.weight", "k.weight", "v.weight", "o.weight", "up.weight", "down.wei
           "norm.weight", "norm.bias", "ln.weight")  # fmt: skip
 
 
-# -- workload 3: FSDP2 + Adam on 4 gloo ranks ---------------------------------------------------
+# -- FSDP2 + Adam on 8 (or 4) gloo ranks, loaded at 3 and 1 ---------------------------------------
 
 
 def _fsdp_state(world_size: int, seed: int):
@@ -404,7 +409,7 @@ def sharded(root: Path, rounds: int, saved_by: int) -> tuple[list[dict[str, Any]
     return rows, amplification
 
 
-# -- DCP's plan caching: 2,000 DTensors on 4 and 8 gloo ranks ---------------------------------
+# -- DCP's plan caching: 2,000 DTensors on 4 and 8 gloo ranks -------------------------------------
 
 
 def _cached_saves(rank: int, world_size: int, root: Path, rounds: int, out: Path) -> None:
@@ -476,7 +481,7 @@ def files_in(path: Path) -> int:
     return sum(1 for p in path.rglob("*") if p.is_file())
 
 
-# -- workload 4b: a 1% slice through zdcp.open --------------------------------------------------
+# -- a 1% slice through zdcp.open -----------------------------------------------------------------
 
 
 def slice_amplification(root: Path) -> dict[str, Any]:
@@ -504,7 +509,7 @@ def _save_sharded_tensor(rank: int, world_size: int, path: Path, full: torch.Ten
     zdcp.save({"w": distribute_tensor(full, mesh, [Shard(0)])}, path, layout=layout)
 
 
-# -- workload 5: memory -------------------------------------------------------------------------
+# -- memory ---------------------------------------------------------------------------------------
 
 
 MEMORY_PROBE = r"""
@@ -555,7 +560,7 @@ def memory(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# -- workload 6: async save ---------------------------------------------------------------------
+# -- async save -----------------------------------------------------------------------------------
 
 
 def async_blocking(root: Path, rounds: int) -> dict[str, Any]:
@@ -582,7 +587,7 @@ def async_blocking(root: Path, rounds: int) -> dict[str, Any]:
     return {k: median(v) for k, v in times.items()}
 
 
-# -- object stores: objects and requests on S3 (moto on loopback) ------------------------------
+# -- object stores: objects and requests on S3 (moto on loopback) ---------------------------------
 
 
 def s3_counts() -> dict[str, int]:
@@ -654,7 +659,7 @@ def s3_requests(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# -- S3 with the round-trip time of an object store ---------------------------------------------
+# -- S3 with the round-trip time of an object store -----------------------------------------------
 
 
 class LatencyProxy:
@@ -769,7 +774,7 @@ def s3_latency(rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-# -- report -------------------------------------------------------------------------------------
+# -- report ---------------------------------------------------------------------------------------
 
 
 def machine() -> str:
@@ -870,7 +875,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/zdcp-bench"), help="runs go into a new directory here")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--workloads", default="large,small,retention,sharded,slice,memory,async,open,caching,s3,latency"
+        "--workloads", default="large,small,retention,sharded,sharded4,slice,memory,async,open,caching,s3,latency"
     )
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
@@ -893,10 +898,11 @@ def run_workloads(chosen: set[str], root: Path, rounds: int) -> str:
         rows += single_process("many small: 2000 x 1-4 KiB", small_state(), root, rounds)
     if "retention" in chosen:
         rows += retention(small_state(), root / "retention", max(rounds, 5))
-    if "sharded" in chosen:
-        more_rows, more_amp = sharded(root / "sharded", rounds, saved_by=8)
-        rows += more_rows
-        amplification += more_amp
+    for name, saved_by in (("sharded", 8), ("sharded4", 4)):
+        if name in chosen:
+            more_rows, more_amp = sharded(root / name, rounds, saved_by=saved_by)
+            rows += more_rows
+            amplification += more_amp
     if "slice" in chosen:
         amplification.append(slice_amplification(root))
     if "memory" in chosen:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zdcp.format.codecs import inner_chunk_shape
-from zdcp.format.constants import INNER_CHUNK_BYTES
+from zdcp.format.constants import INNER_CHUNK_BYTES, MIN_INNER_CHUNKS
 from zdcp.format.documents import chunk_shape
 
 
@@ -76,6 +76,9 @@ def test_unsharded_and_scalar():
     [
         ((8192, 1024), 4, (16, 1024)),  # 64 KiB inner chunks of a 32 MiB shard
         ((100, 10), 4, (100, 10)),  # small: no inner chunks
+        ((64, 512), 4, (8, 512)),  # a 128 KiB shard (a 512 x 512 weight on 8 ranks): 8 inner chunks
+        ((16, 2048), 4, (2, 2048)),  # 128 KiB of 8 KiB rows
+        ((2, 16384), 4, (1, 4096)),  # two rows of 64 KiB: the rows are cut too
         ((4104, 1024), 4, (12, 1024)),  # 4104 = 2^3 3^3 19: the largest divisor that fits
         ((4097, 1024), 4, (4097, 1024)),  # 4097 = 17 * 241: no divisor near 16, no inner chunks
         ((3, 70000), 4, (1, 14000)),  # one row is too large: the next dimension is cut too
@@ -87,4 +90,4 @@ def test_inner_chunks_divide_the_shard_and_fit(chunks, itemsize, inner):
     assert inner_chunk_shape(chunks, itemsize) == inner
     assert all(c % i == 0 for c, i in zip(chunks, inner))
     if inner != chunks:
-        assert math.prod(inner) * itemsize <= INNER_CHUNK_BYTES
+        assert math.prod(inner) * itemsize <= min(INNER_CHUNK_BYTES, math.prod(chunks) * itemsize // MIN_INNER_CHUNKS)

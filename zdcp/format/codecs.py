@@ -18,7 +18,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from .constants import INNER_CHUNK_BYTES
+from .constants import INNER_CHUNK_BYTES, MIN_INNER_CHUNKS
 from .dtypes import DType
 
 __all__ = [
@@ -62,18 +62,23 @@ def codec_chain(dtype: DType, chunks: Sequence[int], compression: str | None) ->
 
 
 def inner_chunk_shape(chunks: Sequence[int], itemsize: int) -> tuple[int, ...]:
-    """Inner chunks of at most about :data:`INNER_CHUNK_BYTES`, cut along the leading dimensions.
+    """Inner chunks of at most :data:`INNER_CHUNK_BYTES` and at most a
+    :data:`MIN_INNER_CHUNKS`-th of the chunk, cut along the leading dimensions.
 
     Each inner length divides its chunk length (Zarr requires whole inner chunks per shard). A
     chunk that already fits, or whose lengths have no divisor near the wanted size, is returned
     unchanged (no inner chunks).
     """
+    nbytes = itemsize * math.prod(chunks)
+    if nbytes <= INNER_CHUNK_BYTES:
+        return tuple(chunks)
+    target = min(INNER_CHUNK_BYTES, nbytes // MIN_INNER_CHUNKS)
     inner = list(chunks)
     for dim in range(len(inner)):
         rest = itemsize * math.prod(inner[dim + 1 :])
-        if rest * inner[dim] <= INNER_CHUNK_BYTES:
+        if rest * inner[dim] <= target:
             break
-        wanted = max(1, INNER_CHUNK_BYTES // rest)
+        wanted = max(1, target // rest)
         best = max(d for d in range(1, min(wanted, inner[dim]) + 1) if inner[dim] % d == 0)
         if best < wanted // 8:  # e.g. a prime length: tiny inner chunks would cost more than they save
             return tuple(chunks)

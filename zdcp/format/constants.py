@@ -11,6 +11,7 @@ __all__ = [
     "PENDING_INFIX",
     "CHUNK_KEY_SEPARATOR",
     "INNER_CHUNK_BYTES",
+    "MIN_INNER_CHUNKS",
     "MAX_INLINE_BYTES",
 ]
 
@@ -35,10 +36,15 @@ PENDING_INFIX = ".zdcp-"
 #: is ``a/b/c.i.j``, a file in the array's own directory. Format version 1 used ``/``, which
 #: cost one or two directories per chunk.
 CHUNK_KEY_SEPARATOR = "."
-#: Chunks larger than this are stored with inner chunks of about this size (sharding codec):
+#: Chunks larger than this are stored with inner chunks of at most this size (sharding codec):
 #: a resharded load or a slice reads whole inner chunks where its bounds cut them, so smaller
 #: ones waste less, and larger ones cost more per read (docs/benchmarks.md has the trade-off).
+#: A chunk up to this size is read whole, in one request.
 INNER_CHUNK_BYTES = 64 << 10
+#: ... and into at least about this many: a loader whose rows start or end inside a shard then
+#: reads at most this fraction of the shard beyond what it needs, however small the shards of
+#: a large world size are.
+MIN_INNER_CHUNKS = 8
 #: A byte string (``bytes``, ``io.BytesIO``) up to this size is stored as base64 JSON in its
 #: group's attributes; a larger one that is a leaf of the state dict gets an array of its own,
 #: so that the root document, which every reader reads whole, stays small.
