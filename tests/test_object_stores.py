@@ -86,16 +86,16 @@ def test_every_location_form_becomes_a_kvstore_spec(monkeypatch, tmp_path):
             kvstore_spec(bad)
 
 
-def test_memory_checkpoints_round_trip_in_process():
+def test_memory_checkpoints_round_trip_in_process(layout):
     url = f"memory://{uuid.uuid4().hex}/step_1"
     state = {"w": torch.randn(300, 300), "cfg": {"lr": 0.1}}
-    zdcp.save(state, url)
+    zdcp.save(state, url, layout=layout)
     out = {"w": torch.zeros(300, 300), "cfg": {}}
     zdcp.load(out, url)
     assert_bitwise_equal(out["w"], state["w"]) and out["cfg"] == {"lr": 0.1}
     assert zdcp.verify(url).ok
     with pytest.raises(zdcp.CheckpointExistsError):
-        zdcp.save(state, url)
+        zdcp.save(state, url, layout=layout)
 
 
 # -- S3: one process ------------------------------------------------------------------------------

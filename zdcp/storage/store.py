@@ -24,10 +24,10 @@ from .oscalls import FilesystemSync
 
 __all__ = ["Store", "store_for", "encode_json", "reading", "storage_access"]
 
-_MEMORY = ts.Context()
 #: A packed checkpoint's B-tree nodes, cached while it is read: they are decoded once.
 _NODE_CACHE_BYTES = 64 << 20
 _NODES = "ocdbt_nodes"
+_MEMORY = ts.Context({f"cache_pool#{_NODES}": {"total_bytes_limit": _NODE_CACHE_BYTES}})
 _PATH_MAX = 4095  # Linux's PATH_MAX, less its terminating NUL
 _OBJECT_KEY_MAX = 1024
 
