@@ -19,7 +19,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, Incomplete
 from ..format.catalog import Catalog
 from ..format.constants import METADATA_KEY, PENDING_INFIX
 from ..format.documents import zdcp_attrs
-from .layouts import OCDBT_MANIFEST, PACKED
+from .layouts import PACKED
 from .store import Store
 
 __all__ = [
@@ -68,16 +68,19 @@ def open_committed(location: Store) -> Committed:
 def root_document(location: Store) -> tuple[Store, Any | None]:
     """The store of the hierarchy at ``location`` (a files-layout store of the place), in the
     layout found there, and its parsed root ``zarr.json`` (None when there is none)."""
-    # Both at once: one round trip to an object store, whichever the layout.
-    files_root, manifest = location.kv.read(METADATA_KEY), location.kv.read(OCDBT_MANIFEST)
+    # Both at once, whichever the layout: the packed root document is the database's manifest
+    # and then its root B-tree node, so reading it from the start saves an object store a round
+    # trip over reading the manifest first to learn the layout.
+    packed = Store(location.checkpoint_id, PACKED)
+    files_root, packed_root = location.kv.read(METADATA_KEY), packed.kv.read(METADATA_KEY)
     try:
         found = location.wait(files_root)
         if found.state == "value":
             return location, json.loads(found.value)
-        if location.wait(manifest).state != "value":
+        found = packed.wait(packed_root)
+        if found.state != "value":
             return location, None
-        packed = Store(location.checkpoint_id, PACKED)
-        return packed, packed.read_json(METADATA_KEY)
+        return packed, json.loads(found.value)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
         raise CorruptCheckpointError(f"{location.url}/zarr.json is not valid JSON ({e!r})") from None
 
