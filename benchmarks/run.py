@@ -390,7 +390,7 @@ def sharded(root: Path, rounds: int, saved_by: int) -> tuple[list[dict[str, Any]
     run_ranks(saved_by, sharded_save, root, rounds, root / "save.pt", timeout=1800)
     saved = torch.load(root / "save.pt")
     size = nbytes_of_dir(root / "zdcp")
-    name = "sharded (FSDP2+Adam, 384 arrays)"
+    name = f"sharded (FSDP2+Adam, 384 arrays, saved by {saved_by})"
     rows.append(_row(name, f"save at {saved_by}", saved, size))
     rows[-1]["files"] = {k: files_in(root / k) for k in ("zdcp", "packed", "dcp")}
     for world_size in (3, 1):
