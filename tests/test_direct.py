@@ -76,6 +76,8 @@ def test_damage_is_refused(tmp_path):
     slabs.read(files, "a", "a", 0, first_damaged_row, dest[:first_damaged_row])  # the rows before it
     with pytest.raises(zdcp.CorruptCheckpointError, match="'a': chunk 1 fails its crc32c"):
         slabs.read(in_directory(store.spec["path"]), "a", "a", 650, 700, dest[:50])
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'a': chunk 1 fails its crc32c"):
+        slabs.read(files, "a", "a", 400, 800, dest[:400])  # the whole chunk: its inner chunks in one read
     data[-10] ^= 0x01  # the index itself
     shard.write_bytes(bytes(data))
     with pytest.raises(zdcp.CorruptCheckpointError, match="damaged shard index"):

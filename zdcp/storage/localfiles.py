@@ -50,6 +50,8 @@ def in_directory(root: str) -> Locate:
 
 
 _MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
+#: The most inner chunks one ``preadv`` reads: two buffers each, within Linux's IOV_MAX (1024).
+_RUN_MAX = 512
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ class RowSlabs:
     ) -> None:
         """Read rows of the chunk whose bytes are ``[base, base + size)`` of the file ``fd``."""
         first = chunk * self.chunk_rows
-        entries = self._index(fd, base, size, chunk, where)
-        for inner, (offset, nbytes) in enumerate(entries):
+        run: list[tuple[int, np.ndarray]] = []  # whole inner chunks, one after another in the file
+        for inner, (offset, nbytes) in enumerate(self._index(fd, base, size, chunk, where)):
             lo = first + inner * self.inner_rows
             hi = lo + self.inner_rows
             if hi <= start or lo >= stop or lo >= self.rows:
@@ -103,12 +105,17 @@ class RowSlabs:
             if offset == _MISSING or nbytes != self.inner_rows * self.row_bytes + 4:
                 raise CorruptCheckpointError(f"array {where!r}: chunk {chunk}, inner chunk {inner}: missing or damaged")
             if start <= lo and hi <= stop:  # the whole inner chunk lands in the destination
-                _read_checked(fd, base + offset, dest[lo - start : hi - start], where, chunk)
+                if run and (run[-1][0] + run[-1][1].nbytes + 4 != offset or len(run) == _RUN_MAX):
+                    _read_checked(fd, base, run, where, chunk)
+                    run = []
+                run.append((offset, dest[lo - start : hi - start]))
             else:  # partly needed, or padded past the array's end: through a small buffer
                 buffer = np.empty((self.inner_rows, self.row_bytes), dtype=np.uint8)
-                _read_checked(fd, base + offset, buffer, where, chunk)
+                _read_checked(fd, base, [(offset, buffer)], where, chunk)
                 a, b = max(lo, start), min(hi, stop, self.rows)
                 dest[a - start : b - start] = buffer[a - lo : b - lo]
+        if run:
+            _read_checked(fd, base, run, where, chunk)
 
     def _index(self, fd: int, base: int, size: int, chunk: int, where: str) -> list[tuple[int, int]]:
         """``(offset, nbytes)`` of each inner chunk, relative to the chunk's first byte, from
@@ -141,15 +148,18 @@ def row_slabs(document: dict[str, Any]) -> RowSlabs | None:
     return RowSlabs(shape[0], row_bytes, chunks[0], inner_rows, len(shape) - 1, inner is not None, separator)
 
 
-def _read_checked(fd: int, offset: int, dest: np.ndarray, where: str, chunk: int) -> None:
-    """Read ``dest.nbytes`` bytes at ``offset`` into ``dest``, then the 4-byte crc32c after
-    them, and check it against the bytes now in ``dest``."""
-    tail = bytearray(4)
-    got = os.preadv(fd, [memoryview(dest).cast("B"), tail], offset)
-    if got != dest.nbytes + 4:
+def _read_checked(fd: int, base: int, run: list[tuple[int, np.ndarray]], where: str, chunk: int) -> None:
+    """Read (inner) chunks that lie one after another in the file, each as its bytes and then
+    their 4-byte crc32c, in one ``preadv``: each ``(offset, dest)`` of ``run`` fills ``dest``
+    from ``base + offset``, and is checked against its crc32c there."""
+    tails = [bytearray(4) for _ in run]
+    buffers = [b for (_, dest), tail in zip(run, tails) for b in (memoryview(dest).cast("B"), tail)]
+    got = os.preadv(fd, buffers, base + run[0][0])
+    if got != sum(dest.nbytes + 4 for _, dest in run):
         raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} is truncated")
-    if crc32c(dest) != int.from_bytes(tail, "little"):
-        raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} fails its crc32c checksum")
+    for (_, dest), tail in zip(run, tails):
+        if crc32c(dest) != int.from_bytes(tail, "little"):
+            raise CorruptCheckpointError(f"array {where!r}: chunk {chunk} fails its crc32c checksum")
 
 
 #: Files at least this large start their write-back as soon as they are written (when the save
