@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ from .format.values import as_bytes, to_json
 from .locations import CheckpointId, kvstore_spec
 from .metadata import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .options import SaveOptions
-from .storage.commit import InPlaceSave, LocalSave, begin_save, check_location, save_location
+from .storage.commit import InPlaceSave, LocalSave, WriteRoot, begin_save, check_location, save_location
 from .storage.inflight import InflightWindow
 from .storage.layouts import PACKED
 from .storage.localfiles import LocalFiles
@@ -336,12 +337,17 @@ class ZarrWriter(StorageWriter):
             documents = {f"{node}/{METADATA_KEY}": encode_json(doc) for node, doc in nodes.items()}
             documents[METADATA_KEY] = encode_json(root)  # visible with the rest, in one commit
             ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
-            save.commit(lambda: merge(save.location, ranks, documents), sync=self.options.sync_files)
+            write_root: WriteRoot = partial(merge, save.location, ranks, documents)
         else:
-            save.commit(lambda: self._write_documents(store, nodes, root), sync=self.options.sync_files)
+            write_root = partial(self._write_documents, store, nodes, root)
+        save.commit(write_root, sync=self.options.sync_files)
 
-    def _write_documents(self, store: Store, nodes: dict[str, dict[str, Any]], root: dict[str, Any]) -> None:
-        """The files layout's commit: every node's ``zarr.json``, then the root one."""
+    def _write_documents(
+        self, store: Store, nodes: dict[str, dict[str, Any]], root: dict[str, Any], confirm: Callable[[], None]
+    ) -> None:
+        """The files layout's commit: every node's ``zarr.json``, then the root one (once
+        ``confirm()`` returns: node documents replace those of a save that took the place over)."""
+        confirm()
         local = _local_files(store, self)
         if local is not None:
             for node, doc in nodes.items():

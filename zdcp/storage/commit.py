@@ -55,7 +55,24 @@ from .layouts import FILES, OCDBT_MANIFEST
 from .oscalls import FilesystemSync, exchange, process_identity, process_running
 from .store import Store, encode_json
 
-__all__ = ["LocalSave", "InPlaceSave", "begin_save", "save_location", "check_location", "remove_dead_saves"]
+__all__ = [
+    "LocalSave",
+    "InPlaceSave",
+    "WriteRoot",
+    "begin_save",
+    "save_location",
+    "check_location",
+    "remove_dead_saves",
+]
+
+#: What a save's commit writes: the root document and whatever becomes visible with it. It is
+#: given ``confirm``, which raises :class:`~zdcp.CheckpointExistsError` when the location is no
+#: longer this save's, and calls it before writing anything that another save could see.
+WriteRoot = Callable[[Callable[[], None]], None]
+
+
+def _nothing_to_confirm() -> None:
+    """A local save's pending directory is its own: the move decides (``LocalSave._replace``)."""
 
 
 class LocalSave:
@@ -81,14 +98,14 @@ class LocalSave:
         """The kvstore spec the ranks write into."""
         return {"driver": "file", "path": self.path + "/"}
 
-    def commit(self, write_root: Callable[[], None], *, sync: bool) -> None:
-        """Write the root document (``write_root``, with whatever must be visible with it) into
-        the pending directory, make everything durable (when ``sync``), and move it to the
-        target (see the module docstring), deciding by what the target holds now: another save
-        may have committed there since this one began. Until the move succeeds, a failure
-        removes the pending directory."""
+    def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
+        """Write the root document (``write_root``) into the pending directory, make
+        everything durable (when ``sync``), and move it to the target (see the module
+        docstring), deciding by what the target holds now: another save may have committed
+        there since this one began. Until the move succeeds, a failure removes the pending
+        directory."""
         try:
-            write_root()
+            write_root(_nothing_to_confirm)
             Store(self.location).delete(SAVING_MARKER)
             if sync:
                 self.durable.sync()  # everything written is on disk before the move
@@ -155,20 +172,26 @@ class InPlaceSave:
     def location(self) -> dict[str, Any]:
         return self.store.location
 
-    def commit(self, write_root: Callable[[], None], *, sync: bool) -> None:
+    def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
         """Write the root document (``write_root``), the commit, if the prefix is still this
         save's; then remove the marker (a failure there only leaves a harmless marker beside
         the root)."""
-        _check_owned(self.store, self.generation)
+        # The marker is read while write_root prepares what it commits (a packed save's merge
+        # reads the ranks' databases first), one round trip fewer than reading it before.
+        marker = self.store.kv.read(SAVING_MARKER)
         try:
-            write_root()
+            write_root(lambda: _check_owned(self.store, self.generation, marker))
         except BaseException:
             self.abandon()
             raise
         try:
-            self.store.wait(self.store.kv.write(SAVING_MARKER, None, if_equal=self.generation))
+            self.release()
         except ZdcpError as e:
             warnings.warn(f"{self.store.url} is committed, but its save marker stays: {e}", stacklevel=3)
+
+    def release(self) -> None:
+        """Delete the marker, if it is still this save's."""
+        self.store.wait(self.store.kv.write(SAVING_MARKER, None, if_equal=self.generation))
 
     def abandon(self) -> None:
         """Delete what a failed save wrote, its marker included, unless another save has taken
@@ -180,8 +203,9 @@ class InPlaceSave:
         self.store.wait(self.store.kv.delete_range(ts.KvStore.KeyRange()))
 
 
-def _check_owned(store: Store, generation: bytes) -> None:
-    found = store.wait(store.kv.read(SAVING_MARKER))
+def _check_owned(store: Store, generation: bytes, marker: ts.Future | None = None) -> None:
+    """Raise unless the marker (``marker``, a read of it under way) is still this save's."""
+    found = store.wait(store.kv.read(SAVING_MARKER) if marker is None else marker)
     if found.state != "value" or found.stamp.generation != generation:
         raise CheckpointExistsError(
             f"another save to {store.url} took it over while this one ran; this save is not committed"

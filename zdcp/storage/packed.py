@@ -11,7 +11,7 @@ visible together.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import tensorstore as ts
@@ -28,9 +28,11 @@ def rank_store(location: dict[str, Any], rank: int) -> Store:
     return Store(_rank_location(location, rank), PACKED, write=True)
 
 
-def merge(location: dict[str, Any], ranks: Iterable[int], documents: dict[str, bytes]) -> None:
+def merge(
+    location: dict[str, Any], ranks: Iterable[int], documents: dict[str, bytes], confirm: Callable[[], None]
+) -> None:
     """Make the database at ``location`` hold every key of the databases of ``ranks``, and
-    ``documents`` (key -> bytes), in one atomic commit.
+    ``documents`` (key -> bytes), in one atomic commit, made once ``confirm()`` returns.
 
     A rank's database that is missing (its transaction never committed) fails the merge
     instead of merging as empty, which OCDBT would do.
@@ -39,21 +41,23 @@ def merge(location: dict[str, Any], ranks: Iterable[int], documents: dict[str, b
     transaction = ts.Transaction(atomic=True)
     target = root.wait(ts.KvStore.open(database_spec(location, write=True, root=True), context=root.context))
     target = target.with_transaction(transaction)
-    # Every rank's database at once: a few round trips to an object store, however many ranks.
-    # The same context as the root's: OCDBT copies references only within one (and the
-    # listing's B-tree nodes are cached for the copy).
+    # Every rank's database at once, listed and copied together: a few round trips to an object
+    # store, however many ranks. The same context as the root's: OCDBT copies references only
+    # within one.
     ranks = list(ranks)
     specs = [database_spec(_rank_location(location, rank), write=False) for rank in ranks]
     opening = [ts.KvStore.open(spec, context=root.context) for spec in specs]
     sources = [root.wait(future) for future in opening]
     listings = [source.list() for source in sources]
+    copies = [source.experimental_copy_range_to(target) for source in sources]
     for rank, listing in zip(ranks, listings):
         if not root.wait(listing):
             raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing or empty")
-    for copy in [source.experimental_copy_range_to(target) for source in sources]:
+    for copy in copies:
         root.wait(copy)
     for key, value in documents.items():
         root.wait(target.write(key, value))
+    confirm()
     root.wait(transaction.commit_async())
 
 
