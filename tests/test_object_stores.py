@@ -232,6 +232,45 @@ def test_concurrent_saves_on_s3_one_fails_cleanly(s3, bucket, layout):
     assert_one_of_two_racing_saves_commits(f"s3://{bucket}/c", layout)
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["refused", "overwrite"])
+def test_a_save_committed_while_another_begins_is_neither_lost_nor_mixed(s3, bucket, layout, monkeypatch, overwrite):
+    """Save B finds the prefix empty; save A then begins and commits whole before B creates its
+    marker (A's marker is gone again by then, so B's creation succeeds). B must still see A's
+    checkpoint: without overwrite it refuses and leaves A's whole; with it, it replaces A's
+    whole, whatever A's layout."""
+    import zdcp.storage.commit
+
+    url, prefix = f"s3://{bucket}/race", "race/"
+    real = zdcp.storage.commit.root_document
+
+    def a_commits_after_b_reads(store):
+        found = real(store)
+        monkeypatch.setattr(zdcp.storage.commit, "root_document", real)  # A's reads, and B's next
+        zdcp.save({"w": torch.full((64, 64), 1.0), "only_in_a": torch.ones(3)}, url, layout=layout)
+        return found
+
+    monkeypatch.setattr(zdcp.storage.commit, "root_document", a_commits_after_b_reads)
+    b_layout = "files" if layout == "packed" else "packed"
+    b = {"w": torch.full((64, 64), 2.0)}
+    if overwrite:
+        zdcp.save(b, url, layout=b_layout, overwrite=True)
+    else:
+        with pytest.raises(zdcp.CheckpointExistsError, match="Checkpoint already exists"):
+            zdcp.save(b, url, layout=b_layout)
+    out = {"w": torch.zeros(64, 64)}
+    zdcp.load(out, url)
+    assert torch.all(out["w"] == (2.0 if overwrite else 1.0)) and zdcp.verify(url).ok
+    assert ("only_in_a" in zdcp.open(url)) is not overwrite
+    # Nothing of the other save is left: the same kinds of objects as a save alone writes.
+    zdcp.save(b if overwrite else {"w": torch.full((64, 64), 1.0), "only_in_a": torch.ones(3)},
+              f"s3://{bucket}/alone", layout=b_layout if overwrite else layout)  # fmt: skip
+
+    def kinds(prefix):
+        return {key[len(prefix) :].split("/")[0] for key in objects(s3, bucket, prefix)}
+
+    assert kinds(prefix) == kinds("alone/")
+
+
 # -- S3: several ranks ----------------------------------------------------------------------------
 
 

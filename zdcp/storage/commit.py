@@ -28,7 +28,9 @@ place, under the checkpoint's own prefix, and the root document, written last, i
 (:class:`InPlaceSave`). The coordinator first creates the marker ``__zdcp_saving__`` with a
 conditional write that succeeds only if it does not exist yet, so of two saves started at the
 same time one fails cleanly; a later save finds the marker of an interrupted (or running) one
-and refuses unless ``overwrite``. Replacing a committed checkpoint deletes its root document
+and refuses unless ``overwrite``. Having found neither a marker nor a checkpoint, a save looks
+for a committed one again once its marker exists: another save may have begun and committed
+between the first look and the marker. Replacing a committed checkpoint deletes its root document
 first, so no load that starts finds the old root over new chunks, and then the old objects: on an
 object store, the old checkpoint is gone before the new one commits (save each step under a
 new prefix to keep the previous one until then).
@@ -51,7 +53,7 @@ from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, 
 from ..format.constants import METADATA_KEY, SAVING_MARKER
 from ..format.documents import zdcp_attrs
 from .committed import interrupted_saves, local_contents, pending_name, root_document
-from .layouts import FILES, OCDBT_MANIFEST
+from .layouts import OCDBT_MANIFEST
 from .oscalls import FilesystemSync, exchange, process_identity, process_running
 from .store import Store, encode_json
 
@@ -289,25 +291,14 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
     # All that decides where the save stands, read at once: one round trip.
     reading_marker, listing = store.kv.read(SAVING_MARKER), store.kv.list()
-    try:
-        hierarchy, root = root_document(store)
-    except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
-        raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
+    committed = _committed(store, overwrite)
     found = store.wait(reading_marker)
-    if root is not None:
-        if zdcp_attrs(root) is None:
-            raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
-        if not overwrite:
-            raise CheckpointExistsError(
-                f"Checkpoint already exists: {url} holds a committed checkpoint; pass overwrite=True"
-            )
-    elif found.state == "value":
-        if not overwrite:
-            raise CheckpointExistsError(
-                f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
-                "(make sure no other save to it is running)"
-            )
-    elif store.wait(listing):
+    if not committed and found.state == "value" and not overwrite:
+        raise CheckpointExistsError(
+            f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
+            "(make sure no other save to it is running)"
+        )
+    if not committed and found.state != "value" and store.wait(listing):
         raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
     # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
     # (A pending directory's dead saves can be told by their marker's owner; an object store's
@@ -317,15 +308,44 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
     if not written.generation:
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
     in_place = InPlaceSave(store, written.generation)
-    if root is not None:
+    if expected == _NO_VALUE and not committed:
+        # Another save may have begun and committed (its marker gone again) between the reads
+        # above and this marker's creation: what this marker guards starts only now.
+        try:
+            committed = _committed(store, overwrite)
+        except BaseException:
+            in_place.release()
+            raise
+    if committed:
         # Un-commit first (the root document, or the packed database's manifest that holds
-        # it): no load finds the old root over new chunks.
-        store.delete(METADATA_KEY if hierarchy.layout == FILES else OCDBT_MANIFEST)
-    if root is not None or found.state == "value":
+        # it; whichever layout committed last): no load finds the old root over new chunks.
+        for deleting in [store.kv.write(key, None) for key in (METADATA_KEY, OCDBT_MANIFEST)]:
+            store.wait(deleting)
+    if committed or found.state == "value":
         # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
         store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
         store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
     return in_place
+
+
+def _committed(store: Store, overwrite: bool) -> bool:
+    """Whether ``store``'s location holds a committed zdcp checkpoint that this save may
+    replace (``overwrite``); raises if it holds one otherwise, or a hierarchy zdcp did not
+    write."""
+    url = store.url
+    try:
+        _, root = root_document(store)
+    except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
+        raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
+    if root is None:
+        return False
+    if zdcp_attrs(root) is None:
+        raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"Checkpoint already exists: {url} holds a committed checkpoint; pass overwrite=True"
+        )
+    return True
 
 
 #: tensorstore's storage generation of a key that has no value: a write on this condition
