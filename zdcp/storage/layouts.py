@@ -52,7 +52,7 @@ OCDBT_ROOT_CONFIG: dict[str, Any] = OCDBT_WRITE_CONFIG | {"max_inline_value_byte
 _REMOTE_READS: dict[str, Any] = {
     "experimental_read_coalescing_threshold_bytes": 1_000_000,
     "experimental_read_coalescing_merged_bytes": 500_000_000_000,
-    "experimental_read_coalescing_interval": "1ms",
+    "experimental_read_coalescing_interval": "10ms",
 }
 
 

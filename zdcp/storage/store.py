@@ -133,7 +133,9 @@ class Store:
         if write:
             spec["store_data_equal_to_fill_value"] = True
         else:
-            spec["fill_missing_data_reads"] = False
+            # A committed checkpoint does not change: what the database's manifest and B-tree
+            # nodes were when opened still holds, and need not be fetched again per array.
+            spec |= {"fill_missing_data_reads": False, "recheck_cached_data": False}
         return ts.open(
             spec,
             open=True,
