@@ -606,13 +606,17 @@ def _requests_between(before: dict[str, int], after: dict[str, int]) -> dict[str
     return {k: after.get(k, 0) - before.get(k, 0) for k in ("read", "write", "list", "delete_range")}
 
 
-def _sharded_s3(rank: int, world_size: int, url: str, op: str, out: Path) -> None:
+def _sharded_s3(rank: int, world_size: int, url: str, op: str, layout: str, out: Path) -> None:
     state = _fsdp_state(world_size, 0)
     before = s3_counts()
     if op == "save":
-        zdcp.save(state, url)
-    else:
+        zdcp.save(state, url, layout=layout)
+    elif op == "load":
         zdcp.load(state, url)
+    else:  # DCP's save through s3fs, for its object count
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        dcp.save(state, storage_writer=FsspecWriter(url))
     counts = _requests_between(before, s3_counts())
     totals = torch.tensor([counts[k] for k in sorted(counts)], dtype=torch.int64)
     dist.all_reduce(totals)
@@ -622,7 +626,8 @@ def _sharded_s3(rank: int, world_size: int, url: str, op: str, out: Path) -> Non
 
 def s3_requests(root: Path) -> list[dict[str, Any]]:
     """Objects and S3 requests of a save and a load of the benchmark states on a moto server,
-    and the objects DCP writes through its fsspec writer (s3fs) for the same states."""
+    in both layouts, and the objects DCP writes through its fsspec writer (s3fs) for the same
+    states."""
     import boto3
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
@@ -641,21 +646,26 @@ def s3_requests(root: Path) -> list[dict[str, Any]]:
             return sum(len(page.get("Contents", [])) for page in pages)
 
         for name, state in (("large: 16 x 32 MiB fp32", large_state()), ("many small: 2000 x 1-4 KiB", small_state())):
-            before = s3_counts()
-            zdcp.save(state, f"s3://bench/{name[:5]}")
-            saved = _requests_between(before, s3_counts())
-            before = s3_counts()
-            zdcp.load(empty_like(state), f"s3://bench/{name[:5]}")
-            loaded = _requests_between(before, s3_counts())
             dcp.save(state, storage_writer=FsspecWriter(f"s3://bench/dcp-{name[:5]}"), no_dist=True)
-            rows.append({"workload": name, "ranks": "1 / 1", "objects": objects(name[:5]),
-                         "dcp_objects": objects(f"dcp-{name[:5]}"), "save": saved, "load": loaded})  # fmt: skip
-        url = "s3://bench/sharded"
-        run_ranks(4, _sharded_s3, url, "save", root / "s3save.pt", timeout=600)
-        run_ranks(3, _sharded_s3, url, "load", root / "s3load.pt", timeout=600)
-        rows.append({"workload": "sharded (FSDP2+Adam)", "ranks": "4 / 3", "objects": objects("sharded"),
-                     "dcp_objects": 4 + 1, "save": torch.load(root / "s3save.pt"),
-                     "load": torch.load(root / "s3load.pt")})  # fmt: skip
+            for layout in ("files", "packed"):
+                prefix = f"{layout}-{name[:5]}"
+                before = s3_counts()
+                zdcp.save(state, f"s3://bench/{prefix}", layout=layout)
+                saved = _requests_between(before, s3_counts())
+                before = s3_counts()
+                zdcp.load(empty_like(state), f"s3://bench/{prefix}")
+                loaded = _requests_between(before, s3_counts())
+                rows.append({"workload": name, "layout": layout, "ranks": "1 / 1", "objects": objects(prefix),
+                             "dcp_objects": objects(f"dcp-{name[:5]}"), "save": saved, "load": loaded})  # fmt: skip
+        name = "sharded (FSDP2+Adam, 384 arrays)"
+        run_ranks(4, _sharded_s3, "s3://bench/dcp-sharded", "dcp", "", root / "dcp.pt", timeout=600)
+        for layout in ("files", "packed"):
+            url = f"s3://bench/{layout}-sharded"
+            run_ranks(4, _sharded_s3, url, "save", layout, root / "save.pt", timeout=600)
+            run_ranks(3, _sharded_s3, url, "load", layout, root / "load.pt", timeout=600)
+            rows.append({"workload": name, "layout": layout, "ranks": "4 / 3", "objects": objects(f"{layout}-sharded"),
+                         "dcp_objects": objects("dcp-sharded"), "save": torch.load(root / "save.pt"),
+                         "load": torch.load(root / "load.pt")})  # fmt: skip
     return rows
 
 
@@ -856,15 +866,15 @@ def report(
     if s3:
         out += [
             "",
-            "| on S3 (moto) | ranks save / load | objects | DCP objects | save: writes / reads / lists / "
-            "range deletes | load: reads / lists |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| on S3 (moto) | layout | ranks save / load | objects | DCP objects | save: writes / reads / "
+            "lists / range deletes | load: reads / lists |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in s3:
             sv, ld = r["save"], r["load"]
             save = f"{sv['write']} / {sv['read']} / {sv['list']} / {sv['delete_range']}"
             out.append(
-                f"| {r['workload']} | {r['ranks']} | {r['objects']} | {r['dcp_objects']} | {save} "
+                f"| {r['workload']} | {r['layout']} | {r['ranks']} | {r['objects']} | {r['dcp_objects']} | {save} "
                 f"| {ld['read']} / {ld['list']} |"
             )
     return "\n".join(out)
