@@ -47,8 +47,8 @@ OCDBT_WRITE_CONFIG: dict[str, Any] = {
 #: on an object store. (Its limit must not be below its ranks', or a merge would re-encode
 #: their inline values.)
 OCDBT_ROOT_CONFIG: dict[str, Any] = OCDBT_WRITE_CONFIG | {"max_inline_value_bytes": 1 << 20}
-#: On an object store, reads of nearby data (a B-tree node, several chunks of one data file)
-#: are coalesced into one request; locally this only reads more.
+#: On an object store, a reader's reads of nearby data (a B-tree node, several chunks of one
+#: data file) are coalesced into one request; locally this only reads more.
 _REMOTE_READS: dict[str, Any] = {
     "experimental_read_coalescing_threshold_bytes": 1_000_000,
     "experimental_read_coalescing_merged_bytes": 500_000_000_000,
@@ -67,12 +67,16 @@ def database_spec(location: dict[str, Any], *, write: bool, root: bool = False) 
     spec: dict[str, Any] = {"driver": "ocdbt", "base": location, "cache_pool": "cache_pool#ocdbt_nodes"}
     if write:
         spec |= {"config": OCDBT_ROOT_CONFIG if root else OCDBT_WRITE_CONFIG, "assume_config": True}
-    elif location["driver"] not in ("file", "memory"):
-        spec |= _REMOTE_READS
     return spec
 
 
 def hierarchy_spec(location: dict[str, Any], layout: str, *, write: bool = False) -> dict[str, Any]:
     """The kvstore spec under which a checkpoint's Zarr hierarchy is, for a checkpoint at
-    ``location`` (a kvstore spec) stored in ``layout``."""
-    return location if layout == FILES else database_spec(location, write=write)
+    ``location`` (a kvstore spec) stored in ``layout``. Reads of a remote packed checkpoint
+    coalesce (a merge's reads of B-tree nodes do not: each would wait out the interval)."""
+    if layout == FILES:
+        return location
+    spec = database_spec(location, write=write)
+    if not write and location["driver"] not in ("file", "memory"):
+        spec |= _REMOTE_READS
+    return spec

@@ -39,8 +39,11 @@ def merge(
     """
     root = Store(location, PACKED)
     transaction = ts.Transaction(atomic=True)
-    target = root.wait(ts.KvStore.open(database_spec(location, write=True, root=True), context=root.context))
-    target = target.with_transaction(transaction)
+    database = root.wait(ts.KvStore.open(database_spec(location, write=True, root=True), context=root.context))
+    # The root manifest (absent, or the replaced checkpoint's), read while the ranks' databases
+    # are: the commit needs it.
+    reading_manifest = database.read("")
+    target = database.with_transaction(transaction)
     # Every rank's database at once, listed and copied together: a few round trips to an object
     # store, however many ranks. The same context as the root's: OCDBT copies references only
     # within one.
@@ -55,6 +58,7 @@ def merge(
             raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing or empty")
     for copy in copies:
         root.wait(copy)
+    root.wait(reading_manifest)
     for key, value in documents.items():
         root.wait(target.write(key, value))
     confirm()
