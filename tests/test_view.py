@@ -82,3 +82,16 @@ def test_a_list_group_with_a_gap_is_corrupt(ckpt):
     (ckpt / "zarr.json").write_text(json.dumps(root))
     with pytest.raises(zdcp.CorruptCheckpointError, match="indices 0..1"):
         zdcp.open(ckpt)
+
+
+def test_a_save_s_metadata_comes_back_as_given(tmp_path, layout):
+    metadata = {"step": 7, "metrics": {"loss": float("nan"), "acc": 0.5}, "betas": (0.9, 0.99), 3: "int key"}
+    zdcp.save({"w": torch.ones(2)}, tmp_path / "a", layout=layout, metadata=metadata)
+    found = zdcp.open(tmp_path / "a").metadata
+    assert found["betas"] == (0.9, 0.99) and found[3] == "int key" and found["metrics"]["loss"] != found["metrics"]["loss"]
+    assert zdcp.open(tmp_path / "a").info["metadata"]["step"] == 7  # plain JSON in the root document
+    zdcp.save({"w": torch.ones(2)}, tmp_path / "b")
+    assert zdcp.open(tmp_path / "b").metadata is None
+    with pytest.raises(zdcp.UnsupportedValueError, match="metadata must be a plain value"):
+        zdcp.save({"w": torch.ones(2)}, tmp_path / "c", metadata={"x": object()})
+    assert not (tmp_path / "c").exists()

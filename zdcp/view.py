@@ -21,6 +21,7 @@ import tensorstore as ts
 import torch
 
 from .format.catalog import ArrayNode, Catalog, GroupNode
+from .format.documents import read_metadata
 from .format.dtypes import numpy_to_tensor
 from .format.names import LIST, Key, describe
 from .locations import CheckpointId
@@ -94,6 +95,12 @@ class Group(Mapping[Key, Any]):
     def info(self) -> dict[str, Any]:
         """The checkpoint's own record: format version, world size, torch and zdcp versions."""
         return dict(self._source.catalog.info)
+
+    @property
+    def metadata(self) -> Any:
+        """The ``metadata`` the checkpoint was saved with (:class:`~zdcp.SaveOptions`), or
+        None."""
+        return read_metadata(self._source.catalog.info)
 
     def __getitem__(self, key: Key) -> Any:
         children = self._node.children

@@ -7,9 +7,11 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..errors import UnsupportedValueError
 from .codecs import codec_chain
 from .constants import ATTR, CHUNK_KEY_SEPARATOR
 from .dtypes import DType
+from .values import from_json, to_json
 
 __all__ = [
     "chunk_shape",
@@ -18,6 +20,8 @@ __all__ = [
     "array_document",
     "group_document",
     "zdcp_attrs",
+    "metadata_attrs",
+    "read_metadata",
 ]
 
 
@@ -105,3 +109,23 @@ def chunk_key_separator(document: dict[str, Any]) -> str:
     if encoding.get("name") != "default" or separator not in ("/", "."):
         raise ValueError(f"unsupported chunk key encoding {encoding!r}")
     return separator
+
+
+def metadata_attrs(metadata: Any) -> dict[str, Any]:
+    """The root's ``attributes.zdcp`` entries that hold a save's ``metadata`` (docs/format.md,
+    section 5): the value as a plain value is stored (section 6), and its type descriptor
+    when it needs one. Raises :class:`~zdcp.UnsupportedValueError` for what a plain value
+    cannot be."""
+    try:
+        value, desc = to_json(metadata, "metadata")
+    except UnsupportedValueError as e:
+        raise UnsupportedValueError(
+            f"metadata must be a plain value (numbers, strings, lists, tuples, dicts): {e.args[0].split(',')[0]}"
+        ) from None
+    return {"metadata": value} if desc is None else {"metadata": value, "metadata_type": desc}
+
+
+def read_metadata(info: dict[str, Any]) -> Any:
+    """The ``metadata`` a checkpoint was saved with, from its root's ``attributes.zdcp``
+    (``info``); None when it was saved without."""
+    return from_json(info.get("metadata"), info.get("metadata_type"))
