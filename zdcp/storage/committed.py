@@ -20,7 +20,7 @@ from ..format.catalog import Catalog
 from ..format.constants import METADATA_KEY, PENDING_INFIX
 from ..format.documents import zdcp_attrs
 from .layouts import PACKED
-from .store import Store
+from .store import Store, storage_access
 
 __all__ = [
     "Committed",
@@ -77,7 +77,13 @@ def root_document(location: Store) -> tuple[Store, Any | None]:
         found = location.wait(files_root)
         if found.state == "value":
             return location, json.loads(found.value)
-        found = packed.wait(packed_root)
+        try:
+            with storage_access(location.url):
+                found = packed_root.result()
+        except ValueError as e:  # not a refused or failed request: a damaged database
+            raise CorruptCheckpointError(
+                f"{location.url}: the packed database's B-tree cannot be read: {str(e).split(' [', 1)[0]}"
+            ) from None
         if found.state != "value":
             return location, None
         return packed, json.loads(found.value)
