@@ -47,14 +47,14 @@ KILL_POINTS = {  # where: the function patched to SIGKILL the saving process
     "writing chunks": "zdcp.writer:_ChunkWriter.write",
     "before the documents": "zdcp.writer:ZarrWriter.finish",
     "before the commit": "zdcp.storage.commit:LocalSave.commit",
-    "merging the ranks' databases": "zdcp.writer:merge",  # packed only
+    "committing the database": "zdcp.writer:commit_with_documents",  # packed only
     "after the exchange": "zdcp.storage.commit:_delete_replaced",  # the new one is in place, the old not yet deleted
 }
-KILLS = [  # the merge exists in the packed layout only
+KILLS = [  # the database's commit exists in the packed layout only
     (layout, where)
     for layout in ("files", "packed")
     for where in KILL_POINTS
-    if layout == "packed" or "merg" not in where
+    if layout == "packed" or "database" not in where
 ]
 
 
@@ -391,33 +391,47 @@ def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path
     zdcp.load({k: torch.zeros_like(v) for k, v in state.items()}, path)
 
 
-def test_damaged_or_missing_data_files_of_a_packed_checkpoint_are_never_loaded(tmp_path):
-    """A packed checkpoint's chunks live in its ranks' data files: a flipped byte, a truncated
-    or a missing data file (or a rank's whole database) fails load, open and verify, naming the
-    array (OCDBT itself reads a missing data file as empty values: the chunk checksums and
-    sizes catch it)."""
+def _save_packed_version_3(rank, world_size, path):
+    zdcp.save(versioned(3), path, layout="packed")
+
+
+@pytest.mark.parametrize("savers", [1, 2])
+def test_damaged_or_missing_data_files_of_a_packed_checkpoint_are_never_loaded(tmp_path, savers):
+    """A packed checkpoint's chunks live in data files (the ranks' databases', or the root
+    database's when one process saved): a flipped byte, a truncated or a missing data file (or
+    a rank's whole database) fails load, open and verify (OCDBT itself reads a missing data
+    file as empty values: the chunk checksums and sizes catch it). Where only chunks are lost,
+    the error names the array; the root database's own file also holds its B-tree, whose loss
+    loses the whole checkpoint."""
     path = tmp_path / "c"
-    state = versioned(3)
-    zdcp.save(state, path, layout="packed")
+    if savers == 1:
+        zdcp.save(versioned(3), path, layout="packed")
+    else:
+        run_ranks(savers, _save_packed_version_3, path, timeout=120)
     data = _largest_data_file(path)
-    assert "ocdbt.process_0" in str(data.relative_to(path))
+    rank_database = data.relative_to(path).parts[0]
+    assert rank_database.startswith("ocdbt.process_") == (savers > 1)
     good = data.read_bytes()
     cases = {
         "a flipped byte": lambda: data.write_bytes(good[:5000] + bytes([good[5000] ^ 0x10]) + good[5001:]),
         "a truncated data file": lambda: data.write_bytes(good[: len(good) // 2]),
         "a missing data file": data.unlink,
-        "a missing rank database": lambda: os.rename(path / "ocdbt.process_0", tmp_path / "aside"),
     }
+    if savers > 1:
+        cases["a missing rank database"] = lambda: os.rename(path / rank_database, tmp_path / "aside")
     for what, damage in cases.items():
         damage()
-        with pytest.raises(zdcp.CorruptCheckpointError, match="array 'model/"):
+        names_array = savers > 1 or what == "a flipped byte"
+        with pytest.raises(zdcp.CorruptCheckpointError, match="array 'model/" if names_array else None):
             zdcp.load(versioned(-1), path)
         with pytest.raises(zdcp.CorruptCheckpointError):
             zdcp.open(path).to_state_dict()
         faults = zdcp.verify(path).faults
-        assert faults and all(f.node.startswith("model/") and f.chunk is not None for f in faults), (what, faults)
+        assert faults, what
+        if names_array:
+            assert all(f.node.startswith("model/") and f.chunk is not None for f in faults), (what, faults)
         if (tmp_path / "aside").exists():
-            os.rename(tmp_path / "aside", path / "ocdbt.process_0")
+            os.rename(tmp_path / "aside", path / rank_database)
         data.write_bytes(good)
         assert committed_version(path) == 3, what
 

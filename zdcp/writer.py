@@ -53,7 +53,7 @@ from .storage.commit import InPlaceSave, LocalSave, WriteRoot, begin_save, check
 from .storage.inflight import InflightWindow
 from .storage.layouts import PACKED
 from .storage.localfiles import LocalFiles
-from .storage.packed import merge, rank_store
+from .storage.packed import commit_with_documents, merge, rank_store, sole_store
 from .storage.store import Store, encode_json, storage_access, store_for
 from .tree import tensor_placement
 from .version import __version__
@@ -104,6 +104,8 @@ class ZarrWriter(StorageWriter):
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
+        # A single process's packed writes, committed with the documents in finish.
+        self._uncommitted: _ChunkWriter | None = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
@@ -203,6 +205,9 @@ class ZarrWriter(StorageWriter):
     def abandon(self) -> None:
         """Delete what a save that failed wrote (on the coordinator; a no-op elsewhere); the
         previous checkpoint, if any, is untouched. Every save of :mod:`zdcp.api` calls it."""
+        if self._uncommitted is not None:
+            self._uncommitted.settle()
+            self._uncommitted = None
         if self._save is not None:
             self._save.abandon()
             self._save = None
@@ -217,7 +222,15 @@ class ZarrWriter(StorageWriter):
             check_location(location, rank_plan.session)
         elif location != self._save.location:  # the coordinator knows where it prepared the save
             raise UsageError(f"{self.store.url}: this rank's plan is not for the save being prepared")
-        store = rank_store(location, self._rank) if self.options.layout == PACKED else Store(location)
+        # A packed save by one process writes into the root database itself, and its
+        # transaction commits in finish, with the documents: no rank database, no merge.
+        alone = self.options.layout == PACKED and self._save is not None and self._world_size == 1
+        if self.options.layout != PACKED:
+            store = Store(location)
+        elif alone:
+            store = sole_store(location)
+        else:
+            store = rank_store(location, self._rank)
         # Each rank's data is durable before it reports success. A single process's becomes
         # durable with everything else at the commit instead (LocalSave.commit syncs through a
         # handle opened before any write): one sync of the filesystem per save, not two. With
@@ -229,6 +242,8 @@ class ZarrWriter(StorageWriter):
         try:
             with storage_access(store.url):
                 written, results = self._write_items(plan, planner, chunks)
+                if not alone:
+                    chunks.commit()
             if durable is not None:
                 durable.sync()
         except BaseException:
@@ -237,6 +252,8 @@ class ZarrWriter(StorageWriter):
         finally:
             if durable is not None:
                 durable.close()
+        if alone:
+            self._uncommitted = chunks
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
@@ -338,8 +355,15 @@ class ZarrWriter(StorageWriter):
         if self.options.layout == PACKED:
             documents = {f"{node}/{METADATA_KEY}": encode_json(doc) for node, doc in nodes.items()}
             documents[METADATA_KEY] = encode_json(root)  # visible with the rest, in one commit
-            ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
-            write_root: WriteRoot = partial(merge, save.location, ranks, documents)
+            if self._uncommitted is not None:
+                alone, self._uncommitted = self._uncommitted, None
+                assert alone.transaction is not None
+                write_root: WriteRoot = partial(
+                    commit_with_documents, alone.store, alone.store.kv, alone.transaction, documents
+                )
+            else:
+                ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
+                write_root = partial(merge, save.location, ranks, documents)
         else:
             write_root = partial(self._write_documents, store, nodes, root)
         save.commit(write_root, sync=self.options.sync_files)
@@ -467,8 +491,11 @@ class _ChunkWriter:
         return self.store.open_array(node, document, write=True, transaction=self.transaction)
 
     def drain(self) -> None:
-        """Complete every write (and commit the transaction of a packed save's rank)."""
+        """Complete every write (into the transaction, for a packed save)."""
         self.window.drain()
+
+    def commit(self) -> None:
+        """Commit a packed save's transaction: the rank's database is then whole."""
         if self.transaction is not None:
             self.store.wait(self.transaction.commit_async())
 

@@ -26,6 +26,7 @@ __all__ = [
     "database_spec",
     "OCDBT_WRITE_CONFIG",
     "OCDBT_ROOT_CONFIG",
+    "OCDBT_SOLE_REMOTE_CONFIG",
 ]
 
 FILES, PACKED = "files", "packed"
@@ -47,6 +48,17 @@ OCDBT_WRITE_CONFIG: dict[str, Any] = {
 #: on an object store. (Its limit must not be below its ranks', or a merge would re-encode
 #: their inline values.)
 OCDBT_ROOT_CONFIG: dict[str, Any] = OCDBT_WRITE_CONFIG | {"max_inline_value_bytes": 1 << 20}
+#: The database of a packed save by one process on an object store holds its chunks and its
+#: documents alike (:func:`zdcp.storage.packed.sole_store`): values of up to 1 MiB inline, so
+#: that the first B-tree node a reader reads brings the documents and the small chunks, one
+#: round trip; nodes of at most 8 MiB, so that reading the documents never reads much more.
+#: Locally such a save uses the rank configuration: chunks in data files are what a local load
+#: reads straight into its destination.
+OCDBT_SOLE_REMOTE_CONFIG: dict[str, Any] = {
+    "max_inline_value_bytes": 1 << 20,
+    "max_decoded_node_bytes": 8 << 20,
+    "manifest_kind": "single",
+}
 #: On an object store, a reader's reads of nearby data (a B-tree node, several chunks of one
 #: data file) are coalesced into one request; locally this only reads more.
 _REMOTE_READS: dict[str, Any] = {
@@ -61,22 +73,23 @@ def rank_database(rank: int) -> str:
     return f"ocdbt.process_{rank}/"
 
 
-def database_spec(location: dict[str, Any], *, write: bool, root: bool = False) -> dict[str, Any]:
-    """The kvstore spec of the OCDBT database at ``location`` (a kvstore spec): a rank's or,
-    with ``root``, the root one."""
+def database_spec(location: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The kvstore spec of the OCDBT database at ``location`` (a kvstore spec); to write a new
+    one, with ``config`` (an existing one is written under the one its manifest records)."""
     spec: dict[str, Any] = {"driver": "ocdbt", "base": location, "cache_pool": "cache_pool#ocdbt_nodes"}
-    if write:
-        spec |= {"config": OCDBT_ROOT_CONFIG if root else OCDBT_WRITE_CONFIG, "assume_config": True}
+    if config is not None:
+        spec |= {"config": config, "assume_config": True}
     return spec
 
 
-def hierarchy_spec(location: dict[str, Any], layout: str, *, write: bool = False) -> dict[str, Any]:
+def hierarchy_spec(location: dict[str, Any], layout: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The kvstore spec under which a checkpoint's Zarr hierarchy is, for a checkpoint at
-    ``location`` (a kvstore spec) stored in ``layout``. Reads of a remote packed checkpoint
-    coalesce (a merge's reads of B-tree nodes do not: each would wait out the interval)."""
+    ``location`` (a kvstore spec) stored in ``layout``; ``config`` as for
+    :func:`database_spec`. Reads of a remote packed checkpoint coalesce (a merge's reads of
+    B-tree nodes do not: each would wait out the interval)."""
     if layout == FILES:
         return location
-    spec = database_spec(location, write=write)
-    if not write and location["driver"] not in ("file", "memory"):
+    spec = database_spec(location, config)
+    if config is None and location["driver"] not in ("file", "memory"):
         spec |= _REMOTE_READS
     return spec

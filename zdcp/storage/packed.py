@@ -7,6 +7,9 @@ the coordinator, in one atomic transaction of the root database, copies the rank
 (B-tree entries that refer to the ranks' data files, which are not copied) and writes every
 node's ``zarr.json`` and the root one; the root manifest, which OCDBT writes last, makes them
 visible together.
+
+A save by a single process needs no merge: it writes its chunks into the root database, and the
+same transaction takes the documents and commits at the end (:func:`sole_store`).
 """
 
 from __future__ import annotations
@@ -17,15 +20,30 @@ from typing import Any
 import tensorstore as ts
 
 from ..errors import StorageError
-from .layouts import PACKED, database_spec, rank_database
+from .layouts import (
+    OCDBT_ROOT_CONFIG,
+    OCDBT_SOLE_REMOTE_CONFIG,
+    OCDBT_WRITE_CONFIG,
+    PACKED,
+    database_spec,
+    rank_database,
+)
 from .store import Store
 
-__all__ = ["rank_store", "merge", "value_locations"]
+__all__ = ["rank_store", "sole_store", "merge", "commit_with_documents", "value_locations"]
 
 
 def rank_store(location: dict[str, Any], rank: int) -> Store:
     """The database into which rank ``rank`` of a save to ``location`` writes."""
-    return Store(_rank_location(location, rank), PACKED, write=True)
+    return Store(_rank_location(location, rank), PACKED, config=OCDBT_WRITE_CONFIG)
+
+
+def sole_store(location: dict[str, Any]) -> Store:
+    """The database into which the only process of a save to ``location`` writes: the root
+    database itself, whose transaction then also takes the documents
+    (:func:`commit_with_documents`), so that there is no rank database and no merge."""
+    local = location["driver"] == "file"
+    return Store(location, PACKED, config=OCDBT_WRITE_CONFIG if local else OCDBT_SOLE_REMOTE_CONFIG)
 
 
 def merge(
@@ -39,16 +57,14 @@ def merge(
     """
     root = Store(location, PACKED)
     transaction = ts.Transaction(atomic=True)
-    database = root.wait(ts.KvStore.open(database_spec(location, write=True, root=True), context=root.context))
-    # The root manifest (absent, or the replaced checkpoint's), read while the ranks' databases
-    # are: the commit needs it.
-    reading_manifest = database.read("")
+    database = root.wait(ts.KvStore.open(database_spec(location, OCDBT_ROOT_CONFIG), context=root.context))
+    manifest = read_manifest(database)  # while the ranks' databases are read
     target = database.with_transaction(transaction)
     # Every rank's database at once, listed and copied together: a few round trips to an object
     # store, however many ranks. The same context as the root's: OCDBT copies references only
     # within one.
     ranks = list(ranks)
-    specs = [database_spec(_rank_location(location, rank), write=False) for rank in ranks]
+    specs = [database_spec(_rank_location(location, rank)) for rank in ranks]
     opening = [ts.KvStore.open(spec, context=root.context) for spec in specs]
     sources = [root.wait(future) for future in opening]
     listings = [source.list() for source in sources]
@@ -58,11 +74,34 @@ def merge(
             raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing or empty")
     for copy in copies:
         root.wait(copy)
-    root.wait(reading_manifest)
+    commit_with_documents(root, database, transaction, documents, confirm, manifest)
+
+
+def commit_with_documents(
+    store: Store,
+    database: ts.KvStore,
+    transaction: ts.Transaction,
+    documents: dict[str, bytes],
+    confirm: Callable[[], None],
+    manifest: ts.Future | None = None,
+) -> None:
+    """Add ``documents`` (key -> bytes) to ``transaction`` of ``database`` (the hierarchy of
+    ``store``, as written), and commit it once ``confirm()`` returns: what it holds becomes
+    visible at once, its manifest last. ``manifest``: :func:`read_manifest` of ``database``,
+    issued earlier (else it is read alongside ``confirm()``)."""
+    reading_manifest = manifest if manifest is not None else read_manifest(database)
+    database = database.with_transaction(transaction)
     for key, value in documents.items():
-        root.wait(target.write(key, value))
+        store.wait(database.write(key, value))
     confirm()
-    root.wait(transaction.commit_async())
+    store.wait(reading_manifest)
+    store.wait(transaction.commit_async())
+
+
+def read_manifest(database: ts.KvStore) -> ts.Future:
+    """Read ``database``'s manifest, which a commit needs (absent, or the replaced
+    checkpoint's), so that its round trip overlaps others (a read of no key reads only it)."""
+    return database.read("")
 
 
 def _rank_location(location: dict[str, Any], rank: int) -> dict[str, Any]:

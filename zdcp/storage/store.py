@@ -38,8 +38,8 @@ class Store:
 
     ``location`` is the kvstore spec of the place itself (a directory, an object-store prefix),
     ``spec`` that of the hierarchy's keys: the same place for the files layout, the OCDBT
-    database there for the packed one (with ``write``, a new rank database, created with
-    zdcp's configuration; an existing database is written under the one its manifest records).
+    database there for the packed one (with ``config``, a new database written with that OCDBT
+    configuration; an existing database is written under the one its manifest records).
 
     The context is shared by every array opened through this store so that all chunk I/O of a
     save or load draws on one pool of file-I/O and copy threads (and, packed, one cache of the
@@ -51,11 +51,11 @@ class Store:
     files and ``zarr.json`` documents would otherwise ``fsync`` each one.
     """
 
-    def __init__(self, checkpoint_id: CheckpointId, layout: str = FILES, *, write: bool = False):
+    def __init__(self, checkpoint_id: CheckpointId, layout: str = FILES, *, config: dict[str, Any] | None = None):
         self.checkpoint_id = checkpoint_id
         self.location = kvstore_spec(checkpoint_id)
         self.layout = layout
-        self.spec = hierarchy_spec(self.location, layout, write=write)
+        self.spec = hierarchy_spec(self.location, layout, config)
         if self.location["driver"] == "memory":
             # memory:// stores live in a context: one for the process, so that they outlive a call
             self.context = _MEMORY
