@@ -4,7 +4,8 @@
     zdcp.save({"app": app_state}, "ckpt/step_100")   # every rank writes its own shards
     zdcp.load({"app": app_state}, "ckpt/step_100")   # any world size, any placement
 
-A job restarted after a crash resumes from ``zdcp.latest_checkpoint("ckpt")``. Without the
+A training run saves, keeps and resumes its checkpoints with ``zdcp.CheckpointManager``; a job
+restarted after a crash finds the newest with ``zdcp.latest_checkpoint("ckpt")``. Without the
 training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)`` to check
 every chunk, ``zdcp.zarr_store(path)`` for zarr-python, ``zdcp.format_utils`` for
 conversions, and the ``zdcp`` command.
@@ -18,6 +19,7 @@ from . import zarr_dtypes as _zarr_dtypes
 from .api import async_save, load, save
 from .checkpoints import latest_checkpoint
 from .errors import *  # noqa: F403  (the error classes are public API)
+from .manager import CheckpointManager
 from .options import SaveOptions
 from .reader import ZarrReader
 from .verify import Report, verify
@@ -39,6 +41,7 @@ __all__ = [
     "verify",
     "Report",
     "latest_checkpoint",
+    "CheckpointManager",
     "ZarrWriter",
     "ZarrReader",
     "zarr_store",

@@ -64,10 +64,10 @@ def save(
             checkpoint), ``allow_pickle``, ``compression`` (``None``, ``"zstd"``, ``"gzip"``),
             ``sync_files`` (default True: durable before the commit, as DCP).
     """
-    no_dist = no_dist or not _distributed()
+    no_dist = no_dist or not distributed()
     writer = ZarrWriter(checkpoint_id, **options)
-    plain, error = _attempt(lambda: _plain_state_dict(state_dict))
-    _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
+    plain, error = attempt(lambda: _plain_state_dict(state_dict))
+    agree(error, "state_dict()", no_dist=no_dist, group=process_group)
     run_save(plain, writer, no_dist=no_dist, process_group=process_group)
 
 
@@ -88,20 +88,20 @@ def async_save(
     like :func:`save`, from a background thread: give it a process group of its own
     (``dist.new_group(backend="gloo")``) when training runs collectives meanwhile.
     """
-    no_dist = no_dist or not _distributed()
+    no_dist = no_dist or not distributed()
     writer = ZarrWriter(checkpoint_id, **options)
     # Pinned host memory when a GPU is present; blocking copies, so the staged state is complete
     # when this returns (non-blocking ones would need a stream synchronisation first).
     stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
     try:
-        staged, error = _attempt(lambda: stager.stage(_plain_state_dict(state_dict)))
+        staged, error = attempt(lambda: stager.stage(_plain_state_dict(state_dict)))
     finally:
         stager.close()
 
     def in_background() -> None:
         # Every collective of an async save runs on the saver thread, in the order the saves
         # were started, so that two saves in flight never interleave their collectives.
-        _agree(error, "state_dict() and staging", no_dist=no_dist, group=process_group)
+        agree(error, "state_dict() and staging", no_dist=no_dist, group=process_group)
         run_save(staged, writer, no_dist=no_dist, process_group=process_group)
 
     return _SAVER.submit(in_background)
@@ -158,18 +158,18 @@ def load(
         allow_cast: cast tensors whose stored dtype differs from the destination's.
         allow_pickle: unpickle values saved with ``allow_pickle=True`` (trusted checkpoints only).
     """
-    no_dist = no_dist or not _distributed()
+    no_dist = no_dist or not distributed()
     # Read here rather than in DCP's planning, which would replace a missing or damaged
     # checkpoint's error by an AssertionError.
-    committed, error = _attempt(lambda: open_committed(Store(checkpoint_id)))
-    _agree(error, "reading the checkpoint", no_dist=no_dist, group=process_group)
+    committed, error = attempt(lambda: open_committed(Store(checkpoint_id)))
+    agree(error, "reading the checkpoint", no_dist=no_dist, group=process_group)
     reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle, committed=committed)
     # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
     # In sorted key order, as DCP, so that Stateful methods running collectives match up.
     keys = sorted(state_dict)
     stateful = {k: state_dict[k] for k in keys if isinstance(state_dict[k], Stateful)}
-    plain, error = _attempt(lambda: _plain_state_dict({k: state_dict[k] for k in keys}))
-    _agree(error, "state_dict()", no_dist=no_dist, group=process_group)
+    plain, error = attempt(lambda: _plain_state_dict({k: state_dict[k] for k in keys}))
+    agree(error, "state_dict()", no_dist=no_dist, group=process_group)
     with dcp_call(no_dist=no_dist):
         dcp.load(
             plain,
@@ -186,8 +186,8 @@ def load(
             else:
                 state_dict[key] = plain[key]
 
-    _, error = _attempt(apply)
-    _agree(error, "load_state_dict()", no_dist=no_dist, group=process_group)
+    _, error = attempt(apply)
+    agree(error, "load_state_dict()", no_dist=no_dist, group=process_group)
 
 
 def _plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +198,7 @@ def _plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state_dict.items()}
 
 
-def _attempt(fn: Callable[[], T]) -> tuple[T, Exception | None]:
+def attempt(fn: Callable[[], T]) -> tuple[T, Exception | None]:
     """``fn()``'s result, or its exception (rank-local user code: a ``Stateful``'s methods)."""
     try:
         return fn(), None
@@ -206,7 +206,7 @@ def _attempt(fn: Callable[[], T]) -> tuple[T, Exception | None]:
         return None, e  # type: ignore[return-value]
 
 
-def _agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.ProcessGroup | None) -> None:
+def agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.ProcessGroup | None) -> None:
     """Share the outcome of a rank-local step; raise on every rank when it failed on any.
 
     As for DCP's own steps (:func:`_translate_errors`): the lowest failing rank's error is
@@ -220,7 +220,7 @@ def _agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.Pro
             raise error
         return
     # One all-reduce of a flag in the usual case; the errors are gathered only when a rank failed.
-    failures = torch.tensor([error is not None], dtype=torch.int32, device=_collective_device(group))
+    failures = torch.tensor([error is not None], dtype=torch.int32, device=collective_device(group))
     dist.all_reduce(failures, group=group)
     if failures.item() == 0:
         return
@@ -236,14 +236,14 @@ def _agree(error: Exception | None, step: str, *, no_dist: bool, group: dist.Pro
     raise DistributedError(f"{step} failed on rank(s) {sorted(failed)}; rank {rank}: {first}", causes) from error
 
 
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     """Where a tensor for a collective over ``group`` lives: the device that torch's own object
     collectives use (the CPU when the group has a CPU backend, else its accelerator's current
     device, as for NCCL alone)."""
     return torch.device(_get_object_coll_device(group))
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 

@@ -49,12 +49,12 @@ from typing import Any
 
 import tensorstore as ts
 
-from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, ZdcpError
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UsageError, ZdcpError
 from ..format.constants import METADATA_KEY, SAVING_MARKER
 from ..format.documents import zdcp_attrs
 from .committed import interrupted_saves, local_contents, pending_name, root_document
 from .layouts import OCDBT_MANIFEST
-from .oscalls import FilesystemSync, exchange, process_identity, process_running
+from .oscalls import FilesystemSync, exchange, process_identity, process_running, sync_directory
 from .store import Store, encode_json
 
 __all__ = [
@@ -65,6 +65,8 @@ __all__ = [
     "save_location",
     "check_location",
     "remove_dead_saves",
+    "remove_committed",
+    "remove_interrupted",
 ]
 
 #: What a save's commit writes: the root document and whatever becomes visible with it. It is
@@ -317,15 +319,74 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
             in_place.release()
             raise
     if committed:
-        # Un-commit first (the root document, or the packed database's manifest that holds
-        # it; whichever layout committed last): no load finds the old root over new chunks.
-        for deleting in [store.kv.write(key, None) for key in (METADATA_KEY, OCDBT_MANIFEST)]:
-            store.wait(deleting)
+        _uncommit(store)  # first: no load finds the old root over new chunks
     if committed or found.state == "value":
-        # Then what is left of the replaced checkpoint or the interrupted save, all but the marker.
-        store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
-        store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
+        _delete_all_but_marker(store)  # what is left of the replaced checkpoint or the interrupted save
     return in_place
+
+
+def _uncommit(store: Store) -> None:
+    """Delete the commit record under an object-store prefix: the root document, or the packed
+    database's manifest that holds it (both: the checkpoint may be of either layout)."""
+    for deleting in [store.kv.write(key, None) for key in (METADATA_KEY, OCDBT_MANIFEST)]:
+        store.wait(deleting)
+
+
+def _delete_all_but_marker(store: Store) -> None:
+    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
+    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
+
+
+def remove_committed(store: Store) -> None:
+    """Delete the committed zdcp checkpoint at ``store``'s location, un-committing it first, so
+    that a kill at any moment leaves either the whole checkpoint, committed, or what is left of
+    it un-committed (never loaded) and marked as this process's, as a save's leftovers are:
+
+    - local: a marker naming this process goes into the directory, the directory is renamed to
+      a pending name (:func:`~zdcp.storage.committed.pending_name`) and the rename made
+      durable, then it is deleted (:func:`remove_dead_saves` removes what a kill left);
+    - object store: the marker is written, then the commit record deleted, then the rest, the
+      marker last (:func:`remove_interrupted` removes what a kill left).
+
+    Raises :class:`~zdcp.CheckpointNotFoundError` when the location holds no committed zdcp
+    checkpoint; nothing is deleted then.
+    """
+    url = store.url
+    marker = encode_json({"owner": process_identity(), "removing": True, "target": url})
+    if store.local_dir is None:
+        try:
+            _, root = root_document(store)
+        except CorruptCheckpointError:
+            root = None
+        if root is None or zdcp_attrs(root) is None:
+            raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {url}; nothing removed")
+        store.wait(store.kv.write(SAVING_MARKER, marker))
+        _uncommit(store)
+        _delete_all_but_marker(store)
+        store.delete(SAVING_MARKER)
+        return
+    target = _local_target(store)
+    if local_contents(target) != "committed":
+        raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {target}; nothing removed")
+    with open(os.path.join(target, SAVING_MARKER), "wb") as f:
+        f.write(marker)
+    aside = pending_name(target)
+    os.rename(target, aside)
+    sync_directory(os.path.dirname(target))
+    shutil.rmtree(aside)
+
+
+def remove_interrupted(store: Store) -> bool:
+    """Delete what a save or a removal that never finished left under an object-store prefix
+    (its marker, and no commit record); True if there was such a thing. The caller knows that
+    nothing is saving there now: on an object store, a marker cannot tell a dead save from a
+    running one."""
+    found = store.wait(store.kv.read(SAVING_MARKER))
+    if found.state != "value" or root_document(store)[1] is not None:
+        return False
+    _delete_all_but_marker(store)
+    store.wait(store.kv.write(SAVING_MARKER, None, if_equal=found.stamp.generation))
+    return True
 
 
 def _committed(store: Store, overwrite: bool) -> bool:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FilesystemSync", "start_writeback", "exchange", "process_identity", "process_running"]
+__all__ = ["FilesystemSync", "sync_directory", "start_writeback", "exchange", "process_identity", "process_running"]
 
 
 class FilesystemSync:
@@ -39,6 +39,16 @@ class FilesystemSync:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def sync_directory(path: str) -> None:
+    """Make the entries of directory ``path`` durable (a rename in it): ``fsync`` of the
+    directory, which, unlike ``syncfs``, leaves other dirty data on the filesystem alone."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def start_writeback(fd: int) -> None:

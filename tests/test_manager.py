@@ -1,0 +1,305 @@
+"""zdcp.CheckpointManager: the retention rules and their combination, metrics, async ordering
+and error surfacing, preemption agreement across ranks, restore at another world size, kills
+during a save and during a removal, and the same flow on S3 (moto)."""
+
+import os
+import signal
+import uuid
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import assert_bitwise_equal
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import zdcp
+from zdcp.manager import retained_steps
+from zdcp.testing import environment, moto_server, run_ranks
+
+
+def _state(step):
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(64, 32, generator=g), "step": step}
+
+
+def _empty():
+    return {"w": torch.zeros(64, 32), "step": -1}
+
+
+def _assert_restored(state, step):
+    assert_bitwise_equal(state["w"], _state(step)["w"]) and state["step"] == step
+
+
+def _on_disk(directory):
+    return sorted(int(n[5:]) for n in os.listdir(directory) if n.startswith("step_") and n[5:].isdigit())
+
+
+# -- the policy ---------------------------------------------------------------------------------
+
+LOSSES = {1: 0.1, 2: 0.5, 3: 0.05, 4: 0.9, 5: 0.7, 6: 0.8}
+
+
+@pytest.mark.parametrize(
+    ("settings", "metrics", "kept"),
+    [
+        ({"max_to_keep": None}, {}, {1, 2, 3, 4, 5, 6}),
+        ({"max_to_keep": 2}, {}, {5, 6}),
+        ({"max_to_keep": 1, "keep_every_n_steps": 3}, {}, {3, 6}),
+        ({"max_to_keep": 2, "keep_every_n_steps": 4}, {}, {4, 5, 6}),
+        # the best two by loss, and always the newest
+        ({"max_to_keep": 2, "best_metric": "loss"}, LOSSES, {1, 3, 6}),
+        ({"max_to_keep": 2, "best_metric": "loss", "best_mode": "max"}, LOSSES, {4, 6}),
+        # without the metric (or NaN): kept while among the newest two
+        ({"max_to_keep": 2, "best_metric": "loss"}, {1: 0.1, 2: 0.2, 3: 0.3, 5: float("nan")}, {1, 2, 5, 6}),
+        # ties: the newer wins
+        ({"max_to_keep": 1, "best_metric": "loss"}, {2: 0.5, 4: 0.5}, {4, 6}),
+        ({"max_to_keep": 1, "keep_every_n_steps": 2, "best_metric": "loss"}, {1: 0.0, 3: 1.0}, {1, 2, 4, 6}),
+    ],
+)
+def test_each_retention_rule_and_their_combination(settings, metrics, kept):
+    steps = {s: ({"loss": metrics[s]} if s in metrics else None) for s in range(1, 7)}
+    assert retained_steps(steps, **settings) == kept
+
+
+# -- one process --------------------------------------------------------------------------------
+
+
+def test_a_run_keeps_what_its_policy_says_and_resumes_from_the_newest(tmp_path, layout):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "step_x").mkdir()
+    with zdcp.CheckpointManager(run, save_interval_steps=2, max_to_keep=2, keep_every_n_steps=4,
+                                layout=layout) as mgr:  # fmt: skip
+        saved = [step for step in range(11) if mgr.save(step, _state(step))]
+        assert saved == [0, 2, 4, 6, 8, 10]
+        assert mgr.all_steps() == [0, 4, 8, 10] == _on_disk(run) and mgr.latest_step() == 10
+        assert not mgr.save(11, _state(11))
+        assert mgr.save(11, _state(11), force=True) and mgr.all_steps() == [0, 4, 8, 10, 11]
+    assert (run / "notes.txt").read_text() == "mine" and (run / "step_x").is_dir()
+    assert not [n for n in os.listdir(run) if n.startswith(".")], "nothing left behind"
+    with zdcp.CheckpointManager(run) as again:  # a restarted job
+        assert again.all_steps() == [0, 4, 8, 10, 11]
+        state = _empty()
+        assert again.restore(state) == 11
+        _assert_restored(state, 11)
+        assert again.restore(state, step=4) == 4
+        _assert_restored(state, 4)
+        with pytest.raises(zdcp.CheckpointNotFoundError, match="step 2 is not a committed checkpoint"):
+            again.restore(state, step=2)
+    assert zdcp.latest_checkpoint(run).name == "step_11"
+
+
+def test_metrics_are_stored_with_the_checkpoint_and_rank_the_best(tmp_path):
+    run = tmp_path / "run"
+    losses = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.7}
+    with zdcp.CheckpointManager(run, max_to_keep=2, best_metric="loss") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, _state(step), metrics={"loss": loss, "lr": 0.1})
+        mgr.save(5, _state(5))  # no metrics: kept by recency only
+        assert mgr.all_steps() == [2, 3, 5] and mgr.best_step() == 2
+        assert mgr.metrics(2) == {"loss": 0.3, "lr": 0.1} and mgr.metrics(5) is None
+    assert zdcp.open(run / "step_3").metadata == {"step": 3, "metrics": {"loss": 0.5, "lr": 0.1}}
+    again = zdcp.CheckpointManager(run, max_to_keep=2, best_metric="loss")
+    assert again.all_steps() == [2, 3, 5] and again.best_step() == 2 and again.metrics(3)["loss"] == 0.5
+    again.save(6, _state(6), metrics={"loss": 0.1})
+    assert again.all_steps() == [2, 5, 6]  # 5 is still among the newest two
+    again.save(7, _state(7), metrics={"loss": 0.2})
+    assert again.all_steps() == [6, 7] == _on_disk(run) and again.best_step() == 6
+    again.close()
+
+
+def test_a_step_saved_twice_needs_force(tmp_path):
+    mgr = zdcp.CheckpointManager(tmp_path / "run")
+    mgr.save(1, _state(1))
+    with pytest.raises(zdcp.CheckpointExistsError, match="step 1 is committed"):
+        mgr.save(1, _state(2))
+    assert mgr.save(1, _state(2), force=True)
+    state = _empty()
+    mgr.restore(state)
+    _assert_restored(state, 2)
+    with zdcp.CheckpointManager(tmp_path / "run", overwrite=True) as replacing:
+        assert replacing.save(1, _state(3))
+    mgr.close()
+    with pytest.raises(zdcp.UsageError, match="closed"):
+        mgr.save(2, _state(2))
+
+
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
+    for settings in ({"max_to_keep": 0}, {"save_interval_steps": -1}, {"best_mode": "mean"},
+                     {"layout": "zip"}, {"metadata": {}}):  # fmt: skip
+        with pytest.raises(zdcp.UsageError):
+            zdcp.CheckpointManager(tmp_path / "run", **settings)
+    assert not (tmp_path / "run").exists()
+
+
+def test_async_saves_commit_in_order_and_their_errors_surface(tmp_path):
+    run = tmp_path / "run"
+    with zdcp.CheckpointManager(run, async_save=True, max_to_keep=1) as mgr:
+        state = _state(1)
+        assert mgr.save(1, state)
+        state["w"].add_(1.0)  # staged: the checkpoint keeps what save() was given
+        assert mgr.save(2, _state(2))  # waits for step 1 to commit first
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2] == _on_disk(run)
+        restored = _empty()
+        assert mgr.restore(restored) == 2
+        _assert_restored(restored, 2)
+        assert mgr.save(3, {"bad": object()})  # fails in the background
+        with pytest.raises(zdcp.UnsupportedValueError, match="bad"):
+            mgr.wait_until_finished()
+        assert mgr.all_steps() == [2] and mgr.save(4, _state(4))
+        mgr.save(5, {"bad": object()})
+        with pytest.raises(zdcp.UnsupportedValueError):
+            mgr.save(6, _state(6))  # the next save raises it
+    assert _on_disk(run) == [4]
+    mgr = zdcp.CheckpointManager(run, async_save=True)
+    mgr.save(7, {"bad": object()})
+    with pytest.raises(zdcp.UnsupportedValueError):
+        mgr.close()
+
+
+def test_preemption_in_one_process(tmp_path):
+    with zdcp.CheckpointManager(tmp_path / "run", save_interval_steps=100,
+                                preemption_signals=(signal.SIGUSR1,)) as mgr:  # fmt: skip
+        for step in range(1, 10):
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            mgr.save(step, _state(step))
+            if mgr.reached_preemption(step):
+                break
+        assert step == 4 and mgr.all_steps() == [4]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # put back
+
+
+# -- several ranks ------------------------------------------------------------------------------
+
+
+def _preempted_ranks(rank, world_size, run, out):
+    mgr = zdcp.CheckpointManager(run, save_interval_steps=100, preemption_signals=(signal.SIGUSR1,))
+    for step in range(1, 20):
+        if step == 5 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is told
+        mgr.save(step, {"w": torch.full((4,), float(step))})
+        if mgr.reached_preemption(step):
+            break
+    mgr.close()
+    torch.save({"step": step, "steps": mgr.all_steps()}, f"{out}.{rank}")
+
+
+def test_a_signal_on_one_rank_makes_every_rank_save_and_stop(tmp_path):
+    out = tmp_path / "out"
+    run_ranks(2, _preempted_ranks, str(tmp_path / "run"), str(out))
+    for rank in (0, 1):
+        assert torch.load(f"{out}.{rank}") == {"step": 5, "steps": [5]}
+
+
+def _sharded_run(rank, world_size, run, step, out):
+    mesh = init_device_mesh("cpu", (world_size,))
+    full = torch.arange(30 * 8, dtype=torch.float32).reshape(30, 8)
+    with zdcp.CheckpointManager(run, max_to_keep=1, async_save=True) as mgr:
+        if step is None:
+            state = {"w": distribute_tensor(torch.zeros(30, 8), mesh, [Shard(0)]), "step": 0}
+            restored = mgr.restore(state)
+            torch.save({"step": restored, "w": state["w"].full_tensor(), "steps": mgr.all_steps()}, f"{out}.{rank}")
+            return
+        for s in (step - 1, step):
+            mgr.save(s, {"w": distribute_tensor(full * s, mesh, [Shard(0)]), "step": s})
+
+
+def test_restore_at_another_world_size(tmp_path):
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    run_ranks(2, _sharded_run, run, 3, out)
+    run_ranks(3, _sharded_run, run, None, out)
+    for rank in range(3):
+        found = torch.load(f"{out}.{rank}")
+        assert found["step"] == 3 and found["steps"] == [3]
+        assert torch.equal(found["w"], torch.arange(30 * 8, dtype=torch.float32).reshape(30, 8) * 3)
+
+
+# -- kills ----------------------------------------------------------------------------------------
+
+
+def _killed_run(run, die_in):
+    """Save steps 1 and 2 (max_to_keep=1), and die by SIGKILL in ``die_in``: the commit of step 2's
+    save, or the deletion of step 1 once it is un-committed."""
+    import zdcp.storage.commit as commit
+
+    target = {"save": (commit.LocalSave, "commit"), "removal": (commit.shutil, "rmtree"),
+              "s3 removal": (commit, "_delete_all_but_marker")}[die_in]  # fmt: skip
+    mgr = zdcp.CheckpointManager(run, max_to_keep=1)
+    mgr.save(1, _state(1))
+    owner, name = target
+    setattr(owner, name, lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
+    mgr.save(2, _state(2))
+
+
+@pytest.mark.parametrize("die_in", ["save", "removal"])
+def test_a_run_killed_mid_save_or_mid_removal_resumes_from_a_whole_checkpoint(tmp_path, die_in):
+    run = tmp_path / "run"
+    job = mp.get_context("spawn").Process(target=_killed_run, args=(str(run), die_in))
+    job.start()
+    job.join(120)
+    assert job.exitcode == -signal.SIGKILL
+    assert [n for n in os.listdir(run) if n.startswith(".")], "the kill left something behind"
+    with zdcp.CheckpointManager(run, max_to_keep=1) as mgr:
+        resumed = 1 if die_in == "save" else 2  # a removal runs only after step 2 committed
+        assert mgr.all_steps() == [resumed] and not [n for n in os.listdir(run) if n.startswith(".")]
+        state = _empty()
+        assert mgr.restore(state) == resumed
+        _assert_restored(state, resumed)
+        mgr.save(3, _state(3))
+        assert sorted(os.listdir(run)) == ["step_3"]
+
+
+# -- S3 -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    boto3 = pytest.importorskip("boto3")
+    with moto_server() as endpoint, environment(
+        AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="t", AWS_SECRET_ACCESS_KEY="t"
+    ):
+        yield boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"run-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def _prefixes(s3, bucket):
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sorted({o["Key"].split("/")[1] for page in pages for o in page.get("Contents", [])})
+
+
+def test_the_same_flow_on_s3(s3, bucket, layout):
+    run = f"s3://{bucket}/run"
+    with zdcp.CheckpointManager(run, max_to_keep=2, keep_every_n_steps=3, best_metric="loss", async_save=True,
+                                layout=layout) as mgr:  # fmt: skip
+        for step in range(1, 7):
+            mgr.save(step, _state(step), metrics={"loss": 1.0 / step})
+    assert _prefixes(s3, bucket) == ["step_3", "step_5", "step_6"]
+    with zdcp.CheckpointManager(run) as again:
+        assert again.all_steps() == [3, 5, 6] and again.metrics(5) == {"loss": 0.2}
+        state = _empty()
+        assert again.restore(state) == 6
+        _assert_restored(state, 6)
+
+
+def test_a_removal_killed_on_s3_is_never_resumed_from(s3, bucket):
+    run = f"s3://{bucket}/run"
+    job = mp.get_context("spawn").Process(target=_killed_run, args=(run, "s3 removal"))
+    job.start()
+    job.join(120)
+    assert job.exitcode == -signal.SIGKILL
+    assert "step_1" in _prefixes(s3, bucket), "un-committed, not yet deleted"
+    with zdcp.CheckpointManager(run, max_to_keep=1) as mgr:
+        assert mgr.all_steps() == [2] and _prefixes(s3, bucket) == ["step_2"]
+        state = _empty()
+        assert mgr.restore(state) == 2
+        _assert_restored(state, 2)

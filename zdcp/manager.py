@@ -1,0 +1,411 @@
+"""``zdcp.CheckpointManager``: when a training run saves, which checkpoints it keeps, and where it
+resumes.
+
+The manager owns a directory (a local path or an object-store URL) of checkpoints named
+``step_<N>``, as :func:`zdcp.latest_checkpoint` reads them. It decides whether a step is saved
+(an interval, ``force``, a preemption signal), saves through :func:`zdcp.save` or
+:func:`zdcp.async_save` with the step and its metrics as the checkpoint's ``metadata``, and
+after each commit removes the checkpoints its retention policy no longer keeps, each
+un-committed before anything of it is deleted (:func:`zdcp.storage.commit.remove_committed`).
+
+What it knows of the directory (the committed steps and their metrics) is read once, by the
+coordinator, when the manager is created, and shared with every rank; from then on every rank
+updates it alike, so that the queries (:meth:`~CheckpointManager.latest_step` and the like) are
+local and agree across ranks. One manager (one job) writes a directory at a time: saves that
+never committed, and removals that never finished, are deleted when the next manager starts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterable, Mapping
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .api import agree, async_save, attempt, collective_device, distributed, load, save
+from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UsageError
+from .format.documents import read_metadata, zdcp_attrs
+from .options import SaveOptions
+from .storage.commit import remove_committed, remove_dead_saves, remove_interrupted
+from .storage.committed import pending_directories, root_document
+from .storage.store import Store
+
+__all__ = ["CheckpointManager", "retained_steps"]
+
+#: The name of a step's checkpoint in the manager's directory.
+STEP_NAME = re.compile(r"step_(\d+)")
+_MODES = ("min", "max")
+
+
+class CheckpointManager:
+    """Saves, keeps and restores the checkpoints of a training run in ``directory``.
+
+    Args:
+        directory: a local path or URL (``s3://``, ``gs://``, ``memory://``); step ``N`` is
+            saved to ``directory/step_<N>``. Entries of other names are left alone.
+        save_interval_steps: :meth:`save` saves when ``step % save_interval_steps == 0``, and
+            otherwise only with ``force`` or at a preemption.
+        max_to_keep: keep the newest ``max_to_keep`` committed checkpoints (None: all).
+        keep_every_n_steps: also keep, forever, every step that is a multiple of it.
+        best_metric: the name of a metric in :meth:`save`'s ``metrics``; with ``max_to_keep``,
+            keep the ``max_to_keep`` best checkpoints by it instead of the newest. A checkpoint
+            saved without the metric (or with a non-number, or NaN) is kept by recency only:
+            while it is among the newest ``max_to_keep``.
+        best_mode: ``"min"`` (lower is better) or ``"max"``.
+        async_save: :meth:`save` returns once the state is staged in host memory, and the
+            checkpoint is written in the background (over a process group of the manager's
+            own, so that training's collectives may run meanwhile: every process of the
+            default group creates the manager then, as torch's ``new_group`` requires); one
+            save is in flight at a time.
+        preemption_signals: signals (``signal.SIGTERM``) that mark a preemption: a signal on
+            any rank makes every rank save at its next :meth:`save` call, whatever the
+            interval, after which :meth:`reached_preemption` is True. Installed in place of the
+            current handlers until :meth:`close`; only from the main thread.
+        process_group: the ranks that save (the default group when None).
+        **save_options: the fields of :class:`~zdcp.SaveOptions` (``layout``,
+            ``compression``, ``sync_files``...). With ``overwrite=True`` a step already
+            committed is saved again over itself; without it, only with ``force``.
+
+    In every rule the newest committed checkpoint is kept. A checkpoint being written, or one
+    being restored, is never removed: removals run after a save commits, and a restore waits
+    for them.
+
+    :meth:`save`, :meth:`restore`, :meth:`wait_until_finished` and :meth:`close` are
+    collective (every rank calls them, in the same order); the queries are not.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_interval_steps: int = 1,
+        max_to_keep: int | None = None,
+        keep_every_n_steps: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        async_save: bool = False,
+        preemption_signals: Iterable[int] = (),
+        process_group: dist.ProcessGroup | None = None,
+        **save_options: Any,
+    ):
+        for name, value in (("save_interval_steps", save_interval_steps), ("max_to_keep", max_to_keep),
+                            ("keep_every_n_steps", keep_every_n_steps)):  # fmt: skip
+            if value is not None and (type(value) is not int or value < 1):
+                raise UsageError(f"{name} must be a positive int or None, got {value!r}")
+        if best_mode not in _MODES:
+            raise UsageError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        if "metadata" in save_options:
+            raise UsageError("the manager stores each checkpoint's step and metrics as its metadata itself")
+        SaveOptions(**save_options)  # refused here, not at the first save
+        self.directory = os.fspath(directory).rstrip("/")
+        self.save_interval_steps = save_interval_steps
+        self.max_to_keep = max_to_keep
+        self.keep_every_n_steps = keep_every_n_steps
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._options = save_options
+        self._group = process_group
+        self._no_dist = not distributed()
+        self._coordinator = self._no_dist or dist.get_rank(process_group) == 0
+        self._lock = threading.Lock()  # guards _steps, which a background save updates
+        self._steps: dict[int, dict[str, Any] | None] = self._read_directory()
+        self._async = async_save
+        self._save_group = process_group
+        if async_save and not self._no_dist:
+            ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+            self._save_group = dist.new_group(ranks=ranks, backend="gloo")
+        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zdcp-manager")
+        self._in_flight: concurrent.futures.Future[None] | None = None
+        self._signalled = False
+        self._preempted_at: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        for signum in preemption_signals:
+            if threading.current_thread() is not threading.main_thread():
+                raise UsageError("preemption_signals can only be installed from the main thread")
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._closed = False
+
+    # -- queries (local: every rank knows the same steps) ------------------------------------
+
+    def checkpoint_path(self, step: int) -> str:
+        """Where step ``step`` is (or would be) saved."""
+        return f"{self.directory}/step_{step}"
+
+    def all_steps(self) -> list[int]:
+        """The committed steps, oldest first."""
+        with self._lock:
+            return sorted(self._steps)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        with self._lock:
+            return max(self._steps, default=None)
+
+    def best_step(self) -> int | None:
+        """The committed step with the best ``best_metric`` (the newest among equals), or None
+        without ``best_metric`` or when no checkpoint has it."""
+        if self.best_metric is None:
+            return None
+        with self._lock:
+            ranked = _by_metric(self._steps, self.best_metric, self.best_mode)
+        return ranked[0] if ranked else None
+
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics step ``step`` was saved with; None when it was saved without, or is not
+        a committed step."""
+        with self._lock:
+            found = self._steps.get(step)
+        return dict(found) if found is not None else None
+
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` would save ``step`` by the interval alone."""
+        return step % self.save_interval_steps == 0
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once every rank has agreed on a preemption, at ``step`` or before: the loop
+        should then stop (after :meth:`wait_until_finished` when saving asynchronously)."""
+        return self._preempted_at is not None and step >= self._preempted_at
+
+    # -- collective operations -------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any], *, metrics: Mapping[str, Any] | None = None,
+             force: bool = False) -> bool:  # fmt: skip
+        """Save ``state`` as step ``step`` if the interval, ``force`` or a preemption says so;
+        True if it saved. Call it every step: with ``preemption_signals`` it is where the ranks
+        agree on a preemption (one all-reduce of a flag).
+
+        ``metrics`` (a dict of plain values, the coordinator's) are stored with the checkpoint.
+        A step already committed is saved again over itself with ``force`` (or the manager's
+        ``overwrite``); otherwise :class:`~zdcp.CheckpointExistsError`. Synchronous: returns
+        once committed and the old checkpoints are removed. Asynchronous: returns once the state
+        is staged, after the previous save has committed; an error of a background save is
+        raised by the next ``save``, :meth:`wait_until_finished` or :meth:`close`, on every rank.
+        """
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise UsageError(f"step must be a non-negative int, got {step!r}")
+        preempted = self._agree_on_preemption(step)
+        if not (force or preempted or self.should_save(step)):
+            return False
+        self.wait_until_finished()
+        metrics = self._shared(dict(metrics) if metrics is not None else None)
+        with self._lock:
+            exists = step in self._steps
+        if exists and not (force or self._options.get("overwrite", False)):
+            raise CheckpointExistsError(
+                f"Checkpoint already exists: step {step} is committed at {self.checkpoint_path(step)}; "
+                "pass force=True to save it again"
+            )
+        options = {**self._options, "overwrite": exists, "metadata": {"step": step, "metrics": metrics}}
+        if self._async:
+            staged = async_save(state, self.checkpoint_path(step), process_group=self._save_group, **options)
+            self._in_flight = self._finisher.submit(self._after_background_save, staged, step, metrics)
+            return True
+        save(state, self.checkpoint_path(step), process_group=self._group, **options)
+        _, error = attempt(lambda: self._committed(step, metrics))
+        agree(error, "removing old checkpoints", no_dist=self._no_dist, group=self._group)
+        return True
+
+    def restore(self, state: dict[str, Any], step: int | None = None) -> int | None:
+        """Load the newest committed step (or ``step``) into ``state``, in place, at any world
+        size; the step loaded, or None when there is none (``state`` is left as it is)."""
+        self._check_open()
+        self.wait_until_finished()
+        with self._lock:
+            if step is None:
+                step = max(self._steps, default=None)
+                if step is None:
+                    return None
+            elif step not in self._steps:
+                raise CheckpointNotFoundError(
+                    f"step {step} is not a committed checkpoint in {self.directory} (committed: {sorted(self._steps)})"
+                )
+        load(state, self.checkpoint_path(step), process_group=self._group)
+        return step
+
+    def wait_until_finished(self) -> None:
+        """Wait for the save in flight (and its removals); raise its error on every rank."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        error = in_flight.exception()
+        agree(error, "the background save", no_dist=self._no_dist, group=self._group)
+
+    def close(self) -> None:
+        """Wait for the save in flight (raising its error), and put back the signal handlers
+        the manager replaced."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if error is None:
+            self.close()
+            return
+        # Leaving on an error, perhaps on this rank only: no collective, which the other ranks
+        # might never join; the save in flight still ends before the manager lets go.
+        if self._in_flight is not None:
+            self._in_flight.exception()
+            self._in_flight = None
+        self._release()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        self._closed = True
+        self._finisher.shutdown(wait=True)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"the CheckpointManager of {self.directory} is closed")
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signalled = True
+
+    def _agree_on_preemption(self, step: int) -> bool:
+        if not self._previous_handlers or self._preempted_at is not None:
+            return False
+        flag = self._signalled
+        if not self._no_dist:
+            tensor = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device(self._group))
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group)
+            flag = bool(tensor.item())
+        if flag:
+            self._preempted_at = step
+        return flag
+
+    def _shared(self, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The coordinator's ``metrics``, on every rank: the checkpoint stores the coordinator's,
+        and every rank's retention must rank the steps alike."""
+        if self._no_dist:
+            return metrics
+        box = [metrics]
+        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+        dist.broadcast_object_list(box, src=source, group=self._group, device=collective_device(self._group))
+        return box[0]
+
+    def _after_background_save(self, staged: concurrent.futures.Future[None], step: int,
+                               metrics: dict[str, Any] | None) -> None:  # fmt: skip
+        staged.result()
+        self._committed(step, metrics)
+
+    def _committed(self, step: int, metrics: dict[str, Any] | None) -> None:
+        """Record ``step`` as committed, and remove what the policy no longer keeps (the
+        coordinator removes; every rank forgets them alike)."""
+        with self._lock:
+            self._steps[step] = metrics
+            keep = retained_steps(
+                self._steps,
+                max_to_keep=self.max_to_keep,
+                keep_every_n_steps=self.keep_every_n_steps,
+                best_metric=self.best_metric,
+                best_mode=self.best_mode,
+            )
+            removed = sorted(set(self._steps) - keep)
+            for old in removed:
+                del self._steps[old]
+        if self._coordinator:
+            for old in removed:
+                remove_committed(Store(self.checkpoint_path(old)))
+
+    def _read_directory(self) -> dict[int, dict[str, Any] | None]:
+        """The committed steps and their metrics: read by the coordinator (which first removes
+        what killed saves and removals left), then shared with every rank."""
+        found, error = attempt(self._scan) if self._coordinator else ({}, None)
+        agree(error, f"reading {self.directory}", no_dist=self._no_dist, group=self._group)
+        if self._no_dist:
+            return found
+        box = [found]
+        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+        dist.broadcast_object_list(box, src=source, group=self._group, device=collective_device(self._group))
+        return box[0]
+
+    def _scan(self) -> dict[int, dict[str, Any] | None]:
+        directory = Store(self.directory)
+        if directory.local_dir is not None:
+            remove_dead_saves(pending_directories(self.directory))
+            try:
+                names = [entry.name for entry in os.scandir(self.directory) if entry.is_dir()]
+            except FileNotFoundError:
+                return {}
+        else:
+            names = [key.decode().partition("/")[0] for key in directory.wait(directory.kv.list())]
+        steps = {int(m.group(1)): name for name in set(names) if (m := STEP_NAME.fullmatch(name))}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            roots = dict(zip(steps, pool.map(self._committed_metadata, steps)))
+        return {step: _metrics_of(metadata) for step, (committed, metadata) in roots.items() if committed}
+
+    def _committed_metadata(self, step: int) -> tuple[bool, Any]:
+        """Whether step ``step``'s checkpoint is committed, and its metadata; on an object
+        store, what a killed save or removal left there is removed first."""
+        store = Store(self.checkpoint_path(step))
+        if store.local_dir is None and remove_interrupted(store):
+            return False, None
+        try:
+            _, root = root_document(store)
+        except CorruptCheckpointError:  # a zarr.json that is no JSON: not a checkpoint of ours
+            return False, None
+        info = zdcp_attrs(root)
+        return info is not None, read_metadata(info) if info is not None else None
+
+
+def _metrics_of(metadata: Any) -> dict[str, Any] | None:
+    metrics = metadata.get("metrics") if isinstance(metadata, dict) else None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def retained_steps(
+    steps: Mapping[int, Mapping[str, Any] | None],
+    *,
+    max_to_keep: int | None,
+    keep_every_n_steps: int | None = None,
+    best_metric: str | None = None,
+    best_mode: str = "min",
+) -> set[int]:
+    """Which of ``steps`` (step -> its metrics) a manager with these settings keeps: the newest;
+    every multiple of ``keep_every_n_steps``; and the ``max_to_keep`` newest (all when None),
+    or with ``best_metric`` the ``max_to_keep`` best of those that have it plus those without it
+    that are among the ``max_to_keep`` newest."""
+    if not steps:
+        return set()
+    if max_to_keep is None:
+        return set(steps)
+    keep = {max(steps)}
+    if keep_every_n_steps is not None:
+        keep |= {step for step in steps if step % keep_every_n_steps == 0}
+    newest = sorted(steps)[-max_to_keep:]
+    if best_metric is None:
+        return keep | set(newest)
+    keep |= set(_by_metric(steps, best_metric, best_mode)[:max_to_keep])
+    return keep | {step for step in newest if _score(steps[step], best_metric) is None}
+
+
+def _by_metric(steps: Mapping[int, Mapping[str, Any] | None], metric: str, mode: str) -> list[int]:
+    """The steps that have ``metric``, best first (the newest first among equals)."""
+    scored = [(score, step) for step, metrics in steps.items() if (score := _score(metrics, metric)) is not None]
+    sign = 1 if mode == "min" else -1
+    return [step for score, step in sorted(scored, key=lambda pair: (sign * pair[0], -pair[1]))]
+
+
+def _score(metrics: Mapping[str, Any] | None, metric: str) -> float | None:
+    value = metrics.get(metric) if metrics is not None else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
