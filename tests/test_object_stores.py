@@ -106,7 +106,7 @@ def test_save_load_open_verify_on_s3(s3, bucket):
     g = torch.Generator().manual_seed(0)
     state = {"model": {"w": torch.randn(512, 300, generator=g), "b": torch.randn(7, generator=g).bfloat16()},
              "step": 1}  # fmt: skip
-    zdcp.save(state, url)
+    zdcp.save(state, url, layout="files")
     keys = objects(s3, bucket, "run/step_1/")
     assert "run/step_1/zarr.json" in keys and "run/step_1/model/w/c.0.0" in keys
     assert not any("__zdcp_saving__" in k for k in keys), "the marker goes once committed"
@@ -121,12 +121,19 @@ def test_save_load_open_verify_on_s3(s3, bucket):
     with pytest.raises(zdcp.CheckpointExistsError, match="overwrite=True"):
         zdcp.save(state, url)
     state["step"] = 2
-    zdcp.save(state, url, overwrite=True)
+    zdcp.save(state, url, overwrite=True, layout="files")
     assert zdcp.open(url)["step"] == 2 and zdcp.verify(url).ok
     # damage is still damage on S3
     s3.put_object(Bucket=bucket, Key="run/step_1/model/b/c.0", Body=b"garbage")
     with pytest.raises(zdcp.CorruptCheckpointError, match="model/b"):
         zdcp.load(out, url)
+
+
+def test_object_stores_default_to_packed_and_local_paths_to_files(s3, bucket, tmp_path):
+    zdcp.save({"w": torch.ones(3)}, f"s3://{bucket}/a")
+    zdcp.save({"w": torch.ones(3)}, tmp_path / "a")
+    assert objects(s3, bucket) == ["a/d/" + objects(s3, bucket, "a/d/")[0][4:], "a/manifest.ocdbt"]
+    assert (tmp_path / "a/zarr.json").exists() and (tmp_path / "a/w/c.0").exists()
 
 
 def test_zarr_python_reads_the_checkpoint_from_the_bucket(s3, bucket):
@@ -135,7 +142,7 @@ def test_zarr_python_reads_the_checkpoint_from_the_bucket(s3, bucket):
     from zarr.storage import FsspecStore
 
     w = torch.randn(64, 32)
-    zdcp.save({"model": {"w": w, "h": torch.ones(4).bfloat16()}}, f"s3://{bucket}/step_100")
+    zdcp.save({"model": {"w": w, "h": torch.ones(4).bfloat16()}}, f"s3://{bucket}/step_100", layout="files")
     store = FsspecStore.from_url(
         f"s3://{bucket}/step_100",
         read_only=True,
@@ -207,7 +214,7 @@ def _save_then_die(url, started):
 
     zdcp.writer.ZarrWriter.finish = die_in_finish
     started.set()
-    zdcp.save({"w": torch.randn(256, 256), "b": torch.ones(3)}, url, overwrite=True)
+    zdcp.save({"w": torch.randn(256, 256), "b": torch.ones(3)}, url, overwrite=True, layout="files")
 
 
 def test_an_interrupted_save_on_s3_is_never_loadable(s3, bucket):
@@ -224,7 +231,7 @@ def test_an_interrupted_save_on_s3_is_never_loadable(s3, bucket):
     assert not zdcp.verify(url).ok
     with pytest.raises(zdcp.CheckpointExistsError, match="interrupted"):
         zdcp.save({"w": torch.ones(2)}, url)
-    zdcp.save({"w": torch.ones(2)}, url, overwrite=True)  # clears the leftovers
+    zdcp.save({"w": torch.ones(2)}, url, overwrite=True, layout="files")  # clears the leftovers
     assert objects(s3, bucket) == [f"step_1/{k}" for k in ("w/c.0", "w/zarr.json", "zarr.json")]
 
 

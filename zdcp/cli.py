@@ -26,7 +26,7 @@ from typing import Any
 from . import format_utils
 from .errors import ZdcpError
 from .format.names import describe
-from .storage.layouts import FILES, LAYOUTS, OCDBT_MANIFEST
+from .storage.layouts import LAYOUTS, OCDBT_MANIFEST
 from .storage.store import Store
 from .view import Array, Group
 from .view import open as open_checkpoint
@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--drop-values", action="store_true", help="safetensors: leave out non-tensor values")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing zdcp checkpoint at DST")
     convert.add_argument(
-        "--layout", choices=LAYOUTS, default=FILES, help="zdcp DST: one file per chunk, or a few per rank (packed)"
+        "--layout", choices=LAYOUTS, help="zdcp DST: one file per chunk, or a few per rank (packed); "
+        "default: files on a local path, packed on an object store"
     )
     convert.add_argument("--allow-pickle", action="store_true", help="unpickle/pickle values (trusted files only)")
     convert.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -31,7 +31,6 @@ from .api import dcp_call, run_save, save
 from .errors import UnsupportedValueError, ZdcpError
 from .format.names import Key, describe, dotted
 from .planner import ZarrSavePlanner
-from .storage.layouts import FILES
 from .view import Array, Group
 from .view import open as open_checkpoint
 from .writer import ZarrWriter
@@ -69,7 +68,7 @@ SAFETENSORS_METADATA_KEY = "__metadata__"
 
 
 def torch_save_to_zdcp(
-    src: PathLike, dst: PathLike, *, overwrite: bool = False, allow_pickle: bool = False, layout: str = FILES
+    src: PathLike, dst: PathLike, *, overwrite: bool = False, allow_pickle: bool = False, layout: str | None = None
 ) -> None:
     """Convert a ``torch.save`` file holding a state dict into a zdcp checkpoint (in ``layout``,
     ``"files"`` or ``"packed"``).
@@ -102,7 +101,12 @@ def _torch_load(src: PathLike, allow_pickle: bool) -> Any:
 
 
 def dcp_to_zdcp(
-    src: PathLike, dst: PathLike, *, overwrite: bool = False, layout: str = FILES, progress: Progress | None = None
+    src: PathLike,
+    dst: PathLike,
+    *,
+    overwrite: bool = False,
+    layout: str | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Convert a DCP checkpoint directory into a zdcp checkpoint (in ``layout``), tensor by tensor.
 
@@ -183,7 +187,12 @@ class _Batches:
 
 
 def safetensors_to_zdcp(
-    src: PathLike, dst: PathLike, *, overwrite: bool = False, layout: str = FILES, progress: Progress | None = None
+    src: PathLike,
+    dst: PathLike,
+    *,
+    overwrite: bool = False,
+    layout: str | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Convert one ``.safetensors`` file, or a Hugging Face model directory (sharded with
     ``model.safetensors.index.json``, or a single ``model.safetensors``), into a zdcp checkpoint
@@ -378,7 +387,7 @@ def _save_fetching(
     dst: PathLike,
     *,
     overwrite: bool,
-    layout: str,
+    layout: str | None,
     progress: Progress | None,
     allow_pickle: bool = False,
 ) -> None:

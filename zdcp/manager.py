@@ -36,6 +36,7 @@ from .format.documents import read_metadata, zdcp_attrs
 from .options import SaveOptions
 from .storage.commit import remove_committed, remove_dead_saves, remove_interrupted
 from .storage.committed import pending_directories, root_document
+from .storage.layouts import PACKED
 from .storage.store import Store
 
 __all__ = ["CheckpointManager", "retained_steps"]
@@ -70,9 +71,10 @@ class CheckpointManager:
             interval, after which :meth:`reached_preemption` is True. Installed in place of the
             current handlers until :meth:`close`; only from the main thread.
         process_group: the ranks that save (the default group when None).
-        **save_options: the fields of :class:`~zdcp.SaveOptions` (``layout``,
-            ``compression``, ``sync_files``...). With ``overwrite=True`` a step already
-            committed is saved again over itself; without it, only with ``force``.
+        **save_options: the fields of :class:`~zdcp.SaveOptions` (``layout``, packed by
+            default here, on local paths too; ``compression``, ``sync_files``...). With
+            ``overwrite=True`` a step already committed is saved again over itself; without
+            it, only with ``force``.
 
     In every rule the newest committed checkpoint is kept. A checkpoint being written, or one
     being restored, is never removed: removals run after a save commits, and a restore waits
@@ -104,6 +106,9 @@ class CheckpointManager:
             raise UsageError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         if "metadata" in save_options:
             raise UsageError("the manager stores each checkpoint's step and metrics as its metadata itself")
+        # Packed unless told otherwise, wherever the directory is: a run that keeps the last
+        # few checkpoints saves, and deletes, many times (docs/benchmarks.md, retention).
+        save_options.setdefault("layout", PACKED)
         SaveOptions(**save_options)  # refused here, not at the first save
         self.directory = os.fspath(directory).rstrip("/")
         self.save_interval_steps = save_interval_steps

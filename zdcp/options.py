@@ -9,7 +9,7 @@ from typing import Any
 from .errors import UsageError
 from .format.codecs import COMPRESSIONS
 from .format.documents import metadata_attrs
-from .storage.layouts import FILES, LAYOUTS
+from .storage.layouts import LAYOUTS
 
 __all__ = ["SaveOptions"]
 
@@ -28,7 +28,9 @@ class SaveOptions:
             power loss soon after a save may lose a checkpoint that reads as committed.
         layout: ``"files"`` (every chunk and document its own file or object) or
             ``"packed"`` (the same hierarchy in a few files per rank: tensorstore's OCDBT
-            database; :mod:`zdcp.storage.layouts`). Readers tell them apart by themselves.
+            database; :mod:`zdcp.storage.layouts`); None (default): files on a local path,
+            packed on an object store (:func:`~zdcp.storage.layouts.default_layout`). Readers
+            tell them apart by themselves.
         metadata: a plain value (JSON, as the state dict's plain values are: numbers, strings,
             lists, tuples, dicts...) stored in the root document beside zdcp's own record and
             read back as ``zdcp.open(path).metadata``: a step number, metrics, a run id.
@@ -38,12 +40,12 @@ class SaveOptions:
     allow_pickle: bool = False
     compression: str | None = None
     sync_files: bool = True
-    layout: str = FILES
+    layout: str | None = None
     metadata: Any = None
 
     def __post_init__(self) -> None:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
-        if self.layout not in LAYOUTS:
+        if self.layout is not None and self.layout not in LAYOUTS:
             raise UsageError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
         metadata_attrs(self.metadata)  # refused before anything is written

@@ -51,7 +51,7 @@ from .metadata import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .options import SaveOptions
 from .storage.commit import InPlaceSave, LocalSave, WriteRoot, begin_save, check_location, save_location
 from .storage.inflight import InflightWindow
-from .storage.layouts import PACKED
+from .storage.layouts import PACKED, default_layout
 from .storage.localfiles import LocalFiles
 from .storage.packed import commit_with_documents, merge, rank_store, sole_store
 from .storage.store import Store, encode_json, storage_access, store_for
@@ -97,6 +97,12 @@ class ZarrWriter(StorageWriter):
     @property
     def checkpoint_id(self) -> CheckpointId | None:
         return self.store.checkpoint_id if self.store is not None else None
+
+    @property
+    def layout(self) -> str:
+        """The layout this writer saves in: the options', or the location's default."""
+        assert self.store is not None
+        return self.options.layout or default_layout(self.store.location)
 
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
@@ -224,8 +230,8 @@ class ZarrWriter(StorageWriter):
             raise UsageError(f"{self.store.url}: this rank's plan is not for the save being prepared")
         # A packed save by one process writes into the root database itself, and its
         # transaction commits in finish, with the documents: no rank database, no merge.
-        alone = self.options.layout == PACKED and self._save is not None and self._world_size == 1
-        if self.options.layout != PACKED:
+        alone = self.layout == PACKED and self._save is not None and self._world_size == 1
+        if self.layout != PACKED:
             store = Store(location)
         elif alone:
             store = sole_store(location)
@@ -352,7 +358,7 @@ class ZarrWriter(StorageWriter):
         # From here the save cleans up after itself: a failure once the checkpoint is committed
         # must not delete it.
         save, self._save = self._save, None
-        if self.options.layout == PACKED:
+        if self.layout == PACKED:
             documents = {f"{node}/{METADATA_KEY}": encode_json(doc) for node, doc in nodes.items()}
             documents[METADATA_KEY] = encode_json(root)  # visible with the rest, in one commit
             if self._uncommitted is not None:

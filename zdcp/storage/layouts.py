@@ -20,6 +20,7 @@ __all__ = [
     "FILES",
     "PACKED",
     "LAYOUTS",
+    "default_layout",
     "OCDBT_MANIFEST",
     "hierarchy_spec",
     "rank_database",
@@ -66,6 +67,13 @@ _REMOTE_READS: dict[str, Any] = {
     "experimental_read_coalescing_merged_bytes": 500_000_000_000,
     "experimental_read_coalescing_interval": "10ms",
 }
+
+
+def default_layout(location: dict[str, Any]) -> str:
+    """The layout a save to ``location`` (a kvstore spec) uses unless told otherwise: files
+    on a local filesystem, where any Zarr reader opens the directory as it is and large
+    tensors save fastest; packed elsewhere (object stores), where every file is a request."""
+    return FILES if location["driver"] == "file" else PACKED
 
 
 def rank_database(rank: int) -> str:
