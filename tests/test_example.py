@@ -18,3 +18,16 @@ def test_tutorial_example_runs(tmp_path):
     assert "loaded without a process group into a plain nn.Module: identical" in out.stdout
     assert "chunks (8, 16)" in out.stdout
     assert "Warning" not in out.stderr
+
+
+def test_train_loop_example_resumes_a_killed_run_at_another_world_size(tmp_path):
+    example = EXAMPLE.parent / "train_loop.py"
+    out = subprocess.run(
+        [sys.executable, str(example), "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 ranks, killed with SIGKILL at step 12" in out.stdout
+    assert "losses equal the uninterrupted run's for every step" in out.stdout
+    assert "checkpoints kept: steps [4, 8, 12, 14, 16]" in out.stdout
+    run = tmp_path / "train_loop" / "interrupted"
+    assert sorted(p.name for p in run.iterdir()) == ["step_12", "step_14", "step_16", "step_4", "step_8"]
