@@ -195,6 +195,25 @@ def test_a_signal_on_one_rank_makes_every_rank_save_and_stop(tmp_path):
         assert torch.load(f"{out}.{rank}") == {"step": 5, "steps": [5]}
 
 
+def _one_rank_fails_in_the_background(rank, world_size, run, out):
+    mgr = zdcp.CheckpointManager(run, async_save=True)
+    mgr.save(1, {"w": torch.ones(4), "x": 1})
+    mgr.save(2, {"w": torch.ones(4), "x": object() if rank == 1 else 2})  # rank 1's state is bad
+    try:
+        mgr.wait_until_finished()
+    except zdcp.UnsupportedValueError as e:
+        torch.save({"error": str(e), "steps": mgr.all_steps()}, f"{out}.{rank}")
+    mgr.close()
+
+
+def test_a_background_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
+    out = str(tmp_path / "out")
+    run_ranks(2, _one_rank_fails_in_the_background, str(tmp_path / "run"), out)
+    for rank in (0, 1):
+        found = torch.load(f"{out}.{rank}")
+        assert "'x'" in found["error"] and found["steps"] == [1], found
+
+
 def _sharded_run(rank, world_size, run, step, out):
     mesh = init_device_mesh("cpu", (world_size,))
     full = torch.arange(30 * 8, dtype=torch.float32).reshape(30, 8)
