@@ -24,14 +24,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from tutorial import AppState, ToyModel, finish
+from tutorial import AppState, ToyModel, finish, run
 
 import zdcp
 
@@ -90,16 +89,14 @@ def worker(rank: int, world_size: int, rendezvous: str, directory: str, steps: i
     finish()
 
 
-def run(world_size: int, directory: str, steps: int, kill_at: int | None, log: str) -> bool:
+def train(world_size: int, directory: str, steps: int, kill_at: int | None, log: str) -> bool:
     """Run the loop on ``world_size`` ranks; False if it was killed."""
-    with tempfile.TemporaryDirectory() as tmp:
-        args = (world_size, os.path.join(tmp, "rendezvous"), directory, steps, kill_at, log)
-        try:
-            mp.spawn(worker, args=args, nprocs=world_size, join=True)
-        except mp.ProcessExitedException as e:
-            if e.exit_code != -signal.SIGKILL:
-                raise
-            return False
+    try:
+        run(worker, world_size, directory, steps, kill_at, log)
+    except mp.ProcessExitedException as e:
+        if e.exit_code != -signal.SIGKILL:
+            raise
+        return False
     return True
 
 
@@ -114,15 +111,15 @@ def main() -> None:
     os.makedirs(root)
     reference, interrupted, resumed = (os.path.join(root, name) for name in ("reference", "interrupted", "resumed"))
 
-    run(2, reference, args.steps, None, reference + ".json")
+    train(2, reference, args.steps, None, reference + ".json")
     with open(reference + ".json") as f:
         expected = {int(step): loss for step, loss in json.load(f)["losses"].items()}
     print(f"2 ranks, uninterrupted: {args.steps} steps, final loss {expected[args.steps]:.6f}")
 
-    assert not run(2, interrupted, args.steps, args.kill_at, interrupted + ".json")
+    assert not train(2, interrupted, args.steps, args.kill_at, interrupted + ".json")
     print(f"2 ranks, killed with SIGKILL at step {args.kill_at}, a save in flight")
 
-    run(3, interrupted, args.steps, None, resumed + ".json")
+    train(3, interrupted, args.steps, None, resumed + ".json")
     with open(resumed + ".json") as f:
         found = json.load(f)
     losses = {int(step): loss for step, loss in found["losses"].items()}

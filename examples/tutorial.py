@@ -133,9 +133,10 @@ def check(loaded: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
     assert optim_sd["param_groups"] == ref_optim["param_groups"]
 
 
-def run(worker, world_size: int, checkpoint: str) -> None:
+def run(worker, world_size: int, *args: object) -> None:
+    """Run ``worker(rank, world_size, rendezvous, *args)`` on ``world_size`` processes."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world_size, os.path.join(tmp, "rendezvous"), checkpoint), nprocs=world_size, join=True)
+        mp.spawn(worker, args=(world_size, os.path.join(tmp, "rendezvous"), *args), nprocs=world_size, join=True)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import signal
 import threading
 from collections.abc import Iterable, Mapping
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,8 @@ from .storage.layouts import PACKED
 from .storage.store import Store
 
 __all__ = ["CheckpointManager", "retained_steps"]
+
+T = TypeVar("T")
 
 #: The name of a step's checkpoint in the manager's directory.
 STEP_NAME = re.compile(r"step_(\d+)")
@@ -201,7 +203,9 @@ class CheckpointManager:
         if not (force or preempted or self.should_save(step)):
             return False
         self.wait_until_finished()
-        metrics = self._shared(dict(metrics) if metrics is not None else None)
+        # The coordinator's metrics: the checkpoint stores those, and every rank's retention
+        # must rank the steps alike.
+        metrics = self._from_coordinator(dict(metrics) if metrics is not None else None)
         with self._lock:
             exists = step in self._steps
         if exists and not (force or self._options.get("overwrite", False)):
@@ -296,12 +300,11 @@ class CheckpointManager:
             self._preempted_at = step
         return flag
 
-    def _shared(self, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The coordinator's ``metrics``, on every rank: the checkpoint stores the coordinator's,
-        and every rank's retention must rank the steps alike."""
+    def _from_coordinator(self, value: T) -> T:
+        """The coordinator's ``value``, on every rank."""
         if self._no_dist:
-            return metrics
-        box = [metrics]
+            return value
+        box = [value]
         source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
         dist.broadcast_object_list(box, src=source, group=self._group, device=collective_device(self._group))
         return box[0]
@@ -335,12 +338,7 @@ class CheckpointManager:
         what killed saves and removals left), then shared with every rank."""
         found, error = attempt(self._scan) if self._coordinator else ({}, None)
         agree(error, f"reading {self.directory}", no_dist=self._no_dist, group=self._group)
-        if self._no_dist:
-            return found
-        box = [found]
-        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
-        dist.broadcast_object_list(box, src=source, group=self._group, device=collective_device(self._group))
-        return box[0]
+        return self._from_coordinator(found)
 
     def _scan(self) -> dict[int, dict[str, Any] | None]:
         directory = Store(self.directory)
