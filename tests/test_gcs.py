@@ -73,3 +73,14 @@ def test_ranks_save_a_packed_checkpoint_to_gcs(bucket):
     zdcp.load(out, url)
     assert torch.equal(out["rows"], torch.arange(900.0).reshape(30, 30)) and out["step"] == 5
     assert zdcp.verify(url).ok
+
+
+def test_a_training_run_on_gcs_keeps_what_its_policy_says(bucket):
+    run = f"gs://{bucket}/run"
+    with zdcp.CheckpointManager(run, max_to_keep=2, keep_every_n_steps=3, async_save=True) as mgr:
+        for step in range(1, 7):
+            mgr.save(step, {"w": torch.full((8, 8), float(step)), "step": step}, metrics={"loss": 1.0 / step})
+    with zdcp.CheckpointManager(run) as again:
+        assert again.all_steps() == [3, 5, 6] and again.metrics(3) == {"loss": 1.0 / 3}
+        state = {"w": torch.zeros(8, 8), "step": 0}
+        assert again.restore(state) == 6 and torch.all(state["w"] == 6.0) and state["step"] == 6

@@ -254,22 +254,34 @@ def _killed_run(run, die_in):
     mgr.save(2, _state(2))
 
 
+def _resume(rank, world_size, run, expected):
+    """What a restarted job does, on every rank: resume from the newest step, save the next."""
+    with zdcp.CheckpointManager(run, max_to_keep=1) as mgr:
+        assert mgr.all_steps() == [expected], mgr.all_steps()
+        state = _empty()
+        assert mgr.restore(state) == expected
+        _assert_restored(state, expected)
+        mgr.save(3, _state(3))
+
+
+@pytest.mark.parametrize("restart_ranks", [1, 2])
 @pytest.mark.parametrize("die_in", ["save", "removal"])
-def test_a_run_killed_mid_save_or_mid_removal_resumes_from_a_whole_checkpoint(tmp_path, die_in):
+def test_a_run_killed_mid_save_or_mid_removal_resumes_from_a_whole_checkpoint(tmp_path, die_in, restart_ranks):
+    """Killed by SIGKILL in a save's commit or in the removal of an old checkpoint, the run
+    restarts, in one process or on two ranks, from the newest whole step, and what the kill
+    left is gone."""
     run = tmp_path / "run"
     job = mp.get_context("spawn").Process(target=_killed_run, args=(str(run), die_in))
     job.start()
     job.join(120)
     assert job.exitcode == -signal.SIGKILL
     assert [n for n in os.listdir(run) if n.startswith(".")], "the kill left something behind"
-    with zdcp.CheckpointManager(run, max_to_keep=1) as mgr:
-        resumed = 1 if die_in == "save" else 2  # a removal runs only after step 2 committed
-        assert mgr.all_steps() == [resumed] and not [n for n in os.listdir(run) if n.startswith(".")]
-        state = _empty()
-        assert mgr.restore(state) == resumed
-        _assert_restored(state, resumed)
-        mgr.save(3, _state(3))
-        assert sorted(os.listdir(run)) == ["step_3"]
+    resumed = 1 if die_in == "save" else 2  # a removal runs only after step 2 committed
+    if restart_ranks == 1:
+        _resume(0, 1, run, resumed)
+    else:
+        run_ranks(restart_ranks, _resume, str(run), resumed)
+    assert sorted(os.listdir(run)) == ["step_3"]
 
 
 # -- S3 -----------------------------------------------------------------------------------------
