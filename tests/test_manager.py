@@ -126,6 +126,13 @@ def test_a_step_saved_twice_needs_force(tmp_path):
         mgr.save(2, _state(2))
 
 
+def test_a_directory_given_as_a_file_url(tmp_path):
+    with zdcp.CheckpointManager(f"file://{tmp_path}/run", max_to_keep=1) as mgr:
+        mgr.save(1, _state(1))
+        mgr.save(2, _state(2))
+    assert _on_disk(tmp_path / "run") == [2] == zdcp.CheckpointManager(f"file://{tmp_path}/run").all_steps()
+
+
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     for settings in ({"max_to_keep": 0}, {"save_interval_steps": -1}, {"best_mode": "mean"},
                      {"layout": "zip"}, {"metadata": {}}):  # fmt: skip

@@ -343,9 +343,9 @@ class CheckpointManager:
     def _scan(self) -> dict[int, dict[str, Any] | None]:
         directory = Store(self.directory)
         if directory.local_dir is not None:
-            remove_dead_saves(pending_directories(self.directory))
+            remove_dead_saves(pending_directories(directory.local_dir))
             try:
-                names = [entry.name for entry in os.scandir(self.directory) if entry.is_dir()]
+                names = [entry.name for entry in os.scandir(directory.local_dir) if entry.is_dir()]
             except FileNotFoundError:
                 return {}
         else:
