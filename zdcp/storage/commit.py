@@ -204,7 +204,9 @@ class InPlaceSave:
             _check_owned(self.store, self.generation)
         except CheckpointExistsError:
             return
-        self.store.wait(self.store.kv.delete_range(ts.KvStore.KeyRange()))
+        # The marker last: until it goes, what is left is known for a save's leftovers.
+        _delete_all_but_marker(self.store)
+        self.release()
 
 
 def _check_owned(store: Store, generation: bytes, marker: ts.Future | None = None) -> None:
@@ -265,15 +267,20 @@ def check_location(location: dict[str, Any], session: str) -> None:
 def remove_dead_saves(pending: list[str]) -> None:
     """Delete those of the ``pending`` directories whose save provably ended without a commit:
     its process no longer runs (same host, boot and PID namespace), or it is this process and
-    the save is not under way. Any other is left alone: it may be running on another host."""
+    the save is not under way; and every one a removal left (:func:`remove_committed`: it was
+    un-committed, whoever removes it). Any other is left alone: it may be running on another
+    host."""
     me = process_identity()
     for path in pending:
         try:
             with open(os.path.join(path, SAVING_MARKER), "rb") as f:
-                owner = json.load(f).get("owner")
+                marker = json.load(f)
+            owner, removing = marker.get("owner"), marker.get("removing") is True
         except (OSError, ValueError, AttributeError):
             continue  # no marker (yet): nothing proves anything
-        if owner == me and me is not None:
+        if removing:
+            dead = True
+        elif owner == me and me is not None:
             dead = path not in _ACTIVE
         else:
             dead = process_running(owner) is False
@@ -316,12 +323,16 @@ def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object])
         try:
             committed = _committed(store, overwrite)
         except BaseException:
-            in_place.release()
+            in_place.release()  # whatever is there stays as it is
             raise
-    if committed:
-        _uncommit(store)  # first: no load finds the old root over new chunks
-    if committed or found.state == "value":
-        _delete_all_but_marker(store)  # what is left of the replaced checkpoint or the interrupted save
+    try:
+        if committed:
+            _uncommit(store)  # first: no load finds the old root over new chunks
+        if committed or found.state == "value":
+            _delete_all_but_marker(store)  # what is left of the replaced checkpoint or the interrupted save
+    except BaseException:
+        in_place.abandon()  # this save had begun to replace what was there: the rest goes too
+        raise
     return in_place
 
 
