@@ -355,23 +355,23 @@ class ZarrWriter(StorageWriter):
         # children unless siblings are adjacent.
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-        # From here the save cleans up after itself: a failure once the checkpoint is committed
-        # must not delete it.
-        save, self._save = self._save, None
         if self.layout == PACKED:
             documents = {f"{node}/{METADATA_KEY}": encode_json(doc) for node, doc in nodes.items()}
             documents[METADATA_KEY] = encode_json(root)  # visible with the rest, in one commit
             if self._uncommitted is not None:
-                alone, self._uncommitted = self._uncommitted, None
+                alone = self._uncommitted
                 assert alone.transaction is not None
                 write_root: WriteRoot = partial(
                     commit_with_documents, alone.store, alone.store.kv, alone.transaction, documents
                 )
             else:
                 ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
-                write_root = partial(merge, save.location, ranks, documents)
+                write_root = partial(merge, self._save.location, ranks, documents)
         else:
             write_root = partial(self._write_documents, store, nodes, root)
+        # From here the save cleans up after itself: a failure once the checkpoint is committed
+        # must not delete it.
+        save, self._save, self._uncommitted = self._save, None, None
         save.commit(write_root, sync=self.options.sync_files)
 
     def _write_documents(

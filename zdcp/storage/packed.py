@@ -91,10 +91,14 @@ def commit_with_documents(
     issued earlier (else it is read alongside ``confirm()``)."""
     reading_manifest = manifest if manifest is not None else read_manifest(database)
     database = database.with_transaction(transaction)
-    for key, value in documents.items():
-        store.wait(database.write(key, value))
-    confirm()
-    store.wait(reading_manifest)
+    try:
+        for key, value in documents.items():
+            store.wait(database.write(key, value))
+        confirm()
+        store.wait(reading_manifest)
+    except BaseException:
+        transaction.abort()  # what it holds (a whole checkpoint, for one process) is let go
+        raise
     store.wait(transaction.commit_async())
 
 
