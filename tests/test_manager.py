@@ -133,6 +133,42 @@ def test_a_directory_given_as_a_file_url(tmp_path):
     assert _on_disk(tmp_path / "run") == [2] == zdcp.CheckpointManager(f"file://{tmp_path}/run").all_steps()
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_failed_save_over_a_committed_step(tmp_path, monkeypatch, where):
+    """Locally the step it would have replaced stays; on an object store, where the save
+    deleted it first, the manager forgets it: never a step it lists but cannot load."""
+    import zdcp.writer
+
+    run = str(tmp_path / "run") if where == "local" else f"memory://{uuid.uuid4().hex}/run"
+    mgr = zdcp.CheckpointManager(run, max_to_keep=2)
+    mgr.save(1, _state(1))
+    mgr.save(2, _state(2))
+    real = zdcp.writer.ZarrWriter._write_items
+    monkeypatch.setattr(zdcp.writer.ZarrWriter, "_write_items", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(zdcp.StorageError, match="disk"):
+        mgr.save(2, _state(3), force=True)
+    monkeypatch.setattr(zdcp.writer.ZarrWriter, "_write_items", real)
+    kept = [1, 2] if where == "local" else [1]
+    assert mgr.all_steps() == kept
+    state = _empty()
+    assert mgr.restore(state) == kept[-1]
+    _assert_restored(state, kept[-1])
+    mgr.save(3, _state(3))
+    mgr.save(4, _state(4))
+    assert mgr.all_steps() == [3, 4] == zdcp.CheckpointManager(run).all_steps()
+
+
+def test_a_step_older_than_the_newest_needs_force(tmp_path):
+    with zdcp.CheckpointManager(tmp_path / "run", max_to_keep=2) as mgr:
+        mgr.save(200, _state(200))
+        mgr.save(300, _state(300))
+        with pytest.raises(zdcp.UsageError, match="step 100 is older than the newest committed step 300"):
+            mgr.save(100, _state(100))
+        assert mgr.save(100, _state(100), force=True) and mgr.all_steps() == [100, 200, 300]  # kept, this once
+        mgr.save(400, _state(400))
+        assert mgr.all_steps() == [300, 400]
+
+
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     for settings in ({"max_to_keep": 0}, {"save_interval_steps": -1}, {"best_mode": "mean"},
                      {"layout": "zip"}, {"metadata": {}}):  # fmt: skip
@@ -289,6 +325,22 @@ def test_a_run_killed_mid_save_or_mid_removal_resumes_from_a_whole_checkpoint(tm
     else:
         run_ranks(restart_ranks, _resume, str(run), resumed)
     assert sorted(os.listdir(run)) == ["step_3"]
+
+
+def test_what_a_removal_on_another_host_left_is_deleted(tmp_path):
+    """A removal is un-committed before it deletes anything, so what one left is garbage
+    whoever owned it (a restarted job is often another container or host)."""
+    import json
+
+    run = tmp_path / "run"
+    with zdcp.CheckpointManager(run) as mgr:
+        mgr.save(1, _state(1))
+        mgr.save(2, _state(2))
+    leftover = run / ".step_1.zdcp-0123456789abcdef0123456789abcdef"
+    os.rename(run / "step_1", leftover)
+    marker = {"owner": {"host": "another-host", "pid": 1}, "removing": True, "target": str(run / "step_1")}
+    (leftover / "__zdcp_saving__").write_text(json.dumps(marker))
+    assert zdcp.CheckpointManager(run).all_steps() == [2] and sorted(os.listdir(run)) == ["step_2"]
 
 
 # -- S3 -----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .options import SaveOptions
 from .storage.commit import remove_committed, remove_dead_saves, remove_interrupted
 from .storage.committed import pending_directories, root_document
 from .storage.layouts import PACKED
-from .storage.store import Store
+from .storage.store import Store, storage_access
 
 __all__ = ["CheckpointManager", "retained_steps"]
 
@@ -83,7 +83,12 @@ class CheckpointManager:
     for them.
 
     :meth:`save`, :meth:`restore`, :meth:`wait_until_finished` and :meth:`close` are
-    collective (every rank calls them, in the same order); the queries are not.
+    collective (every rank calls them, in the same order); the queries are not. They agree
+    across ranks, except that with ``async_save`` each rank counts a background save's step
+    once it sees it commit: call :meth:`wait_until_finished` first where ranks must agree.
+
+    Steps are ordered by number: saving a step older than the newest committed one (a run that
+    went back) needs ``force``, since a restart would resume from the newer one.
     """
 
     def __init__(
@@ -208,17 +213,32 @@ class CheckpointManager:
         metrics = self._from_coordinator(dict(metrics) if metrics is not None else None)
         with self._lock:
             exists = step in self._steps
+            latest = max(self._steps, default=None)
         if exists and not (force or self._options.get("overwrite", False)):
             raise CheckpointExistsError(
                 f"Checkpoint already exists: step {step} is committed at {self.checkpoint_path(step)}; "
                 "pass force=True to save it again"
             )
+        if latest is not None and step < latest and not force:
+            raise UsageError(
+                f"step {step} is older than the newest committed step {latest} in {self.directory}, which a "
+                "restart would resume from; pass force=True to save it anyway (or use another directory)"
+            )
+        path = self.checkpoint_path(step)
+        # On an object store a save over a committed step deletes it first: if the save then
+        # fails, the step is gone.
+        loses_step = exists and Store(path).local_dir is None
         options = {**self._options, "overwrite": exists, "metadata": {"step": step, "metrics": metrics}}
         if self._async:
-            staged = async_save(state, self.checkpoint_path(step), process_group=self._save_group, **options)
-            self._in_flight = self._finisher.submit(self._after_background_save, staged, step, metrics)
+            staged = async_save(state, path, process_group=self._save_group, **options)
+            self._in_flight = self._finisher.submit(self._after_background_save, staged, step, metrics, loses_step)
             return True
-        save(state, self.checkpoint_path(step), process_group=self._group, **options)
+        try:
+            save(state, path, process_group=self._group, **options)
+        except BaseException:
+            if loses_step:
+                self._forget(step)
+            raise
         _, error = attempt(lambda: self._committed(step, metrics))
         agree(error, "removing old checkpoints", no_dist=self._no_dist, group=self._group)
         return True
@@ -277,6 +297,8 @@ class CheckpointManager:
     def _release(self) -> None:
         self._closed = True
         self._finisher.shutdown(wait=True)
+        if self._save_group is not self._group:
+            dist.destroy_process_group(self._save_group)
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
@@ -310,9 +332,18 @@ class CheckpointManager:
         return box[0]
 
     def _after_background_save(self, staged: concurrent.futures.Future[None], step: int,
-                               metrics: dict[str, Any] | None) -> None:  # fmt: skip
-        staged.result()
+                               metrics: dict[str, Any] | None, loses_step: bool) -> None:  # fmt: skip
+        try:
+            staged.result()
+        except BaseException:
+            if loses_step:
+                self._forget(step)
+            raise
         self._committed(step, metrics)
+
+    def _forget(self, step: int) -> None:
+        with self._lock:
+            self._steps.pop(step, None)
 
     def _committed(self, step: int, metrics: dict[str, Any] | None) -> None:
         """Record ``step`` as committed, and remove what the policy no longer keeps (the
@@ -326,12 +357,23 @@ class CheckpointManager:
                 best_metric=self.best_metric,
                 best_mode=self.best_mode,
             )
-            removed = sorted(set(self._steps) - keep)
+            removed = sorted(set(self._steps) - keep - {step})  # a step saved out of order stays, this once
             for old in removed:
                 del self._steps[old]
-        if self._coordinator:
-            for old in removed:
-                remove_committed(Store(self.checkpoint_path(old)))
+        if not self._coordinator:
+            return
+        errors = []
+        for old in removed:  # each one, whatever became of the others
+            path = self.checkpoint_path(old)
+            try:
+                with storage_access(path):
+                    remove_committed(Store(path))
+            except CheckpointNotFoundError:
+                pass  # gone already
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def _read_directory(self) -> dict[int, dict[str, Any] | None]:
         """The committed steps and their metrics: read by the coordinator (which first removes
