@@ -468,14 +468,12 @@ class _ChunkWriter:
         encoding = plain_encoding(self.documents[fqn]) if direct else None
         if encoding is not None and nbytes <= (INNER_CHUNK_BYTES if encoding.inner is None else DIRECT_SHARD_BYTES):
             assert index is not None
-            key, data = chunk_key(entry.node, index), tensor_to_numpy(tensor)
-            if self.local is None:
-                assert self.values is not None
-                self.window.add(self.values.write(key, b"".join(encode_chunk(data, encoding))), nbytes)
-            elif encoding.inner is None:
-                self.local.write_plain_chunk(key, data)
+            key, parts = chunk_key(entry.node, index), encode_chunk(tensor_to_numpy(tensor), encoding)
+            if self.local is not None:
+                self.local.write(key, *parts)
             else:
-                self.local.write_sharded_chunk(key, data, encoding.inner)
+                assert self.values is not None
+                self.window.add(self.values.write(key, b"".join(parts)), nbytes)
             return nbytes
         if fqn not in self.arrays:
             self.arrays[fqn] = self._open(entry.node, self.documents[fqn])

@@ -32,7 +32,7 @@ import google_crc32c
 import numpy as np
 
 from ..errors import CorruptCheckpointError
-from ..format.codecs import PlainEncoding, crc32c, encode_chunk, plain_encoding
+from ..format.codecs import crc32c, plain_encoding
 from ..format.documents import chunk_key, chunk_key_separator
 from ..format.dtypes import from_zarr
 from .oscalls import start_writeback
@@ -212,15 +212,6 @@ class LocalFiles:
             except FileExistsError:  # made by another rank, or another writer of this save
                 pass
             self._dirs.add(directory)
-
-    def write_sharded_chunk(self, key: str, data: np.ndarray, inner: tuple[int, ...]) -> None:
-        """Write one whole chunk with the ``sharding_indexed`` codec of plain inner chunks of
-        shape ``inner`` (:func:`~zdcp.format.codecs.encode_chunk`)."""
-        self.write(key, *encode_chunk(data, PlainEncoding(inner)))
-
-    def write_plain_chunk(self, key: str, data: np.ndarray) -> None:
-        """Write one whole chunk with the plain codec chain (:func:`~zdcp.format.codecs.encode_chunk`)."""
-        self.write(key, *encode_chunk(data, PlainEncoding(None)))
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:
