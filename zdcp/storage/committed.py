@@ -20,7 +20,7 @@ from ..format.catalog import Catalog
 from ..format.constants import METADATA_KEY, PENDING_INFIX
 from ..format.documents import zdcp_attrs
 from .layouts import PACKED
-from .store import Store, storage_access
+from .store import Store, short_message, storage_access
 
 __all__ = [
     "Committed",
@@ -82,7 +82,7 @@ def root_document(location: Store) -> tuple[Store, Any | None]:
                 found = packed_root.result()
         except ValueError as e:  # not a refused or failed request: a damaged database
             raise CorruptCheckpointError(
-                f"{location.url}: the packed database's B-tree cannot be read: {str(e).split(' [', 1)[0]}"
+                f"{location.url}: the packed database's B-tree cannot be read: {short_message(e)}"
             ) from None
         if found.state != "value":
             return location, None

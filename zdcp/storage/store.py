@@ -22,7 +22,7 @@ from ..locations import CheckpointId, kvstore_spec, url_of
 from .layouts import FILES, PACKED, hierarchy_spec
 from .oscalls import FilesystemSync
 
-__all__ = ["Store", "store_for", "encode_json", "reading", "storage_access"]
+__all__ = ["Store", "store_for", "encode_json", "reading", "storage_access", "short_message"]
 
 #: A packed checkpoint's B-tree nodes, cached while it is read: they are decoded once.
 _NODE_CACHE_BYTES = 64 << 20
@@ -88,7 +88,7 @@ class Store:
         try:
             return future.result()
         except ValueError as e:
-            raise StorageError(f"{self.url}: {_short(e)}") from None
+            raise StorageError(f"{self.url}: {short_message(e)}") from None
 
     @property
     def local_dir(self) -> str | None:
@@ -216,11 +216,11 @@ def storage_access(url: str) -> Iterator[None]:
     except ValueError as e:
         text = str(e)
         if text.startswith(_ACCESS_CODES) or "NoSuchBucket" in text or "http_response_code=" in text:
-            raise StorageError(f"{url}: {_short(e)}") from None
+            raise StorageError(f"{url}: {short_message(e)}") from None
         raise
 
 
-def _short(error: Exception) -> str:
+def short_message(error: Exception) -> str:
     """tensorstore's message without the HTTP response it quotes."""
     return str(error).split(" [", 1)[0]
 
