@@ -204,9 +204,7 @@ class InPlaceSave:
             _check_owned(self.store, self.generation)
         except CheckpointExistsError:
             return
-        # The marker last: until it goes, what is left is known for a save's leftovers.
-        _delete_all_but_marker(self.store)
-        self.release()
+        _delete_marked(self.store, self.generation)
 
 
 def _check_owned(store: Store, generation: bytes, marker: ts.Future | None = None) -> None:
@@ -348,6 +346,13 @@ def _delete_all_but_marker(store: Store) -> None:
     store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
 
 
+def _delete_marked(store: Store, generation: bytes) -> None:
+    """Delete everything under the prefix, the marker (of ``generation``) last: until it goes,
+    what is left is known for the leftovers of a save or removal."""
+    _delete_all_but_marker(store)
+    store.wait(store.kv.write(SAVING_MARKER, None, if_equal=generation))
+
+
 def remove_committed(store: Store) -> None:
     """Delete the committed zdcp checkpoint at ``store``'s location, un-committing it first, so
     that a kill at any moment leaves either the whole checkpoint, committed, or what is left of
@@ -371,10 +376,9 @@ def remove_committed(store: Store) -> None:
             root = None
         if root is None or zdcp_attrs(root) is None:
             raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {url}; nothing removed")
-        store.wait(store.kv.write(SAVING_MARKER, marker))
+        written = store.wait(store.kv.write(SAVING_MARKER, marker))
         _uncommit(store)
-        _delete_all_but_marker(store)
-        store.delete(SAVING_MARKER)
+        _delete_marked(store, written.generation)
         return
     target = _local_target(store)
     if local_contents(target) != "committed":
@@ -395,8 +399,7 @@ def remove_interrupted(store: Store) -> bool:
     found = store.wait(store.kv.read(SAVING_MARKER))
     if found.state != "value" or root_document(store)[1] is not None:
         return False
-    _delete_all_but_marker(store)
-    store.wait(store.kv.write(SAVING_MARKER, None, if_equal=found.stamp.generation))
+    _delete_marked(store, found.stamp.generation)
     return True
 
 
