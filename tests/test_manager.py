@@ -283,14 +283,14 @@ def test_restore_at_another_world_size(tmp_path):
 # -- kills ----------------------------------------------------------------------------------------
 
 
-def _killed_run(run, die_in):
-    """Save steps 1 and 2 (max_to_keep=1), and die by SIGKILL in ``die_in``: the commit of step 2's
-    save, or the deletion of step 1 once it is un-committed."""
+def _killed_run(run, die_in, layout):
+    """Save steps 1 and 2 (max_to_keep=1, in ``layout``), and die by SIGKILL in ``die_in``: the
+    commit of step 2's save, or the deletion of step 1 once it is un-committed."""
     import zdcp.storage.commit as commit
 
     target = {"save": (commit.LocalSave, "commit"), "removal": (commit.shutil, "rmtree"),
               "s3 removal": (commit, "_delete_all_but_marker")}[die_in]  # fmt: skip
-    mgr = zdcp.CheckpointManager(run, max_to_keep=1)
+    mgr = zdcp.CheckpointManager(run, max_to_keep=1, layout=layout)
     mgr.save(1, _state(1))
     owner, name = target
     setattr(owner, name, lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
@@ -309,12 +309,13 @@ def _resume(rank, world_size, run, expected):
 
 @pytest.mark.parametrize("restart_ranks", [1, 2])
 @pytest.mark.parametrize("die_in", ["save", "removal"])
-def test_a_run_killed_mid_save_or_mid_removal_resumes_from_a_whole_checkpoint(tmp_path, die_in, restart_ranks):
+def test_a_run_killed_mid_save_or_mid_removal_resumes_from_a_whole_checkpoint(tmp_path, die_in, restart_ranks,
+                                                                               layout):  # fmt: skip
     """Killed by SIGKILL in a save's commit or in the removal of an old checkpoint, the run
     restarts, in one process or on two ranks, from the newest whole step, and what the kill
     left is gone."""
     run = tmp_path / "run"
-    job = mp.get_context("spawn").Process(target=_killed_run, args=(str(run), die_in))
+    job = mp.get_context("spawn").Process(target=_killed_run, args=(str(run), die_in, layout))
     job.start()
     job.join(120)
     assert job.exitcode == -signal.SIGKILL
@@ -381,9 +382,9 @@ def test_the_same_flow_on_s3(s3, bucket, layout):
         _assert_restored(state, 6)
 
 
-def test_a_removal_killed_on_s3_is_never_resumed_from(s3, bucket):
+def test_a_removal_killed_on_s3_is_never_resumed_from(s3, bucket, layout):
     run = f"s3://{bucket}/run"
-    job = mp.get_context("spawn").Process(target=_killed_run, args=(run, "s3 removal"))
+    job = mp.get_context("spawn").Process(target=_killed_run, args=(run, "s3 removal", layout))
     job.start()
     job.join(120)
     assert job.exitcode == -signal.SIGKILL
