@@ -278,6 +278,30 @@ def test_concurrent_saves_to_one_path_leave_one_whole_checkpoint(tmp_path, overw
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging left behind"
 
 
+def test_a_packed_root_swapped_while_it_is_read_is_read_again(tmp_path, monkeypatch):
+    """A packed root is several files: read while another save swaps the directory for its own,
+    the read fails (here made to, deterministically); what the directory holds is then read
+    again, on the directory now there, instead of being taken for something zdcp did not write."""
+    import zdcp.storage.committed as committed
+    from zdcp.storage.oscalls import exchange
+
+    target, other = tmp_path / "c", tmp_path / "other"
+    zdcp.save(versioned(1), target, layout="packed")
+    zdcp.save(versioned(2), other, layout="packed")
+    real, calls = committed.root_document, []
+
+    def swapped_midway(store):
+        calls.append(store.url)
+        if len(calls) == 1:
+            assert exchange(str(other), str(target))
+            raise zdcp.CorruptCheckpointError("the manifest of one directory, the node of the other")
+        return real(store)
+
+    monkeypatch.setattr(committed, "root_document", swapped_midway)
+    assert committed.local_contents(str(target)) == "committed" and len(calls) == 2
+    assert committed_version(target) == 2
+
+
 # -- input the format cannot hold, and crafted checkpoints ---------------------------------------
 
 UNSTORABLE = {

@@ -121,14 +121,35 @@ def pending_name(target: str, session: str | None = None) -> str:
 
 def local_contents(directory: str) -> str:
     """What a local directory holds: ``"empty"``, ``"committed"`` (a zdcp checkpoint, in
-    either layout), ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``."""
+    either layout), ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``.
+
+    A packed root is several files (the manifest, then a B-tree node): when another save
+    swaps the directory for its own meanwhile (``renameat2(RENAME_EXCHANGE)``), the read may
+    mix the two and fail. Such a read is made again, on the directory now there.
+    """
+    while True:
+        before = _identity(directory)
+        found = _contents(directory)
+        if _identity(directory) == before:
+            return found
+
+
+def _identity(directory: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(directory)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _contents(directory: str) -> str:
     if not os.path.isdir(directory):
         return "other"
     if not os.listdir(directory):
         return "empty"
     try:
         _, root = root_document(Store(directory))
-    except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
+    except CorruptCheckpointError:  # not JSON, or a packed root that cannot be read
         return "other"
     if root is None:
         return "other"
