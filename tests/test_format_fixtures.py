@@ -7,11 +7,10 @@ import shutil
 import pytest
 import torch
 import zarr
-
-import zdcp
+from conftest import assert_bitwise_equal
 from fixtures.format_v3 import CASES, FIXTURES, METADATA, as_bytes, sharded_full, single_state
 
-from conftest import assert_bitwise_equal
+import zdcp
 
 
 @pytest.fixture(params=sorted(CASES))

@@ -391,7 +391,7 @@ def _damage_cases(path):
 def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path, direct_reads):
     import torch.distributed.checkpoint as dcp
 
-    from zdcp.api import dcp_call
+    from zdcp.collectives import Collectives
     from zdcp.planner import ZarrLoadPlanner
 
     path = tmp_path / "c"
@@ -405,7 +405,7 @@ def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path
         array = chunk.relative_to(path).parts[0]
         with pytest.raises(zdcp.CorruptCheckpointError, match=f"'{array}'") as raised:
             reader = zdcp.ZarrReader(path, direct_reads=direct_reads)
-            with dcp_call(no_dist=True):
+            with Collectives(no_dist=True).dcp_call():
                 dest = {k: torch.zeros_like(v) for k, v in state.items()}
                 dcp.load(dest, storage_reader=reader, planner=ZarrLoadPlanner(), no_dist=True)
         assert "chunk" in str(raised.value), (what, raised.value)

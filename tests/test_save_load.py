@@ -14,6 +14,7 @@ import zarr
 from conftest import assert_bitwise_equal, commit_record, read_root, write_root
 
 import zdcp
+from zdcp.collectives import Collectives
 from zdcp.format.dtypes import _ALL as ALL_DTYPES
 
 
@@ -488,7 +489,9 @@ def test_a_single_process_failure_is_reported_as_what_it_is(ckpt, monkeypatch):
             raise RuntimeError("device lost")
 
     with pytest.raises(zdcp.ZdcpError, match="RuntimeError: device lost") as raised:
-        zdcp.api.run_save({"w": torch.ones(3)}, zdcp.ZarrWriter(ckpt), planner=Broken(), no_dist=True)
+        zdcp.api.run_save(
+            {"w": torch.ones(3)}, zdcp.ZarrWriter(ckpt), planner=Broken(), collectives=Collectives(no_dist=True)
+        )
     assert not isinstance(raised.value, zdcp.DistributedError) and "rank" not in str(raised.value)
     assert not ckpt.exists() and not list(ckpt.parent.iterdir())
 

@@ -27,7 +27,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner,
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from .api import dcp_call, run_save, save
+from .api import run_save, save
+from .collectives import Collectives
 from .errors import UnsupportedValueError, ZdcpError
 from .format.names import Key, describe, dotted
 from .planner import ZarrSavePlanner
@@ -49,6 +50,8 @@ PathLike = str | os.PathLike[str]
 Progress = Callable[[int], None]
 #: The index file of a sharded (Hugging Face style) safetensors directory.
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+#: Every conversion runs in this one process, with no process group.
+_ONE_PROCESS = Collectives(no_dist=True)
 #: Bytes of source tensors a streaming conversion keeps in flight.
 _WINDOW = 256 << 20
 
@@ -146,7 +149,7 @@ def zdcp_to_dcp(src: PathLike, dst: PathLike, *, allow_pickle: bool = False, pro
     skeleton = root.to_state_dict(_placeholder)
 
     planner = _FetchingDcpPlanner(lambda fqn: arrays[fqn].read(), progress)
-    with dcp_call(no_dist=True):
+    with _ONE_PROCESS.dcp_call():
         dcp.save(skeleton, storage_writer=FileSystemWriter(dst), planner=planner, no_dist=True)
 
 
@@ -154,7 +157,7 @@ def _dcp_load(src: PathLike, state: dict[str, Any]) -> dict[str, Any]:
     """Load DCP entries by FQN into ``state`` (flat, no nesting) and return it."""
     # No flattening of any kind: the planner must fill this very dict, keyed by DCP's FQNs.
     planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-    with dcp_call(no_dist=True):
+    with _ONE_PROCESS.dcp_call():
         dcp.load(state, storage_reader=FileSystemReader(src), planner=planner, no_dist=True)
     return state
 
@@ -393,7 +396,7 @@ def _save_fetching(
 ) -> None:
     writer = ZarrWriter(dst, max_inflight_bytes=_WINDOW, overwrite=overwrite, allow_pickle=allow_pickle, layout=layout)
     planner = _FetchingSavePlanner(fetch, progress, allow_pickle=allow_pickle)
-    run_save(skeleton, writer, planner=planner, no_dist=True)
+    run_save(skeleton, writer, planner=planner, collectives=_ONE_PROCESS)
 
 
 def _placeholder(array: Array) -> torch.Tensor:

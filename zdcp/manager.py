@@ -25,12 +25,12 @@ import signal
 import threading
 from collections.abc import Iterable, Mapping
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from .api import agree, async_save, attempt, collective_device, distributed, load, save
+from .api import async_save, load, save
+from .collectives import Collectives, attempt
 from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UsageError
 from .format.documents import read_metadata, zdcp_attrs
 from .options import SaveOptions
@@ -40,8 +40,6 @@ from .storage.layouts import PACKED
 from .storage.store import Store, storage_access
 
 __all__ = ["CheckpointManager", "retained_steps"]
-
-T = TypeVar("T")
 
 #: The name of a step's checkpoint in the manager's directory.
 STEP_NAME = re.compile(r"step_(\d+)")
@@ -124,14 +122,12 @@ class CheckpointManager:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._options = save_options
-        self._group = process_group
-        self._no_dist = not distributed()
-        self._coordinator = self._no_dist or dist.get_rank(process_group) == 0
+        self._collectives = Collectives(process_group)
         self._lock = threading.Lock()  # guards _steps, which a background save updates
         self._steps: dict[int, dict[str, Any] | None] = self._read_directory()
         self._async = async_save
         self._save_group = process_group
-        if async_save and not self._no_dist:
+        if async_save and not self._collectives.no_dist:
             ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
             self._save_group = dist.new_group(ranks=ranks, backend="gloo")
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zdcp-manager")
@@ -210,7 +206,7 @@ class CheckpointManager:
         self.wait_until_finished()
         # The coordinator's metrics: the checkpoint stores those, and every rank's retention
         # must rank the steps alike.
-        metrics = self._from_coordinator(dict(metrics) if metrics is not None else None)
+        metrics = self._collectives.from_coordinator(dict(metrics) if metrics is not None else None)
         with self._lock:
             exists = step in self._steps
             latest = max(self._steps, default=None)
@@ -234,13 +230,12 @@ class CheckpointManager:
             self._in_flight = self._finisher.submit(self._after_background_save, staged, step, metrics, loses_step)
             return True
         try:
-            save(state, path, process_group=self._group, **options)
+            save(state, path, process_group=self._collectives.group, **options)
         except BaseException:
             if loses_step:
                 self._forget(step)
             raise
-        _, error = attempt(lambda: self._committed(step, metrics))
-        agree(error, "removing old checkpoints", no_dist=self._no_dist, group=self._group)
+        self._collectives.run("removing old checkpoints", lambda: self._committed(step, metrics))
         return True
 
     def restore(self, state: dict[str, Any], step: int | None = None) -> int | None:
@@ -257,7 +252,7 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(
                     f"step {step} is not a committed checkpoint in {self.directory} (committed: {sorted(self._steps)})"
                 )
-        load(state, self.checkpoint_path(step), process_group=self._group)
+        load(state, self.checkpoint_path(step), process_group=self._collectives.group)
         return step
 
     def wait_until_finished(self) -> None:
@@ -265,8 +260,7 @@ class CheckpointManager:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
             return
-        error = in_flight.exception()
-        agree(error, "the background save", no_dist=self._no_dist, group=self._group)
+        self._collectives.agree(in_flight.exception(), "the background save")
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error), and put back the signal handlers
@@ -297,7 +291,7 @@ class CheckpointManager:
     def _release(self) -> None:
         self._closed = True
         self._finisher.shutdown(wait=True)
-        if self._save_group is not self._group:
+        if self._save_group is not self._collectives.group:
             dist.destroy_process_group(self._save_group)
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
@@ -313,23 +307,10 @@ class CheckpointManager:
     def _agree_on_preemption(self, step: int) -> bool:
         if not self._previous_handlers or self._preempted_at is not None:
             return False
-        flag = self._signalled
-        if not self._no_dist:
-            tensor = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device(self._group))
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group)
-            flag = bool(tensor.item())
+        flag = self._collectives.any(self._signalled)
         if flag:
             self._preempted_at = step
         return flag
-
-    def _from_coordinator(self, value: T) -> T:
-        """The coordinator's ``value``, on every rank."""
-        if self._no_dist:
-            return value
-        box = [value]
-        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
-        dist.broadcast_object_list(box, src=source, group=self._group, device=collective_device(self._group))
-        return box[0]
 
     def _after_background_save(self, staged: concurrent.futures.Future[None], step: int,
                                metrics: dict[str, Any] | None, loses_step: bool) -> None:  # fmt: skip
@@ -360,7 +341,7 @@ class CheckpointManager:
             removed = sorted(set(self._steps) - keep - {step})  # a step saved out of order stays, this once
             for old in removed:
                 del self._steps[old]
-        if not self._coordinator:
+        if not self._collectives.is_coordinator:
             return
         errors = []
         for old in removed:  # each one, whatever became of the others
@@ -378,9 +359,9 @@ class CheckpointManager:
     def _read_directory(self) -> dict[int, dict[str, Any] | None]:
         """The committed steps and their metrics: read by the coordinator (which first removes
         what killed saves and removals left), then shared with every rank."""
-        found, error = attempt(self._scan) if self._coordinator else ({}, None)
-        agree(error, f"reading {self.directory}", no_dist=self._no_dist, group=self._group)
-        return self._from_coordinator(found)
+        found, error = attempt(self._scan) if self._collectives.is_coordinator else ({}, None)
+        self._collectives.agree(error, f"reading {self.directory}")
+        return self._collectives.from_coordinator(found)
 
     def _scan(self) -> dict[int, dict[str, Any] | None]:
         directory = Store(self.directory)

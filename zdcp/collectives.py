@@ -1,0 +1,159 @@
+"""Every collective zdcp runs, in one place (as DCP's ``_DistWrapper``): over one process group,
+or none at all in a single process.
+
+- **Agreement on an outcome**: a rank-local step (a ``Stateful``'s ``state_dict()``, reading the
+  checkpoint, a removal) either succeeds on every rank or raises the same error on every rank
+  (:meth:`Collectives.agree`); DCP's own steps report their failures gathered in a
+  ``CheckpointException``, which :meth:`Collectives.dcp_call` turns into that same error. No
+  rank waits in the next collective for a rank that left, nor returns as if all went well.
+- **The coordinator's value on every rank** (:meth:`Collectives.from_coordinator`).
+- **A vote**: whether a flag is raised on any rank (:meth:`Collectives.any`: a preemption signal).
+
+One rule decides which error every rank raises (:func:`agreed_error`): the lowest failing
+rank's own when it is zdcp's (so every rank raises the same class with the same message), else
+a :class:`~zdcp.DistributedError` naming the failed ranks. Failures travel between ranks as the
+exceptions themselves (DCP pickles them alike), or, when one does not pickle, as a
+``RuntimeError`` carrying its type and message.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.distributed_c10d import _get_object_coll_device
+
+from .errors import DistributedError, StorageError, ZdcpError
+
+__all__ = ["Collectives", "attempt", "agreed_error", "distributed"]
+
+T = TypeVar("T")
+
+
+def distributed() -> bool:
+    """Whether a default process group is initialized (zdcp then runs collectively)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def attempt(fn: Callable[[], T]) -> tuple[T, Exception | None]:
+    """``fn()``'s result, or its exception (rank-local user code: a ``Stateful``'s methods)."""
+    try:
+        return fn(), None
+    except Exception as e:
+        return None, e  # type: ignore[return-value]
+
+
+class Collectives:
+    """zdcp's collectives over ``group`` (the default group when None), or none with
+    ``no_dist`` or when no process group is initialized (one process)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, no_dist: bool = False):
+        self.group = group
+        self.no_dist = no_dist or not distributed()
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Whether this process is rank 0 of the group (or alone)."""
+        return self.no_dist or dist.get_rank(self.group) == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where a tensor for a collective over the group lives: the device torch's own object
+        collectives use (the CPU when the group has a CPU backend, else its accelerator's
+        current device, as for NCCL alone)."""
+        return torch.device(_get_object_coll_device(self.group))
+
+    def agree(self, error: Exception | None, step: str) -> None:
+        """Share the outcome of a rank-local ``step``; raise on every rank when it failed on any
+        (:func:`agreed_error`). In one process the error is raised as it is."""
+        if self.no_dist:
+            if error is not None:
+                raise error
+            return
+        # One all-reduce of a flag in the usual case; the errors are gathered only when a rank failed.
+        if not self.any(error is not None):
+            return
+        failures: list[BaseException | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(failures, None if error is None else _portable(error), group=self.group)
+        raise agreed_error({r: f for r, f in enumerate(failures) if f is not None}, step) from error
+
+    def run(self, step: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on every rank, its outcome agreed (:meth:`agree`)."""
+        result, error = attempt(fn)
+        self.agree(error, step)
+        return result
+
+    def from_coordinator(self, value: T) -> T:
+        """The coordinator's ``value``, on every rank."""
+        if self.no_dist:
+            return value
+        box = [value]
+        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast_object_list(box, src=source, group=self.group, device=self.device)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any rank (one all-reduce)."""
+        if self.no_dist:
+            return flag
+        tensor = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(tensor.item())
+
+    @contextmanager
+    def dcp_call(self) -> Iterator[None]:
+        """Around a call into DCP: its ``CheckpointException`` (gathered from all ranks) raised
+        as the error every rank agrees on, and no warning for a single-process call (DCP warns
+        on each one; for zdcp, no process group means one process by contract).
+
+        In one process, an error that is not zdcp's becomes a :class:`~zdcp.StorageError` when
+        it is an ``OSError``, else a :class:`~zdcp.ZdcpError` carrying its type and message
+        (and the error itself as its cause). The warning filters are process-wide and
+        ``catch_warnings`` is not thread-safe, so they are only touched on the main thread; a
+        background ``async_save`` leaves them alone.
+        """
+        quiet = self.no_dist and threading.current_thread() is threading.main_thread()
+        with warnings.catch_warnings() if quiet else nullcontext():
+            if quiet:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                yield
+            except CheckpointException as e:
+                failures = {rank: exc for rank, (exc, _) in e.failures.items()}
+                first = failures[min(failures)]
+                if self.no_dist and not isinstance(first, ZdcpError):
+                    if isinstance(first, OSError):
+                        raise StorageError(str(first)) from first
+                    raise ZdcpError(f"checkpoint failed: {type(first).__name__}: {first}") from first
+                raise agreed_error(failures, "checkpoint") from e
+
+
+def agreed_error(failures: dict[int, BaseException], step: str) -> ZdcpError:
+    """The error every rank raises when ``step`` failed on the ranks of ``failures`` (rank ->
+    its error): the lowest failing rank's when it is zdcp's own, else a
+    :class:`~zdcp.DistributedError` naming the failed ranks, with each rank's error."""
+    rank = min(failures)
+    first = failures[rank]
+    if isinstance(first, ZdcpError):
+        return first
+    return DistributedError(
+        f"{step} failed on rank(s) {sorted(failures)}; rank {rank}: {type(first).__name__}: {first}",
+        dict(sorted(failures.items())),
+    )
+
+
+def _portable(error: Exception) -> BaseException:
+    """``error`` as it travels to the other ranks: itself when it pickles, else a
+    ``RuntimeError`` with its type and message (a user's exception may hold anything)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
