@@ -41,20 +41,20 @@ def layout(request):
 
 def read_root(path):
     """A checkpoint's root zarr.json, in either layout."""
-    from zdcp.storage.committed import root_document
-    from zdcp.storage.store import Store
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
 
-    return root_document(Store(path))[1]
+    return root_document(Location(path))[1]
 
 
 def write_root(path, document):
     """Replace a checkpoint's root zarr.json, in either layout (to craft a damaged one)."""
-    from zdcp.storage.committed import root_document
-    from zdcp.storage.store import Store
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
 
-    hierarchy, _ = root_document(Store(path))
+    hierarchy, _ = root_document(Location(path))
     # an existing database takes writes under the configuration its manifest records
-    Store(path, hierarchy.layout).write_json("zarr.json", document)
+    hierarchy.write_json("zarr.json", document)
 
 
 def commit_record(path):

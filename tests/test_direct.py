@@ -12,8 +12,9 @@ import zdcp
 import zdcp.storage.localfiles
 from zdcp.format.documents import array_document
 from zdcp.format.dtypes import from_torch, numpy_to_tensor, tensor_to_numpy
+from zdcp.storage.layout import layout_named
 from zdcp.storage.localfiles import in_directory, row_slabs
-from zdcp.storage.store import Store
+from zdcp.storage.location import Location
 
 CASES = [
     # shape, dtype, chunk rows: sharded (inner chunks), plain, edge-padded, several dims
@@ -29,7 +30,7 @@ def write_array(root, node, shape, dtype, chunk_rows):
     full = torch.randn(shape).to(dtype) if not dtype.is_complex else torch.randn(shape, dtype=dtype)
     if dtype == torch.bool:
         full = torch.rand(shape) > 0.5
-    store = Store(root)
+    store = layout_named("files").hierarchy(Location(root))
     doc = array_document(shape, from_torch(dtype), (chunk_rows, *shape[1:]), {"kind": "tensor"})
     store.open_array(node, doc, write=True).result().write(tensor_to_numpy(full)).result()
     return store, doc, full
@@ -232,7 +233,6 @@ def test_packed_value_locations_are_where_the_values_are(tmp_path):
     database of several levels (small nodes), agrees with OCDBT's own reads."""
     import tensorstore as ts
 
-    from zdcp.storage.layouts import PACKED
     from zdcp.storage.packed import value_locations
 
     spec = {"driver": "ocdbt", "base": f"file://{tmp_path}/", "config": {"max_decoded_node_bytes": 1000}}
@@ -242,7 +242,7 @@ def test_packed_value_locations_are_where_the_values_are(tmp_path):
         kv[key] = value
     height = ts.ocdbt.dump(kv.base).result()["versions"][-1]["root_height"]
     assert height >= 1, "the test needs interior nodes"
-    found = value_locations(Store(tmp_path, PACKED))
+    found = value_locations(layout_named("packed").hierarchy(Location(tmp_path)))
     assert sorted(found) == sorted(values)
     for key, (path, offset, length) in found.items():
         with open(path, "rb") as f:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import zdcp
 from zdcp.cli import main as cli
-from zdcp.locations import kvstore_spec, url_of
+from zdcp.storage.location import kvstore_spec, url_of
 from zdcp.testing import environment, moto_server, run_ranks
 
 boto3 = pytest.importorskip("boto3")
@@ -235,6 +235,20 @@ def test_an_interrupted_save_on_s3_is_never_loadable(s3, bucket):
     assert objects(s3, bucket) == [f"step_1/{k}" for k in ("w/c.0", "w/zarr.json", "zarr.json")]
 
 
+def test_latest_checkpoint_on_s3_skips_what_never_committed(s3, bucket, layout):
+    run = f"s3://{bucket}/run"
+    assert zdcp.latest_checkpoint(run) is None
+    for step in (2, 10):
+        zdcp.save({"w": torch.full((4,), float(step))}, f"{run}/step_{step}", layout=layout)
+    s3.put_object(Bucket=bucket, Key="run/step_30/zarr.json", Body=b'{"zarr_format": 3, "node_type": "group"}')
+    s3.put_object(Bucket=bucket, Key="run/step_40/w/c.0", Body=b"a chunk of a save that never committed")
+    s3.put_object(Bucket=bucket, Key="run/step_50", Body=b"an object, not a checkpoint")
+    assert zdcp.latest_checkpoint(run) == f"{run}/step_10"
+    out = {"w": torch.zeros(4)}
+    zdcp.load(out, zdcp.latest_checkpoint(run, verify=True))
+    assert torch.equal(out["w"], torch.full((4,), 10.0))
+
+
 def test_concurrent_saves_on_s3_one_fails_cleanly(s3, bucket, layout):
     assert_one_of_two_racing_saves_commits(f"s3://{bucket}/c", layout)
 
@@ -245,18 +259,18 @@ def test_a_save_committed_while_another_begins_is_neither_lost_nor_mixed(s3, buc
     marker (A's marker is gone again by then, so B's creation succeeds). B must still see A's
     checkpoint: without overwrite it refuses and leaves A's whole; with it, it replaces A's
     whole, whatever A's layout."""
-    import zdcp.storage.commit
+    import zdcp.storage.saving
 
     url, prefix = f"s3://{bucket}/race", "race/"
-    real = zdcp.storage.commit.root_document
+    real = zdcp.storage.saving.root_document
 
     def a_commits_after_b_reads(store):
         found = real(store)
-        monkeypatch.setattr(zdcp.storage.commit, "root_document", real)  # A's reads, and B's next
+        monkeypatch.setattr(zdcp.storage.saving, "root_document", real)  # A's reads, and B's next
         zdcp.save({"w": torch.full((64, 64), 1.0), "only_in_a": torch.ones(3)}, url, layout=layout)
         return found
 
-    monkeypatch.setattr(zdcp.storage.commit, "root_document", a_commits_after_b_reads)
+    monkeypatch.setattr(zdcp.storage.saving, "root_document", a_commits_after_b_reads)
     b_layout = "files" if layout == "packed" else "packed"
     b = {"w": torch.full((64, 64), 2.0)}
     if overwrite:
@@ -373,11 +387,11 @@ def test_a_kvstore_spec_gives_full_control(s3, bucket):
 def test_an_overwrite_that_takes_over_a_running_save_on_s3_wins_whole(s3, bucket, monkeypatch):
     import threading
 
-    import zdcp.storage.commit
+    import zdcp.storage.saving
 
     url = f"s3://{bucket}/c"
     paused, release = threading.Event(), threading.Event()
-    real_commit = zdcp.storage.commit.InPlaceSave.commit
+    real_commit = zdcp.storage.saving.InPlaceSave.commit
 
     def slow_commit(self, root, *, sync):
         if threading.current_thread().name == "first":
@@ -385,7 +399,7 @@ def test_an_overwrite_that_takes_over_a_running_save_on_s3_wins_whole(s3, bucket
             release.wait(60)
         real_commit(self, root, sync=sync)
 
-    monkeypatch.setattr(zdcp.storage.commit.InPlaceSave, "commit", slow_commit)
+    monkeypatch.setattr(zdcp.storage.saving.InPlaceSave, "commit", slow_commit)
     errors = []
 
     def first():

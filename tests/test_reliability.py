@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import zdcp
-from zdcp.storage.committed import interrupted_saves
+from zdcp.storage.contents import interrupted_saves
 from zdcp.testing import ranks_running, run_ranks
 
 
@@ -46,9 +46,9 @@ def committed_version(path):
 KILL_POINTS = {  # where: the function patched to SIGKILL the saving process
     "writing chunks": "zdcp.writer:_ChunkWriter.write",
     "before the documents": "zdcp.writer:ZarrWriter.finish",
-    "before the commit": "zdcp.storage.commit:LocalSave.commit",
-    "committing the database": "zdcp.writer:commit_with_documents",  # packed only
-    "after the exchange": "zdcp.storage.commit:_delete_replaced",  # the new one is in place, the old not yet deleted
+    "before the commit": "zdcp.storage.saving:LocalSave.commit",
+    "committing the database": "zdcp.storage.packed:_commit_with_documents",  # packed only
+    "after the exchange": "zdcp.storage.saving:_delete_replaced",  # the new one is in place, the old not yet deleted
 }
 KILLS = [  # the database's commit exists in the packed layout only
     (layout, where)
@@ -282,13 +282,13 @@ def test_a_packed_root_swapped_while_it_is_read_is_read_again(tmp_path, monkeypa
     """A packed root is several files: read while another save swaps the directory for its own,
     the read fails (here made to, deterministically); what the directory holds is then read
     again, on the directory now there, instead of being taken for something zdcp did not write."""
-    import zdcp.storage.committed as committed
+    import zdcp.storage.contents as contents
     from zdcp.storage.oscalls import exchange
 
     target, other = tmp_path / "c", tmp_path / "other"
     zdcp.save(versioned(1), target, layout="packed")
     zdcp.save(versioned(2), other, layout="packed")
-    real, calls = committed.root_document, []
+    real, calls = contents.root_document, []
 
     def swapped_midway(store):
         calls.append(store.url)
@@ -297,8 +297,8 @@ def test_a_packed_root_swapped_while_it_is_read_is_read_again(tmp_path, monkeypa
             raise zdcp.CorruptCheckpointError("the manifest of one directory, the node of the other")
         return real(store)
 
-    monkeypatch.setattr(committed, "root_document", swapped_midway)
-    assert committed.local_contents(str(target)) == "committed" and len(calls) == 2
+    monkeypatch.setattr(contents, "root_document", swapped_midway)
+    assert contents.local_contents(str(target)) == "committed" and len(calls) == 2
     assert committed_version(target) == 2
 
 
@@ -547,11 +547,11 @@ def test_dcp_plan_caching_saves_every_checkpoint(tmp_path, planner, plan_cache, 
 
 
 def test_a_rank_writes_only_where_the_coordinator_prepared_the_save(tmp_path):
-    from zdcp.storage.commit import check_location, save_location
-    from zdcp.storage.store import Store
+    from zdcp.storage.location import Location
+    from zdcp.storage.saving import check_location, save_location
 
     zdcp.save({"w": torch.ones(2)}, tmp_path / "c")
-    location = save_location(Store(tmp_path / "d"), "0" * 32)
+    location = save_location(Location(tmp_path / "d"), "0" * 32)
     with pytest.raises(zdcp.UsageError, match="not where the coordinator prepared this save"):
         check_location(location, "0" * 32)
     assert not (tmp_path / ".d.zdcp-" f"{'0' * 32}").exists()
@@ -639,7 +639,7 @@ def test_saving_without_collectives_on_several_ranks_is_refused(tmp_path):
 
 
 def test_replacing_without_an_atomic_exchange_puts_the_old_one_back_on_failure(tmp_path, monkeypatch):
-    import zdcp.storage.commit
+    import zdcp.storage.saving
 
     path = tmp_path / "ckpt"
     zdcp.save(versioned(1), path)
@@ -653,10 +653,10 @@ def test_replacing_without_an_atomic_exchange_puts_the_old_one_back_on_failure(t
             raise OSError(5, "Input/output error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(zdcp.storage.commit.os, "rename", failing_second_rename)
+    monkeypatch.setattr(zdcp.storage.saving.os, "rename", failing_second_rename)
     with pytest.raises(zdcp.ZdcpError, match="Input/output error"):
         zdcp.save(versioned(3), path, overwrite=True)
-    monkeypatch.setattr(zdcp.storage.commit.os, "rename", real_rename)
+    monkeypatch.setattr(zdcp.storage.saving.os, "rename", real_rename)
     assert committed_version(path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -691,8 +691,8 @@ def _files_under(root):
 def _record_syncs(monkeypatch, events):
     """Record, at every sync of the filesystem and at the commit's rename, which files the
     staging directory holds."""
-    import zdcp.storage.commit
     import zdcp.storage.oscalls
+    import zdcp.storage.saving
 
     real_sync, real_rename = zdcp.storage.oscalls.FilesystemSync.sync, os.rename
 
@@ -706,7 +706,7 @@ def _record_syncs(monkeypatch, events):
         real_rename(src, dst)
 
     monkeypatch.setattr(zdcp.storage.oscalls.FilesystemSync, "sync", sync)
-    monkeypatch.setattr(zdcp.storage.commit.os, "rename", rename)
+    monkeypatch.setattr(zdcp.storage.saving.os, "rename", rename)
 
 
 def _synced_before_commit(events):

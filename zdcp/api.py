@@ -20,11 +20,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from . import collector
 from .collectives import Collectives, attempt
-from .locations import CheckpointId
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
 from .reader import ZarrReader
-from .storage.committed import open_committed
-from .storage.store import Store
+from .storage.contents import open_committed
+from .storage.location import CheckpointId, Location
 from .writer import ZarrWriter
 
 __all__ = ["save", "async_save", "load", "run_save"]
@@ -152,8 +151,8 @@ def load(
     collectives = Collectives(process_group, no_dist=no_dist)
     # Read here rather than in DCP's planning, which would replace a missing or damaged
     # checkpoint's error by an AssertionError.
-    committed = collectives.run("reading the checkpoint", lambda: open_committed(Store(checkpoint_id)))
-    reader = ZarrReader(checkpoint_id, allow_cast=allow_cast, allow_pickle=allow_pickle, committed=committed)
+    committed = collectives.run("reading the checkpoint", lambda: open_committed(Location(checkpoint_id)))
+    reader = ZarrReader(allow_cast=allow_cast, allow_pickle=allow_pickle, committed=committed)
     # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
     # In sorted key order, as DCP, so that Stateful methods running collectives match up.
     keys = sorted(state_dict)

@@ -26,8 +26,9 @@ from typing import Any
 from . import format_utils
 from .errors import ZdcpError
 from .format.names import describe
-from .storage.layouts import LAYOUTS, OCDBT_MANIFEST
-from .storage.store import Store
+from .storage.contents import holds_commit_record
+from .storage.layout import layout_names, layouts
+from .storage.location import Location
 from .view import Array, Group
 from .view import open as open_checkpoint
 
@@ -68,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", type=_size, help="safetensors: shard size, e.g. 5GB (DST is a directory)")
     convert.add_argument("--drop-values", action="store_true", help="safetensors: leave out non-tensor values")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing zdcp checkpoint at DST")
+    layout_help = "; ".join(f"{layout.name}: {layout.description}" for layout in layouts())
     convert.add_argument(
-        "--layout", choices=LAYOUTS, help="zdcp DST: one file per chunk, or a few per rank (packed); "
-        "default: files on a local path, packed on an object store"
+        "--layout", choices=layout_names(), help=f"how a zdcp DST is stored ({layout_help}); default: by its location"
     )
     convert.add_argument("--allow-pickle", action="store_true", help="unpickle/pickle values (trusted files only)")
     convert.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -86,7 +87,7 @@ def _inspect(args: argparse.Namespace) -> int:
     info = root.info
     if args.json:
         nodes = [_node_json(path, child) for path, child in root.walk()]
-        print(json.dumps({"path": Store(args.path).url, "committed": True, "info": info, "nodes": nodes}))
+        print(json.dumps({"path": Location(args.path).url, "committed": True, "info": info, "nodes": nodes}))
         return 0
     print(
         f"{args.path}: zdcp format {info.get('format_version')}, committed, saved by {info.get('world_size')} "
@@ -188,7 +189,7 @@ def detect_format(path: str | os.PathLike[str], *, exists: bool = True) -> str |
         return "safetensors"
     if (p / ".metadata").is_file():
         return "dcp"
-    if (p / "zarr.json").is_file() or (p / OCDBT_MANIFEST).is_file() or (p.is_dir() and not exists):
+    if holds_commit_record(p) or (p.is_dir() and not exists):
         return "zdcp"
     return None
 
@@ -248,7 +249,7 @@ def _is_url(path: str | os.PathLike[str]) -> bool:
 
 def _local(path: str) -> str:
     """A local path, given as a path or a ``file://`` URL."""
-    return Store(path).url if path.startswith("file://") else path
+    return Location(path).url if path.startswith("file://") else path
 
 
 @contextmanager

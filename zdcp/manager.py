@@ -6,7 +6,7 @@ The manager owns a directory (a local path or an object-store URL) of checkpoint
 (an interval, ``force``, a preemption signal), saves through :func:`zdcp.save` or
 :func:`zdcp.async_save` with the step and its metrics as the checkpoint's ``metadata``, and
 after each commit removes the checkpoints its retention policy no longer keeps, each
-un-committed before anything of it is deleted (:func:`zdcp.storage.commit.remove_committed`).
+un-committed before anything of it is deleted (:func:`zdcp.storage.removal.remove_committed`).
 
 What it knows of the directory (the committed steps and their metrics) is read once, by the
 coordinator, when the manager is created, and shared with every rank; from then on every rank
@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
-import re
 import signal
 import threading
 from collections.abc import Iterable, Mapping
@@ -31,18 +30,17 @@ import torch.distributed as dist
 
 from .api import async_save, load, save
 from .collectives import Collectives, attempt
-from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UsageError
-from .format.documents import read_metadata, zdcp_attrs
+from .errors import CheckpointExistsError, CheckpointNotFoundError, UsageError
+from .format.documents import read_metadata
 from .options import SaveOptions
-from .storage.commit import remove_committed, remove_dead_saves, remove_interrupted
-from .storage.committed import pending_directories, root_document
-from .storage.layouts import PACKED
-from .storage.store import Store, storage_access
+from .storage.failures import storage_access
+from .storage.layout import default_layout
+from .storage.location import Location
+from .storage.removal import remove_committed
+from .storage.steps import committed_steps, step_name
 
 __all__ = ["CheckpointManager", "retained_steps"]
 
-#: The name of a step's checkpoint in the manager's directory.
-STEP_NAME = re.compile(r"step_(\d+)")
 _MODES = ("min", "max")
 
 
@@ -111,11 +109,11 @@ class CheckpointManager:
             raise UsageError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         if "metadata" in save_options:
             raise UsageError("the manager stores each checkpoint's step and metrics as its metadata itself")
-        # Packed unless told otherwise, wherever the directory is: a run that keeps the last
-        # few checkpoints saves, and deletes, many times (docs/benchmarks.md, retention).
-        save_options.setdefault("layout", PACKED)
-        SaveOptions(**save_options)  # refused here, not at the first save
         self.directory = os.fspath(directory).rstrip("/")
+        self._location = Location(self.directory)
+        # A run that keeps the last few checkpoints saves, and deletes, many times.
+        save_options.setdefault("layout", default_layout(self._location, retention=True).name)
+        SaveOptions(**save_options)  # refused here, not at the first save
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
         self.keep_every_n_steps = keep_every_n_steps
@@ -145,7 +143,7 @@ class CheckpointManager:
 
     def checkpoint_path(self, step: int) -> str:
         """Where step ``step`` is (or would be) saved."""
-        return f"{self.directory}/step_{step}"
+        return f"{self.directory}/{step_name(step)}"
 
     def all_steps(self) -> list[int]:
         """The committed steps, oldest first."""
@@ -223,7 +221,7 @@ class CheckpointManager:
         path = self.checkpoint_path(step)
         # On an object store a save over a committed step deletes it first: if the save then
         # fails, the step is gone.
-        loses_step = exists and Store(path).local_dir is None
+        loses_step = exists and not self._location.is_local
         options = {**self._options, "overwrite": exists, "metadata": {"step": step, "metrics": metrics}}
         if self._async:
             staged = async_save(state, path, process_group=self._save_group, **options)
@@ -345,10 +343,10 @@ class CheckpointManager:
             return
         errors = []
         for old in removed:  # each one, whatever became of the others
-            path = self.checkpoint_path(old)
+            location = self._location.child(step_name(old))
             try:
-                with storage_access(path):
-                    remove_committed(Store(path))
+                with storage_access(location.url):
+                    remove_committed(location)
             except CheckpointNotFoundError:
                 pass  # gone already
             except Exception as e:
@@ -364,32 +362,15 @@ class CheckpointManager:
         return self._collectives.from_coordinator(found)
 
     def _scan(self) -> dict[int, dict[str, Any] | None]:
-        directory = Store(self.directory)
-        if directory.local_dir is not None:
-            remove_dead_saves(pending_directories(directory.local_dir))
-            try:
-                names = [entry.name for entry in os.scandir(directory.local_dir) if entry.is_dir()]
-            except FileNotFoundError:
-                return {}
-        else:
-            names = [key.decode().partition("/")[0] for key in directory.wait(directory.kv.list())]
-        steps = {int(m.group(1)): name for name in set(names) if (m := STEP_NAME.fullmatch(name))}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            roots = dict(zip(steps, pool.map(self._committed_metadata, steps)))
-        return {step: _metrics_of(metadata) for step, (committed, metadata) in roots.items() if committed}
-
-    def _committed_metadata(self, step: int) -> tuple[bool, Any]:
-        """Whether step ``step``'s checkpoint is committed, and its metadata; on an object
-        store, what a killed save or removal left there is removed first."""
-        store = Store(self.checkpoint_path(step))
-        if store.local_dir is None and remove_interrupted(store):
-            return False, None
-        try:
-            _, root = root_document(store)
-        except CorruptCheckpointError:  # a zarr.json that is no JSON: not a checkpoint of ours
-            return False, None
-        info = zdcp_attrs(root)
-        return info is not None, read_metadata(info) if info is not None else None
+        """The committed steps of the directory (of the manager's names) and their metrics;
+        what killed saves and removals left is removed first (the manager is the only one that
+        saves there)."""
+        steps = committed_steps(self._location, exclusive=True)
+        return {
+            step.number: _metrics_of(read_metadata(step.info))
+            for step in steps
+            if step.number is not None and step.name == step_name(step.number)
+        }
 
 
 def _metrics_of(metadata: Any) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ __all__ = ["RankPlan", "WrittenTensor", "StoredValue", "ArrayValue", "ValueSourc
 @dataclass(frozen=True)
 class RankPlan:
     """What the coordinator tells a rank: the save's session, from which the rank finds where
-    to write (:func:`zdcp.storage.commit.save_location`), and the chunk grid of every array it
+    to write (:func:`zdcp.storage.saving.save_location`), and the chunk grid of every array it
     writes. Nothing in it names one save's target: DCP may cache it for the next save."""
 
     session: str

@@ -9,7 +9,7 @@ from typing import Any
 from .errors import UsageError
 from .format.codecs import COMPRESSIONS
 from .format.documents import metadata_attrs
-from .storage.layouts import LAYOUTS
+from .storage.layout import layout_named
 
 __all__ = ["SaveOptions"]
 
@@ -28,9 +28,9 @@ class SaveOptions:
             power loss soon after a save may lose a checkpoint that reads as committed.
         layout: ``"files"`` (every chunk and document its own file or object) or
             ``"packed"`` (the same hierarchy in a few files per rank: tensorstore's OCDBT
-            database; :mod:`zdcp.storage.layouts`); None (default): files on a local path,
-            packed on an object store (:func:`~zdcp.storage.layouts.default_layout`). Readers
-            tell them apart by themselves.
+            database); None (default): files on a local path, packed on an object store
+            (:func:`~zdcp.storage.layout.default_layout`). Readers find the layout by
+            themselves.
         metadata: a plain value (JSON, as the state dict's plain values are: numbers, strings,
             lists, tuples, dicts...) stored in the root document beside zdcp's own record and
             read back as ``zdcp.open(path).metadata``: a step number, metrics, a run id.
@@ -46,6 +46,6 @@ class SaveOptions:
     def __post_init__(self) -> None:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise UsageError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.layout is not None:
+            layout_named(self.layout)  # raises for a name no layout has
         metadata_attrs(self.metadata)  # refused before anything is written

@@ -33,19 +33,17 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .errors import MismatchError, UsageError
+from .errors import MismatchError, UsageError, ZdcpError
 from .format.catalog import ArrayNode
-from .format.constants import METADATA_KEY
 from .format.dtypes import numpy_to_tensor, tensor_to_numpy
 from .format.names import describe, dotted
-from .locations import CheckpointId
 from .metadata import CatalogView, CatalogViews, ValueSource
 from .planner import ZarrLoadPlanner
-from .storage.committed import Committed, open_committed
+from .storage.contents import Committed, open_committed, root_document
+from .storage.failures import reading
 from .storage.inflight import InflightWindow
-from .storage.localfiles import Locate, RowSlabs, in_directory, row_slabs
-from .storage.packed import value_locations
-from .storage.store import Store, reading, store_for
+from .storage.localfiles import Locate, RowSlabs, row_slabs
+from .storage.location import CheckpointId, Location, location_for
 
 __all__ = ["ZarrReader"]
 
@@ -54,7 +52,8 @@ class ZarrReader(StorageReader):
     """Read a zdcp checkpoint through DCP's load machinery.
 
     Args:
-        path: the checkpoint location; may also come later as DCP's ``checkpoint_id``.
+        path: the checkpoint location; may also come later as DCP's ``checkpoint_id``, or with
+            ``committed``.
         allow_cast: cast stored tensors to the destination's dtype instead of refusing.
         allow_pickle: unpickle values that were saved with ``allow_pickle=True``. Unpickling
             runs code chosen by whoever wrote the checkpoint: only for trusted checkpoints.
@@ -62,7 +61,8 @@ class ZarrReader(StorageReader):
             Each read holds a decoded copy of the chunks it touches until it lands in the
             destination; the window bounds that memory.
         direct_reads: read whole-row slabs of plain local chunks straight into the destination
-            (:mod:`zdcp.storage.localfiles`); ``False`` sends every read through tensorstore.
+            (:mod:`zdcp.storage.localfiles`), where the checkpoint's layout tells where they lie;
+            ``False`` sends every read through tensorstore.
         committed: the checkpoint, already opened, for the next load only (``zdcp.load`` opens
             it before DCP does, so that a missing or damaged checkpoint raises its own error on
             every rank; DCP would replace it by an ``AssertionError``).
@@ -78,39 +78,42 @@ class ZarrReader(StorageReader):
         direct_reads: bool = True,
         committed: Committed | None = None,
     ):
-        self.store: Store | None = Store(path) if path is not None else None
+        if path is not None:
+            self.location: Location | None = Location(path)
+        else:
+            self.location = committed.hierarchy.location if committed is not None else None
         self.allow_cast = allow_cast
         self.allow_pickle = allow_pickle
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_reads = direct_reads
         self._given = committed
         self._slabs: dict[str, RowSlabs | None] = {}
-        self._locations: Locate | None = None
+        self._locations: tuple[Locate | None] | None = None  # once known (it may be None)
         self.committed: Committed | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
 
     @property
     def checkpoint_id(self) -> CheckpointId | None:
-        return self.store.checkpoint_id if self.store is not None else None
+        return self.location.checkpoint_id if self.location is not None else None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
         try:
-            return Store(checkpoint_id).read_json(METADATA_KEY) is not None
-        except ValueError:  # UsageError included
+            return root_document(Location(checkpoint_id))[1] is not None
+        except ZdcpError:  # not a location, a failed request, a root that is no JSON
             return False
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
         if checkpoint_id is not None:
             self._given = None
-        self.store = store_for(checkpoint_id, self.store, type(self).__name__)
+        self.location = location_for(checkpoint_id, self.location, type(self).__name__)
         self._slabs.clear()
         self._locations = None
         self.committed = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        assert self.store is not None
-        self.committed, self._given = self._given or open_committed(self.store), None
+        assert self.location is not None
+        self.committed, self._given = self._given or open_committed(self.location), None
         catalog = self.committed.catalog
         zdcp_fqns, dcp_fqns = CatalogView(), CatalogView()
         candidates: dict[str, list[tuple[Any, ValueSource, tuple[Any, ...]]]] = {}
@@ -146,7 +149,7 @@ class ZarrReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         assert self.committed is not None
-        catalog, store = self.committed.catalog, self.committed.store
+        catalog, hierarchy = self.committed.catalog, self.committed.hierarchy
         view = self.views.zdcp if isinstance(planner, ZarrLoadPlanner) else self.views.dcp
         sources = [view.sources[item.storage_index.fqn] for item in plan.items]
         for source in sources:
@@ -179,7 +182,7 @@ class ZarrReader(StorageReader):
                 planner.commit_tensor(item, dest)
                 continue
             if node not in stores:
-                stores[node] = store.wait(store.open_array(node, array.document))
+                stores[node] = hierarchy.wait(hierarchy.open_array(node, array.document))
             region = stores[node][tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
             in_place = dest.device.type == "cpu" and dest.dtype == array.dtype.torch
             if in_place:  # tensorstore writes into the destination's memory: no staging copy
@@ -187,7 +190,7 @@ class ZarrReader(StorageReader):
             else:
                 future = region.read()
             nbytes = dest.numel() * dest.element_size()
-            finish = functools.partial(_finish_read, planner, item, dest, array, in_place, store.url)
+            finish = functools.partial(_finish_read, planner, item, dest, array, in_place, hierarchy.url)
             window.add(future, nbytes, finish)
         window.drain()
         done: Future[None] = Future()
@@ -196,10 +199,8 @@ class ZarrReader(StorageReader):
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
         """Read ``item`` with :mod:`zdcp.storage.localfiles` when its chunks and destination
-        allow it: plain chunks of a local checkpoint, in files or in a packed database's data
-        files."""
-        assert self.committed is not None
-        if not self.direct_reads or self.committed.store.local_dir is None:
+        allow it: plain chunks in local files, where the layout tells where they lie."""
+        if not self.direct_reads:
             return False
         if dest.device.type != "cpu" or dest.dtype != array.dtype.torch or not dest.is_contiguous():
             return False
@@ -212,31 +213,29 @@ class ZarrReader(StorageReader):
             return False
         start, stop = item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0]
         locate = self._locate()
-        if not all(locate(key) for key in slabs.keys(array.node, start, stop).values()):
-            return False  # a small chunk kept inside a packed database's B-tree
+        if locate is None or not all(locate(key) for key in slabs.keys(array.node, start, stop).values()):
+            return False  # not in local files, or a chunk the layout keeps elsewhere (inside a B-tree node)
         rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
         slabs.read(locate, array.node, describe(array.entry.path), start, stop, rows)
         return True
 
-    def _locate(self) -> Locate:
-        """Where the chunks of the local checkpoint being read are (computed once per load)."""
+    def _locate(self) -> Locate | None:
+        """Where the chunks of the checkpoint being read lie in local files (asked of its layout
+        once per load); None when they cannot be read directly."""
         assert self.committed is not None
         if self._locations is None:
-            store = self.committed.store
-            if store.file_root is not None:
-                self._locations = in_directory(store.file_root)
-            else:
-                self._locations = value_locations(store).get
-        return self._locations
+            hierarchy = self.committed.hierarchy
+            self._locations = (hierarchy.layout.chunk_locations(hierarchy),)
+        return self._locations[0]
 
     def _value_bytes(self, source: ValueSource) -> io.BytesIO:
         """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
         assert self.committed is not None
-        catalog, store = self.committed.catalog, self.committed.store
+        catalog, hierarchy = self.committed.catalog, self.committed.hierarchy
         if source.fqn in catalog.arrays:
             array = catalog.arrays[source.fqn]
-            with reading(describe(array.entry.path), store.url):
-                data = store.open_array(array.node, array.document).result().read().result()
+            with reading(describe(array.entry.path), hierarchy.url):
+                data = hierarchy.open_array(array.node, array.document).result().read().result()
             value = array.value(data.tobytes(), allow_pickle=self.allow_pickle)
         else:
             value = (catalog.values.get(source.fqn) or catalog.composites[source.fqn]).value

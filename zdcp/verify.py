@@ -14,12 +14,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import StorageError, ZdcpError
+from .errors import CorruptCheckpointError, StorageError, ZdcpError
 from .format.catalog import ArrayNode
-from .format.constants import METADATA_KEY
-from .locations import CheckpointId
-from .storage.committed import open_committed
-from .storage.store import Store, storage_access
+from .format.constants import ZARR_JSON
+from .storage.contents import open_committed
+from .storage.failures import short_message, storage_access
+from .storage.hierarchy import Hierarchy
+from .storage.location import CheckpointId, Location
 
 __all__ = ["verify", "Fault", "Report"]
 
@@ -56,7 +57,7 @@ class Report:
 
 def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | None = None) -> Report:
     """Read every chunk and document of a checkpoint; return a :class:`Report` of the faults."""
-    location = Store(checkpoint_id)
+    location = Location(checkpoint_id)
     report = Report(location.url)
     try:
         committed = open_committed(location)
@@ -65,37 +66,37 @@ def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | Non
     except ZdcpError as e:
         report.faults.append(Fault("", str(e)))
         return report
-    store, catalog = committed.store, committed.catalog
+    hierarchy, catalog = committed.hierarchy, committed.catalog
     consolidated = catalog.documents
     for node, document in consolidated.items():
         try:
-            own = store.read_json(f"{node}/{METADATA_KEY}")
-        except ValueError as e:
-            report.faults.append(Fault(node, f"zarr.json is not valid JSON ({e})"))
+            own = hierarchy.read_json(f"{node}/{ZARR_JSON}")
+        except CorruptCheckpointError as e:
+            report.faults.append(Fault(node, str(e)))
             continue
         if own is None:
             report.faults.append(Fault(node, "zarr.json is missing"))
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
-    expected = {METADATA_KEY} | {f"{node}/{METADATA_KEY}" for node in consolidated}
+    expected = {ZARR_JSON} | {f"{node}/{ZARR_JSON}" for node in consolidated}
     for array in catalog.arrays.values():
         report.arrays += 1
-        expected.update(_check_array(store, array, report, progress))
-    for key in sorted(k.decode() for k in store.wait(store.kv.list())):
+        expected.update(_check_array(hierarchy, array, report, progress))
+    for key in hierarchy.keys():
         if key not in expected:
             report.faults.append(Fault(key.rsplit("/", 1)[0], f"unexpected file {key!r} (not part of the checkpoint)"))
     return report
 
 
 def _check_array(
-    store: Store, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
+    hierarchy: Hierarchy, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
 ) -> set[str]:
     """Read each chunk of one array on its own, so that a fault names its chunk."""
     node = array.node
     try:
-        handle = store.open_array(node, array.document).result()
+        handle = hierarchy.open_array(node, array.document).result()
     except ValueError as e:  # metadata tensorstore will not open
-        report.faults.append(Fault(node, f"cannot open: {_short(e)}"))
+        report.faults.append(Fault(node, f"cannot open: {short_message(e)}"))
         return set()
     grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
     reads = []
@@ -107,18 +108,13 @@ def _check_array(
     itemsize = array.dtype.numpy.itemsize
     for index, read in reads:
         try:
-            with storage_access(store.url):  # a refused request is not a fault of the checkpoint
+            with storage_access(hierarchy.url):  # a refused request is not a fault of the checkpoint
                 data = read.result()
         except ValueError as e:  # what tensorstore raises for bad or missing data
-            report.faults.append(Fault(node, _short(e), index))
+            report.faults.append(Fault(node, short_message(e), index))
             continue
         report.chunks += 1
         report.bytes += data.size * itemsize
         if progress is not None:
             progress(data.size * itemsize)
     return keys
-
-
-def _short(error: Exception) -> str:
-    """tensorstore's message without its long JSON spec tail."""
-    return str(error).split(" [source locations=")[0].split(" [tensorstore_spec=")[0]

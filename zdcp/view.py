@@ -24,9 +24,10 @@ from .format.catalog import ArrayNode, Catalog, GroupNode
 from .format.documents import read_metadata
 from .format.dtypes import numpy_to_tensor
 from .format.names import LIST, Key, describe
-from .locations import CheckpointId
-from .storage.committed import open_committed
-from .storage.store import Store, reading
+from .storage.contents import open_committed
+from .storage.failures import reading
+from .storage.hierarchy import Hierarchy
+from .storage.location import CheckpointId, Location
 
 __all__ = ["open", "Group", "Array"]
 
@@ -37,22 +38,23 @@ def open(checkpoint_id: CheckpointId, *, allow_pickle: bool = False) -> Group:  
         allow_pickle: let values saved with ``allow_pickle=True`` be unpickled when read.
             Unpickling runs code chosen by whoever wrote the checkpoint: trusted files only.
     """
-    committed = open_committed(Store(checkpoint_id))
-    return Group(_Source(committed.store, committed.catalog, allow_pickle), "")
+    committed = open_committed(Location(checkpoint_id))
+    return Group(_Source(committed.hierarchy, committed.catalog, allow_pickle), "")
 
 
 class _Source:
-    """What every view of one opened checkpoint shares: store, catalog, open array handles."""
+    """What every view of one opened checkpoint shares: its hierarchy, its catalog, the arrays
+    opened so far."""
 
-    def __init__(self, store: Store, catalog: Catalog, allow_pickle: bool):
-        self.store = store
+    def __init__(self, hierarchy: Hierarchy, catalog: Catalog, allow_pickle: bool):
+        self.hierarchy = hierarchy
         self.catalog = catalog
         self.allow_pickle = allow_pickle
         self._arrays: dict[str, ts.TensorStore] = {}
 
     def array(self, node: ArrayNode) -> ts.TensorStore:
         if node.node not in self._arrays:
-            self._arrays[node.node] = self.store.wait(self.store.open_array(node.node, node.document))
+            self._arrays[node.node] = self.hierarchy.wait(self.hierarchy.open_array(node.node, node.document))
         return self._arrays[node.node]
 
     def child(self, node: str) -> Any:
@@ -66,7 +68,7 @@ class _Source:
         if array.kind == "tensor":
             return Array(self, array)
         array.check_readable(allow_pickle=self.allow_pickle)
-        data = _read(self.array(array), ..., array, self.store.url).numpy().tobytes()
+        data = _read(self.array(array), ..., array, self.hierarchy.url).numpy().tobytes()
         return array.value(data, allow_pickle=self.allow_pickle)
 
 
@@ -198,7 +200,7 @@ class Array:
         return self._node.shape[0]
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        return _read(self._source.array(self._node), index, self._node, self._source.store.url)
+        return _read(self._source.array(self._node), index, self._node, self._source.hierarchy.url)
 
     def read(self) -> torch.Tensor:
         """The whole tensor, on the CPU."""

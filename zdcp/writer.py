@@ -5,20 +5,21 @@ The save protocol, in DCP's call order:
 1. ``prepare_global_plan`` (coordinator): derive every array's chunk grid from all ranks'
    shards, check the target (refuse to replace a committed checkpoint unless ``overwrite``, and
    anything zdcp did not write always), and prepare where the save goes
-   (:mod:`zdcp.storage.commit`: a pending directory beside a local target, the in-progress
+   (:mod:`zdcp.storage.saving`: a pending directory beside a local target, the in-progress
    marker under an object store prefix). Each rank's ``SavePlan.storage_data`` tells it where
    to write and the grids of the arrays it writes.
-2. ``write_data`` (every rank, concurrently): write its own chunks where the save goes, through
-   tensorstore (small plain chunks and shards up to 4 MiB as plain files,
-   :mod:`zdcp.storage.localfiles`),
-   with the array metadata known up front, so no rank waits on another and no data passes
-   through the coordinator; then make them durable (a single process's writes to a local
-   checkpoint become durable with the rest at the commit). Plain values travel back to the
-   coordinator as JSON in the ``WriteResult``s.
-3. ``finish`` (coordinator): write every group's and array's ``zarr.json``, then the root
-   ``zarr.json`` with all of them consolidated, make them durable, and commit: the pending
-   directory is renamed into place (or atomically exchanged with the checkpoint it replaces);
-   on an object store the root document, written last, is the commit.
+2. ``write_data`` (every rank, concurrently): write its own chunks where the save goes,
+   through the sink the save's layout gives the rank (:mod:`zdcp.storage.layout`), with the
+   array metadata known up front, so no rank waits on another and no data passes through the
+   coordinator; small plain chunks and shards up to 4 MiB are encoded here and handed to the
+   sink as bytes where it takes them. Then make them durable (a single process's writes to a
+   local checkpoint become durable with the rest at the commit). Plain values travel back to
+   the coordinator as JSON in the ``WriteResult``s.
+3. ``finish`` (coordinator): assemble every group's and array's ``zarr.json`` and the root one
+   with all of them consolidated, and commit (:mod:`zdcp.storage.saving`): the layout writes
+   the documents, the root one last, and the save becomes the checkpoint (a pending directory
+   renamed into place, or atomically exchanged with the checkpoint it replaces; on an object
+   store the root document, written last, is the commit).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -41,20 +42,18 @@ from torch.futures import Future
 
 from .errors import UnsupportedValueError, UsageError
 from .format.codecs import encode_chunk, plain_encoding
-from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, MAX_INLINE_BYTES, METADATA_KEY
+from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, MAX_INLINE_BYTES, ZARR_JSON
 from .format.documents import array_document, chunk_key, chunk_shape, group_document, metadata_attrs
 from .format.dtypes import from_torch, tensor_to_numpy
 from .format.names import DICT, Entry, describe, encode_key, join, node_name
 from .format.values import as_bytes, to_json
-from .locations import CheckpointId, kvstore_spec
 from .metadata import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .options import SaveOptions
-from .storage.commit import InPlaceSave, LocalSave, WriteRoot, begin_save, check_location, save_location
+from .storage.failures import storage_access
 from .storage.inflight import InflightWindow
-from .storage.layouts import PACKED, default_layout
-from .storage.localfiles import LocalFiles
-from .storage.packed import commit_with_documents, merge, rank_store, sole_store
-from .storage.store import Store, encode_json, storage_access, store_for
+from .storage.layout import ChunkSink, Layout, default_layout, layout_named
+from .storage.location import CheckpointId, Location, kvstore_spec, location_for
+from .storage.saving import InPlaceSave, LocalSave, begin_save, check_location, save_location
 from .tree import tensor_placement
 from .version import __version__
 
@@ -72,9 +71,9 @@ class ZarrWriter(StorageWriter):
             no limit). Bounds the host memory that GPU tensors' copies or lazily produced
             tensors take while they are written.
         direct_writes: encode plain chunks (shards up to :data:`DIRECT_SHARD_BYTES`) here and
-            write them, with the nodes' ``zarr.json``, as plain files of a local checkpoint
-            (:mod:`zdcp.storage.localfiles`) or as values of a packed save's databases;
-            ``False`` writes every chunk through tensorstore. The bytes are the same either way.
+            hand them to the layout as bytes where it takes them (plain files of a local
+            checkpoint, values of a database); ``False`` writes every chunk through
+            tensorstore. The bytes are the same either way.
         **options: the fields of :class:`~zdcp.SaveOptions` (``overwrite``, ``allow_pickle``,
             ``compression``, ``sync_files``).
     """
@@ -87,22 +86,22 @@ class ZarrWriter(StorageWriter):
         direct_writes: bool = True,
         **options: Any,
     ):
-        self.store: Store | None = Store(path) if path is not None else None
+        self.location: Location | None = Location(path) if path is not None else None
         self.options = SaveOptions(**options)
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_writes = direct_writes
-        self._rank = 0  # which database this rank writes in a packed save (set_up_storage_writer)
+        self._rank = 0  # this rank, as the layout's sink needs it (set_up_storage_writer)
         self._reset_state()
 
     @property
     def checkpoint_id(self) -> CheckpointId | None:
-        return self.store.checkpoint_id if self.store is not None else None
+        return self.location.checkpoint_id if self.location is not None else None
 
     @property
-    def layout(self) -> str:
+    def layout(self) -> Layout:
         """The layout this writer saves in: the options', or the location's default."""
-        assert self.store is not None
-        return self.options.layout or default_layout(self.store.location)
+        assert self.location is not None
+        return layout_named(self.options.layout) if self.options.layout else default_layout(self.location)
 
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
@@ -110,8 +109,8 @@ class ZarrWriter(StorageWriter):
         self._grids: dict[str, tuple[int, ...]] = {}
         self._entries: dict[str, Entry] = {}
         self._world_size = 1
-        # A single process's packed writes, committed with the documents in finish.
-        self._uncommitted: _ChunkWriter | None = None
+        # The coordinator's own sink, which commits the save in finish.
+        self._sink: ChunkSink | None = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
@@ -123,7 +122,7 @@ class ZarrWriter(StorageWriter):
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
         self.abandon()  # a save through this writer that never committed (DCP has no failure hook)
-        self.store = store_for(checkpoint_id, self.store, type(self).__name__)
+        self.location = location_for(checkpoint_id, self.location, type(self).__name__)
         self._reset_state()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -135,8 +134,8 @@ class ZarrWriter(StorageWriter):
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Refuse, before anything is written, a key whose files would have paths longer than
         the storage allows (deep nesting: each node name is at most 128 bytes)."""
-        assert self.store is not None
-        limit = self.store.max_key_bytes()
+        assert self.location is not None
+        limit = self.layout.max_key_bytes(self.location)
         if limit is None:
             return plan
         entries = _entries_of(plan)
@@ -148,10 +147,10 @@ class ZarrWriter(StorageWriter):
                 continue
             entry = entries.get(item.index.fqn) or Entry.from_dcp_path((item.index.fqn,))
             chunk = chunk_key(entry.node, [max(n - 1, 0) for n in shape])
-            longest = max(len(chunk), len(f"{entry.node}/{METADATA_KEY}"))
+            longest = max(len(chunk), len(f"{entry.node}/{ZARR_JSON}"))
             if longest > limit:
                 raise UnsupportedValueError(
-                    f"key {describe(entry.path)!r} is nested too deep for {self.store.url}: its files need keys of "
+                    f"key {describe(entry.path)!r} is nested too deep for {self.location.url}: its files need keys of "
                     f"{longest} bytes there, and at most {limit} fit (use fewer or shorter keys, or a shorter path)"
                 )
         return plan
@@ -167,10 +166,12 @@ class ZarrWriter(StorageWriter):
         storage data would be out of date (a grid changed by another rank's new shards) gets
         its plan again, usable.
         """
-        assert self.store is not None
+        assert self.location is not None
         self._world_size = len(plans)
-        if self.store.location["driver"] == "memory" and self._world_size > 1:
-            raise UsageError(f"{self.store.url}: a memory:// store lives in one process; several ranks cannot share it")
+        if self.location.spec["driver"] == "memory" and self._world_size > 1:
+            raise UsageError(
+                f"{self.location.url}: a memory:// store lives in one process; several ranks cannot share it"
+            )
         global _HANDED_OUT
         cached = _HANDED_OUT
         if all(getattr(p, "usable", True) for p in plans):
@@ -192,7 +193,7 @@ class ZarrWriter(StorageWriter):
         # Last, once the plans are known to be valid: nothing is created for a save that fails
         # planning.
         self._save = begin_save(
-            self.store,
+            self.location,
             overwrite=self.options.overwrite,
             session=session,
             marker={"world_size": self._world_size, "zdcp": __version__},
@@ -211,45 +212,43 @@ class ZarrWriter(StorageWriter):
     def abandon(self) -> None:
         """Delete what a save that failed wrote (on the coordinator; a no-op elsewhere); the
         previous checkpoint, if any, is untouched. Every save of :mod:`zdcp.api` calls it."""
-        if self._uncommitted is not None:
-            self._uncommitted.settle()
-            self._uncommitted = None
+        if self._sink is not None:
+            self._sink.abort()
+            self._sink = None
         if self._save is not None:
             self._save.abandon()
             self._save = None
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        assert self.store is not None
+        assert self.location is not None
         if self._save is not None and not getattr(planner, "_enable_plan_caching", False):
             _forget_handed_out()  # the coordinator keeps the plans only for DCP's plan cache
         rank_plan: RankPlan = plan.storage_data
-        location = save_location(self.store, rank_plan.session)
         if self._save is None:
+            location = save_location(self.location, rank_plan.session)
             check_location(location, rank_plan.session)
-        elif location != self._save.location:  # the coordinator knows where it prepared the save
-            raise UsageError(f"{self.store.url}: this rank's plan is not for the save being prepared")
-        # A packed save by one process writes into the root database itself, and its
-        # transaction commits in finish, with the documents: no rank database, no merge.
-        alone = self.layout == PACKED and self._save is not None and self._world_size == 1
-        if self.layout != PACKED:
-            store = Store(location)
-        elif alone:
-            store = sole_store(location)
+        elif rank_plan.session == self._save.session:  # the coordinator knows which save it prepared
+            location = self._save.location
         else:
-            store = rank_store(location, self._rank)
+            raise UsageError(f"{self.location.url}: this rank's plan is not for the save being prepared")
+        # The only process of a save also commits it, with this very sink (a packed one keeps
+        # its writes for the commit's transaction: no rank database, no merge).
+        sole = self._save is not None and self._world_size == 1
+        sink = self.layout.sink(
+            location, rank=self._rank, sole=sole, direct=self.direct_writes, start_writeback=self.options.sync_files
+        )
         # Each rank's data is durable before it reports success. A single process's becomes
         # durable with everything else at the commit instead (LocalSave.commit syncs through a
         # handle opened before any write): one sync of the filesystem per save, not two. With
         # several ranks the coordinator syncs here too, alongside the others (on other hosts,
         # its sync at the commit would only start once theirs are done).
         syncs_at_commit = isinstance(self._save, LocalSave) and self._world_size == 1
-        durable = Store(location).filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
-        chunks = _ChunkWriter(store, rank_plan, self)
+        durable = location.filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
+        chunks = _ChunkWriter(sink, rank_plan, self)
         try:
-            with storage_access(store.url):
+            with storage_access(location.url):
                 written, results = self._write_items(plan, planner, chunks)
-                if not alone:
-                    chunks.commit()
+                sink.finish()
             if durable is not None:
                 durable.sync()
         except BaseException:
@@ -258,8 +257,8 @@ class ZarrWriter(StorageWriter):
         finally:
             if durable is not None:
                 durable.close()
-        if alone:
-            self._uncommitted = chunks
+        if self._save is not None:
+            self._sink = sink
         # The planner's (flattened) state dict still holds the DTensor/ShardedTensor, whose
         # placement the write items do not carry.
         sources = getattr(planner, "state_dict", {})
@@ -309,8 +308,7 @@ class ZarrWriter(StorageWriter):
         return WriteResult(index=item.index, size_in_bytes=0, storage_data=StoredValue(j, desc))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        assert self._save is not None
-        store = Store(self._save.location)
+        assert self._save is not None and self._sink is not None
         # Per FQN: a StoredValue or ArrayValue for plain values, a WrittenTensor for tensors
         # (every rank that wrote a shard reports the same placement).
         stored = {r.index.fqn: r.storage_data for rank in results for r in rank}
@@ -355,40 +353,12 @@ class ZarrWriter(StorageWriter):
         # children unless siblings are adjacent.
         consolidated = dict(sorted(nodes.items()))
         root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-        if self.layout == PACKED:
-            documents = {f"{node}/{METADATA_KEY}": encode_json(doc) for node, doc in nodes.items()}
-            documents[METADATA_KEY] = encode_json(root)  # visible with the rest, in one commit
-            if self._uncommitted is not None:
-                alone = self._uncommitted
-                assert alone.transaction is not None
-                write_root: WriteRoot = partial(
-                    commit_with_documents, alone.store, alone.store.kv, alone.transaction, documents
-                )
-            else:
-                ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
-                write_root = partial(merge, self._save.location, ranks, documents)
-        else:
-            write_root = partial(self._write_documents, store, nodes, root)
+        ranks = [rank for rank, rank_results in enumerate(results) if any(map(_wrote_array, rank_results))]
+        write_root = partial(self._sink.commit, {"": root, **nodes}, ranks)
         # From here the save cleans up after itself: a failure once the checkpoint is committed
         # must not delete it.
-        save, self._save, self._uncommitted = self._save, None, None
+        save, self._save, self._sink = self._save, None, None
         save.commit(write_root, sync=self.options.sync_files)
-
-    def _write_documents(
-        self, store: Store, nodes: dict[str, dict[str, Any]], root: dict[str, Any], confirm: Callable[[], None]
-    ) -> None:
-        """The files layout's commit: every node's ``zarr.json``, then the root one (once
-        ``confirm()`` returns: node documents replace those of a save that took the place over)."""
-        confirm()
-        local = _local_files(store, self)
-        if local is not None:
-            for node, doc in nodes.items():
-                local.write(f"{node}/{METADATA_KEY}", encode_json(doc))
-        else:
-            writes = [store.write_json_async(f"{node}/{METADATA_KEY}", doc) for node, doc in nodes.items()]
-            for w in writes:
-                store.wait(w)
-        store.write_json(METADATA_KEY, root)
 
 
 class _Group:
@@ -426,30 +396,25 @@ class _Group:
         return group_document(self.values, attrs)
 
 
-#: Sharded chunks up to this size are encoded by :mod:`zdcp.storage.localfiles`; tensorstore,
+#: Sharded chunks up to this size are encoded here (:class:`_ChunkWriter`); tensorstore,
 #: which encodes a chunk's inner chunks on several threads, keeps larger ones.
 DIRECT_SHARD_BYTES = 4 << 20
 
 
 class _ChunkWriter:
-    """One rank's chunk writes where the save goes, with a window of writes in flight; those
-    of a packed save in one transaction of the rank's database.
+    """One rank's chunk writes into its sink (:class:`~zdcp.storage.layout.ChunkSink`), with a
+    window of writes in flight.
 
     Small plain chunks and shards up to :data:`DIRECT_SHARD_BYTES` are encoded here
-    (:func:`~zdcp.format.codecs.encode_chunk`) and written as plain files of a local checkpoint
-    in the files layout (:mod:`zdcp.storage.localfiles`), or as values of a packed save's
-    database: both cost a fraction of opening a tensorstore array per tensor. The rest goes
+    (:func:`~zdcp.format.codecs.encode_chunk`) and handed to the sink as bytes where it takes
+    them: that costs a fraction of opening a tensorstore array per tensor. The rest goes
     through tensorstore."""
 
-    def __init__(self, store: Store, plan: RankPlan, writer: ZarrWriter):
-        self.store = store
+    def __init__(self, sink: ChunkSink, plan: RankPlan, writer: ZarrWriter):
+        self.sink = sink
         self.grids = plan.grids
         self.compression = writer.options.compression
-        self.local = _local_files(store, writer)
         self.window = InflightWindow(writer.max_inflight_bytes)
-        self.transaction = ts.Transaction(atomic=True) if store.layout == PACKED else None
-        direct = self.transaction is not None and writer.direct_writes
-        self.values = store.kv.with_transaction(self.transaction) if direct else None
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
 
@@ -464,19 +429,17 @@ class _ChunkWriter:
             shape = list(item.tensor_data.size)
             self.documents[fqn] = array_document(shape, dtype, self.grids[fqn], {}, self.compression)
         index = _whole_chunk(chunk.offsets, chunk.sizes, self.grids[fqn])
-        direct = index is not None and (self.local is not None or self.values is not None)
+        direct = index is not None and self.sink.supports_encoded_writes
         encoding = plain_encoding(self.documents[fqn]) if direct else None
         if encoding is not None and nbytes <= (INNER_CHUNK_BYTES if encoding.inner is None else DIRECT_SHARD_BYTES):
             assert index is not None
             key, parts = chunk_key(entry.node, index), encode_chunk(tensor_to_numpy(tensor), encoding)
-            if self.local is not None:
-                self.local.write(key, *parts)
-            else:
-                assert self.values is not None
-                self.window.add(self.values.write(key, b"".join(parts)), nbytes)
+            writing = self.sink.write_encoded(key, parts)
+            if writing is not None:
+                self.window.add(writing, nbytes)
             return nbytes
         if fqn not in self.arrays:
-            self.arrays[fqn] = self._open(entry.node, self.documents[fqn])
+            self.arrays[fqn] = self.sink.open_array(entry.node, self.documents[fqn])
         region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
         target = self.arrays[fqn].result()[region]
         # No copy of the source: the save does not return before the write completes.
@@ -487,33 +450,19 @@ class _ChunkWriter:
         """Write a value stored as an array (a large byte string, a pickle: ``attrs`` say
         which) in one chunk."""
         array = np.frombuffer(data, dtype=np.uint8)
-        handle = self._open(entry.node, array_document([array.size], _UINT8, [array.size], attrs)).result()
+        document = array_document([array.size], _UINT8, [array.size], attrs)
+        handle = self.sink.open_array(entry.node, document).result()
         self.window.add(handle.write(array, can_reference_source_data_indefinitely=True), array.size)
         return ArrayValue(array.size, attrs)
 
-    def _open(self, node: str, document: dict[str, Any]) -> ts.Future:
-        return self.store.open_array(node, document, write=True, transaction=self.transaction)
-
     def drain(self) -> None:
-        """Complete every write (into the transaction, for a packed save)."""
+        """Complete every write (into the sink)."""
         self.window.drain()
 
-    def commit(self) -> None:
-        """Commit a packed save's transaction: the rank's database is then whole."""
-        if self.transaction is not None:
-            self.store.wait(self.transaction.commit_async())
-
     def settle(self) -> None:
+        """After a failure: wait for every write in flight, and let the sink's writes go."""
         self.window.settle()
-        if self.transaction is not None:
-            self.transaction.abort()
-
-
-def _local_files(store: Store, writer: ZarrWriter) -> LocalFiles | None:
-    root = store.file_root
-    if root is None or not writer.direct_writes:
-        return None
-    return LocalFiles(root, start_writeback=writer.options.sync_files)
+        self.sink.abort()
 
 
 @dataclasses.dataclass(frozen=True)

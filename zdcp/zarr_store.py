@@ -20,9 +20,9 @@ import tensorstore as ts
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from .locations import CheckpointId
-from .storage.committed import root_document
-from .storage.store import Store as CheckpointStore
+from .storage.contents import root_document
+from .storage.hierarchy import Hierarchy
+from .storage.location import CheckpointId, Location
 
 __all__ = ["zarr_store", "ZarrStore"]
 
@@ -30,31 +30,31 @@ __all__ = ["zarr_store", "ZarrStore"]
 def zarr_store(checkpoint_id: CheckpointId) -> ZarrStore:
     """A read-only zarr-python store of the checkpoint at ``checkpoint_id`` (any location a
     checkpoint can be at), in whichever layout it is stored."""
-    hierarchy, _ = root_document(CheckpointStore(checkpoint_id))
+    hierarchy, _ = root_document(Location(checkpoint_id))
     return ZarrStore(hierarchy)
 
 
 class ZarrStore(Store):
-    """A read-only zarr-python :class:`~zarr.abc.store.Store` over tensorstore's key-value
-    store of a checkpoint's hierarchy."""
+    """A read-only zarr-python :class:`~zarr.abc.store.Store` over the keys of a checkpoint's
+    hierarchy (:class:`~zdcp.storage.hierarchy.Hierarchy`), as its layout stores them."""
 
     supports_writes = False
     supports_deletes = False
     supports_partial_writes = False
     supports_listing = True
 
-    def __init__(self, store: CheckpointStore):
+    def __init__(self, hierarchy: Hierarchy):
         super().__init__(read_only=True)
-        self._store = store
+        self._hierarchy = hierarchy
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ZarrStore) and other._store.spec == self._store.spec
+        return isinstance(other, ZarrStore) and other._hierarchy.spec == self._hierarchy.spec
 
     def __repr__(self) -> str:
-        return f"zdcp.ZarrStore({self._store.url!r}, layout={self._store.layout!r})"
+        return f"zdcp.ZarrStore({self._hierarchy.url!r}, layout={self._hierarchy.layout.name!r})"
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
-        kv = self._store.kv
+        kv = self._hierarchy.kv
         if isinstance(byte_range, SuffixByteRequest):
             found = await kv.read(key)  # tensorstore takes a suffix as a negative start
             data = found.value[-byte_range.suffix :] if found.state == "value" else None
@@ -69,7 +69,7 @@ class ZarrStore(Store):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     async def exists(self, key: str) -> bool:
-        return (await self._store.kv.read(key, byte_range=slice(0, 0))).state == "value"
+        return (await self._hierarchy.kv.read(key, byte_range=slice(0, 0))).state == "value"
 
     async def set(self, key: str, value: Buffer) -> None:
         self._check_writable()
@@ -78,11 +78,11 @@ class ZarrStore(Store):
         self._check_writable()
 
     async def list(self) -> AsyncIterator[str]:
-        for key in await self._store.kv.list():
+        for key in await self._hierarchy.kv.list():
             yield key.decode()
 
     async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-        for key in await self._store.kv.list(ts.KvStore.KeyRange(prefix, _after(prefix))):
+        for key in await self._hierarchy.kv.list(ts.KvStore.KeyRange(prefix, _after(prefix))):
             yield key.decode()
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:

@@ -6,7 +6,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ATTR",
-    "METADATA_KEY",
+    "ZARR_JSON",
     "SAVING_MARKER",
     "PENDING_INFIX",
     "CHUNK_KEY_SEPARATOR",
@@ -23,7 +23,7 @@ FORMAT_VERSION = 3
 #: The one attribute key under which zdcp keeps its own metadata in every node.
 ATTR = "zdcp"
 #: Every node's metadata document, Zarr v3's name for it.
-METADATA_KEY = "zarr.json"
+ZARR_JSON = "zarr.json"
 #: Written where a save writes when it starts (a local pending directory, an object store
 #: prefix) and deleted at its commit: it labels an unfinished save, and on object stores its
 #: conditional creation decides which of two concurrent saves proceeds. A key starting with

@@ -1,70 +1,204 @@
-"""Writing a packed checkpoint (:mod:`zdcp.storage.layouts`): each rank's database, and the
-coordinator's root database that refers to them all.
+"""The packed layout: the hierarchy's keys in tensorstore's OCDBT key-value store, a B-tree
+database at the checkpoint's root (``manifest.ocdbt`` and data files under ``d/``), so that a
+checkpoint is a few files per rank instead of one per chunk (docs/format.md, section 9).
 
-Each rank writes its chunks into a database of its own under the save's location, in one
-atomic transaction, so that it is whole or absent; no data passes between ranks. At the commit
-the coordinator, in one atomic transaction of the root database, copies the ranks' key ranges
-(B-tree entries that refer to the ranks' data files, which are not copied) and writes every
-node's ``zarr.json`` and the root one; the root manifest, which OCDBT writes last, makes them
-visible together.
+**Writing.** Each rank writes its chunks into a database of its own, ``ocdbt.process_<rank>/``
+under the save's location, in one atomic transaction, so that it is whole or absent; no data
+passes between ranks. At the commit the coordinator, in one atomic transaction of the root
+database, copies the ranks' key ranges (B-tree entries that refer to the ranks' data files,
+which are not copied) and writes every node's ``zarr.json`` and the root one; the root
+manifest, which OCDBT writes last, makes them visible together. A save by a single process
+needs no merge: it writes its chunks into the root database itself, and the same transaction
+takes the documents and commits at the end.
 
-A save by a single process needs no merge: it writes its chunks into the root database, and the
-same transaction takes the documents and commits at the end (:func:`sole_store`).
+**Reading.** A database records its configuration in its manifest, so readers need none of the
+configurations below. Locally, plain chunks stored out of line are read straight from the data
+files (:func:`value_locations`); on an object store, nearby reads are coalesced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorstore as ts
 
-from ..errors import StorageError
-from .layouts import (
-    OCDBT_ROOT_CONFIG,
-    OCDBT_SOLE_REMOTE_CONFIG,
-    OCDBT_WRITE_CONFIG,
-    PACKED,
-    database_spec,
-    rank_database,
-)
-from .store import Store
+from ..errors import CorruptCheckpointError, StorageError
+from ..format.constants import ZARR_JSON
+from .failures import short_message, storage_access
+from .hierarchy import Hierarchy
+from .keyvalue import encode_json
+from .layout import ChunkSink, Documents, Layout
+from .localfiles import Locate
+from .location import Location
 
-__all__ = ["rank_store", "sole_store", "merge", "commit_with_documents", "value_locations"]
+__all__ = ["PackedLayout", "OCDBT_MANIFEST", "rank_database", "value_locations"]
+
+#: The file (or object) that holds an OCDBT database's root; its presence at a checkpoint's
+#: root marks the packed layout.
+OCDBT_MANIFEST = "manifest.ocdbt"
+#: The configuration a rank's database is written with: values of up to 1 KiB (small chunks)
+#: are kept in the B-tree nodes rather than in data files, large nodes (so that even a large
+#: checkpoint's tree is one or two levels), one manifest file.
+RANK_CONFIG: dict[str, Any] = {
+    "max_inline_value_bytes": 1024,
+    "max_decoded_node_bytes": 100_000_000,
+    "manifest_kind": "single",
+}
+#: The root database keeps values of up to 1 MiB inline, OCDBT's largest: the documents, the
+#: root one included, then come with the B-tree node a reader reads first, one round trip less
+#: on an object store. (Its limit must not be below its ranks', or a merge would re-encode
+#: their inline values.)
+ROOT_CONFIG: dict[str, Any] = RANK_CONFIG | {"max_inline_value_bytes": 1 << 20}
+#: The database of a save by one process on an object store holds its chunks and its documents
+#: alike: values of up to 1 MiB inline, so that the first B-tree node a reader reads brings the
+#: documents and the small chunks, one round trip; nodes of at most 8 MiB, so that reading the
+#: documents never reads much more. Locally such a save uses the rank configuration: chunks in
+#: data files are what a local load reads straight into its destination.
+SOLE_REMOTE_CONFIG: dict[str, Any] = {
+    "max_inline_value_bytes": 1 << 20,
+    "max_decoded_node_bytes": 8 << 20,
+    "manifest_kind": "single",
+}
+#: On an object store, a reader's reads of nearby data (a B-tree node, several chunks of one
+#: data file) are coalesced into one request; locally this only reads more.
+_REMOTE_READS: dict[str, Any] = {
+    "experimental_read_coalescing_threshold_bytes": 1_000_000,
+    "experimental_read_coalescing_merged_bytes": 500_000_000_000,
+    "experimental_read_coalescing_interval": "10ms",
+}
+#: A database's B-tree nodes, cached while it is read or written: they are decoded once. The
+#: arrays' chunks are not cached (the default cache pool holds nothing), so reads cost no
+#: memory beyond their destination.
+_NODE_CACHE = "cache_pool#ocdbt_nodes"
+_NODE_CACHE_BYTES = 64 << 20
 
 
-def rank_store(location: dict[str, Any], rank: int) -> Store:
-    """The database into which rank ``rank`` of a save to ``location`` writes."""
-    return Store(_rank_location(location, rank), PACKED, config=OCDBT_WRITE_CONFIG)
+class PackedLayout(Layout):
+    name = "packed"
+    description = "an OCDBT database: a few files (or objects) per rank"
+    commit_record = OCDBT_MANIFEST
+
+    def hierarchy(self, location: Location) -> Hierarchy:
+        return self._database(location)
+
+    def read_root(self, location: Location) -> Callable[[], tuple[Hierarchy, bytes | None]]:
+        # The root document is the database's manifest and then its root B-tree node: read
+        # from the start, with no look at the manifest first.
+        hierarchy = self.hierarchy(location)
+        reading = hierarchy.kv.read(ZARR_JSON)
+
+        def result() -> tuple[Hierarchy, bytes | None]:
+            try:
+                with storage_access(location.url):
+                    found = reading.result()
+            except ValueError as e:  # not a refused or failed request: a damaged database
+                raise CorruptCheckpointError(
+                    f"{location.url}: the packed database's B-tree cannot be read: {short_message(e)}"
+                ) from None
+            return hierarchy, found.value if found.state == "value" else None
+
+        return result
+
+    def sink(self, location: Location, *, rank: int, sole: bool, direct: bool, start_writeback: bool) -> ChunkSink:
+        if sole:
+            config = RANK_CONFIG if location.is_local else SOLE_REMOTE_CONFIG
+            return _SoleSink(self._database(location, config), direct)
+        return _RankSink(self._database(location.child(rank_database(rank)), RANK_CONFIG), direct, location)
+
+    def chunk_locations(self, hierarchy: Hierarchy) -> Locate | None:
+        return value_locations(hierarchy).get if hierarchy.location.is_local else None
+
+    def _database(self, location: Location, config: dict[str, Any] | None = None) -> Hierarchy:
+        """The database at ``location``; to write a new one, with ``config`` (an existing one
+        is written under the configuration its manifest records). Reads of a remote one
+        coalesce; a writer's do not: each would wait out the interval."""
+        spec = _database_spec(location, config)
+        if config is None and location.spec["driver"] not in ("file", "memory"):
+            spec |= _REMOTE_READS
+        nodes = ts.Context({_NODE_CACHE: {"total_bytes_limit": _NODE_CACHE_BYTES}}, location.context)
+        return Hierarchy(location, self, spec, nodes)
 
 
-def sole_store(location: dict[str, Any]) -> Store:
-    """The database into which the only process of a save to ``location`` writes: the root
-    database itself, whose transaction then also takes the documents
-    (:func:`commit_with_documents`), so that there is no rank database and no merge."""
-    local = location["driver"] == "file"
-    return Store(location, PACKED, config=OCDBT_WRITE_CONFIG if local else OCDBT_SOLE_REMOTE_CONFIG)
+def rank_database(rank: int) -> str:
+    """Where, under a packed checkpoint's root, rank ``rank`` writes its database."""
+    return f"ocdbt.process_{rank}/"
 
 
-def merge(
-    location: dict[str, Any], ranks: Iterable[int], documents: dict[str, bytes], confirm: Callable[[], None]
-) -> None:
-    """Make the database at ``location`` hold every key of the databases of ``ranks``, and
+def _database_spec(location: Location, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"driver": "ocdbt", "base": location.spec, "cache_pool": _NODE_CACHE}
+    if config is not None:
+        spec |= {"config": config, "assume_config": True}
+    return spec
+
+
+class _DatabaseSink(ChunkSink):
+    """A rank's writes into a database, in one atomic transaction; encoded chunks (``direct``)
+    as values of the database."""
+
+    def __init__(self, hierarchy: Hierarchy, direct: bool):
+        super().__init__(hierarchy)
+        self.transaction = ts.Transaction(atomic=True)
+        self.supports_encoded_writes = direct
+        self._values = hierarchy.kv.with_transaction(self.transaction) if direct else None
+
+    def write_encoded(self, key: str, parts: Sequence[bytes | memoryview]) -> ts.Future | None:
+        assert self._values is not None
+        return self._values.write(key, b"".join(parts))
+
+    def open_array(self, node: str, document: dict[str, Any]) -> ts.Future:
+        return self.hierarchy.open_array(node, document, write=True, transaction=self.transaction)
+
+    def abort(self) -> None:
+        self.transaction.abort()  # a no-op once committed
+
+
+class _RankSink(_DatabaseSink):
+    """One of several ranks: its own database, committed when its writes are done; the
+    coordinator's commit merges every rank's into the root database at ``save_location``."""
+
+    def __init__(self, hierarchy: Hierarchy, direct: bool, save_location: Location):
+        super().__init__(hierarchy, direct)
+        self.save_location = save_location
+
+    def finish(self) -> None:
+        self.hierarchy.wait(self.transaction.commit_async())  # the rank's database is whole
+
+    def commit(self, documents: Documents, ranks: Sequence[int], confirm: Callable[[], None]) -> None:
+        _merge(self.hierarchy.layout.hierarchy(self.save_location), ranks, _encoded(documents), confirm)
+
+
+class _SoleSink(_DatabaseSink):
+    """The only process of a save: it writes into the root database itself, and the same
+    transaction takes the documents and commits: no rank database, no merge."""
+
+    def commit(self, documents: Documents, ranks: Sequence[int], confirm: Callable[[], None]) -> None:
+        _commit_with_documents(self.hierarchy, self.hierarchy.kv, self.transaction, _encoded(documents), confirm)
+
+
+def _encoded(documents: Documents) -> dict[str, bytes]:
+    """Every document under its key, the root's last."""
+    encoded = {f"{node}/{ZARR_JSON}": encode_json(doc) for node, doc in documents.items() if node}
+    encoded[ZARR_JSON] = encode_json(documents[""])
+    return encoded
+
+
+def _merge(root: Hierarchy, ranks: Sequence[int], documents: dict[str, bytes], confirm: Callable[[], None]) -> None:
+    """Make the root database (``root``) hold every key of the databases of ``ranks``, and
     ``documents`` (key -> bytes), in one atomic commit, made once ``confirm()`` returns.
 
     A rank's database that is missing (its transaction never committed) fails the merge
     instead of merging as empty, which OCDBT would do.
     """
-    root = Store(location, PACKED)
+    location = root.location
     transaction = ts.Transaction(atomic=True)
-    database = root.wait(ts.KvStore.open(database_spec(location, OCDBT_ROOT_CONFIG), context=root.context))
-    manifest = read_manifest(database)  # while the ranks' databases are read
+    database = root.wait(ts.KvStore.open(_database_spec(location, ROOT_CONFIG), context=root.context))
+    manifest = _read_manifest(database)  # while the ranks' databases are read
     target = database.with_transaction(transaction)
     # Every rank's database at once, listed and copied together: a few round trips to an object
     # store, however many ranks. The same context as the root's: OCDBT copies references only
     # within one.
-    ranks = list(ranks)
-    specs = [database_spec(_rank_location(location, rank)) for rank in ranks]
+    specs = [_database_spec(location.child(rank_database(rank))) for rank in ranks]
     opening = [ts.KvStore.open(spec, context=root.context) for spec in specs]
     sources = [root.wait(future) for future in opening]
     listings = [source.list() for source in sources]
@@ -74,64 +208,61 @@ def merge(
             raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing or empty")
     for copy in copies:
         root.wait(copy)
-    commit_with_documents(root, database, transaction, documents, confirm, manifest)
+    _commit_with_documents(root, database, transaction, documents, confirm, manifest)
 
 
-def commit_with_documents(
-    store: Store,
+def _commit_with_documents(
+    hierarchy: Hierarchy,
     database: ts.KvStore,
     transaction: ts.Transaction,
     documents: dict[str, bytes],
     confirm: Callable[[], None],
     manifest: ts.Future | None = None,
 ) -> None:
-    """Add ``documents`` (key -> bytes) to ``transaction`` of ``database`` (the hierarchy of
-    ``store``, as written), and commit it once ``confirm()`` returns: what it holds becomes
-    visible at once, its manifest last. ``manifest``: :func:`read_manifest` of ``database``,
+    """Add ``documents`` (key -> bytes) to ``transaction`` of ``database`` (that of
+    ``hierarchy``, as written), and commit it once ``confirm()`` returns: what it holds becomes
+    visible at once, its manifest last. ``manifest``: :func:`_read_manifest` of ``database``,
     issued earlier (else it is read alongside ``confirm()``)."""
-    reading_manifest = manifest if manifest is not None else read_manifest(database)
+    reading_manifest = manifest if manifest is not None else _read_manifest(database)
     database = database.with_transaction(transaction)
     try:
         for key, value in documents.items():
-            store.wait(database.write(key, value))
+            hierarchy.wait(database.write(key, value))
         confirm()
-        store.wait(reading_manifest)
+        hierarchy.wait(reading_manifest)
     except BaseException:
         transaction.abort()  # what it holds (a whole checkpoint, for one process) is let go
         raise
-    store.wait(transaction.commit_async())
+    hierarchy.wait(transaction.commit_async())
 
 
-def read_manifest(database: ts.KvStore) -> ts.Future:
+def _read_manifest(database: ts.KvStore) -> ts.Future:
     """Read ``database``'s manifest, which a commit needs (absent, or the replaced
     checkpoint's), so that its round trip overlaps others (a read of no key reads only it)."""
     return database.read("")
 
 
-def _rank_location(location: dict[str, Any], rank: int) -> dict[str, Any]:
-    return {**location, "path": location["path"] + rank_database(rank)}
-
-
-def value_locations(store: Store) -> dict[str, tuple[str, int, int]]:
-    """Where the values stored out of line in the local packed checkpoint ``store`` lie: per
+def value_locations(hierarchy: Hierarchy) -> dict[str, tuple[str, int, int]]:
+    """Where the values stored out of line in the local packed checkpoint ``hierarchy`` lie: per
     key, the data file, the offset of the value's first byte in it and its length, from the
     root database's B-tree (values kept inside the B-tree nodes are left out). With them a
     reader reads plain chunks straight into their destination, as from the files layout."""
-    assert store.local_dir is not None
-    base = store.wait(ts.KvStore.open(store.location, context=store.context))
-    manifest = store.wait(ts.ocdbt.dump(base, context=store.context))
+    location = hierarchy.location
+    assert location.local_dir is not None
+    base = hierarchy.wait(ts.KvStore.open(location.spec, context=hierarchy.context))
+    manifest = hierarchy.wait(ts.ocdbt.dump(base, context=hierarchy.context))
     root = manifest["versions"][-1]["root"].get("location") if manifest["versions"] else None
     found: dict[str, tuple[str, int, int]] = {}
     pending = [(root, b"")] if root else []
     while pending:
         node_location, prefix = pending.pop()
-        node = store.wait(ts.ocdbt.dump(base, node_location, context=store.context))
+        node = hierarchy.wait(ts.ocdbt.dump(base, node_location, context=hierarchy.context))
         for entry in node["entries"]:
             if "location" in entry:  # an interior node: its children's keys follow its prefix
                 pending.append((entry["location"], prefix + entry["subtree_common_prefix"]))
             elif "indirect_value" in entry:
                 # "value:<database path>:<data file>:<offset>:<length>", paths relative to the root
                 _, database, data_file, offset, length = entry["indirect_value"].split(":")
-                path = f"{store.local_dir}{database}{data_file}"
+                path = f"{location.local_dir}{database}{data_file}"
                 found[(prefix + entry["key"]).decode()] = (path, int(offset), int(length))
     return found

@@ -1,4 +1,4 @@
-"""The commit protocol: where a save writes, and how its result becomes the checkpoint.
+"""The commit protocol of a save: where it writes, and how its result becomes the checkpoint.
 
 A save never writes into the checkpoint's own directory. The coordinator creates a new hidden
 sibling, the *pending directory* ``.<name>.zdcp-<id>`` (``<id>`` is random, so concurrent saves
@@ -19,7 +19,7 @@ into place with one rename:
   the save is discarded with :class:`~zdcp.CheckpointExistsError`.
 
 So a crash at any moment leaves the previous checkpoint untouched, plus at most a pending
-directory that nothing loads (:func:`~zdcp.storage.committed.interrupted_saves` finds them).
+directory that nothing loads (:func:`~zdcp.storage.contents.interrupted_saves` finds them).
 zdcp deletes only a committed zdcp checkpoint that a save with ``overwrite`` replaced (its whole
 directory, files added to it since included), and the pending directory of a save that failed.
 
@@ -34,6 +34,11 @@ between the first look and the marker. Replacing a committed checkpoint deletes 
 first, so no load that starts finds the old root over new chunks, and then the old objects: on an
 object store, the old checkpoint is gone before the new one commits (save each step under a
 new prefix to keep the previous one until then).
+
+Within the protocol, the layout of the save (:mod:`zdcp.storage.layout`) writes the chunks and
+commits the hierarchy (:meth:`~zdcp.storage.layout.ChunkSink.commit`, the ``write_root`` step of
+a commit); removing a committed checkpoint, and what interrupted saves left, is
+:mod:`zdcp.storage.removal`.
 """
 
 from __future__ import annotations
@@ -49,25 +54,16 @@ from typing import Any
 
 import tensorstore as ts
 
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UsageError, ZdcpError
-from ..format.constants import METADATA_KEY, SAVING_MARKER
+from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, ZdcpError
+from ..format.constants import SAVING_MARKER
 from ..format.documents import zdcp_attrs
-from .committed import interrupted_saves, local_contents, pending_name, root_document
-from .layouts import OCDBT_MANIFEST
-from .oscalls import FilesystemSync, exchange, process_identity, process_running, sync_directory
-from .store import Store, encode_json
+from .contents import interrupted_saves, local_contents, pending_name, root_document
+from .keyvalue import encode_json
+from .location import Location
+from .oscalls import FilesystemSync, exchange, process_identity
+from .removal import SAVES_UNDER_WAY, delete_all_but_marker, delete_marked, remove_dead_saves, uncommit
 
-__all__ = [
-    "LocalSave",
-    "InPlaceSave",
-    "WriteRoot",
-    "begin_save",
-    "save_location",
-    "check_location",
-    "remove_dead_saves",
-    "remove_committed",
-    "remove_interrupted",
-]
+__all__ = ["LocalSave", "InPlaceSave", "WriteRoot", "begin_save", "save_location", "check_location"]
 
 #: What a save's commit writes: the root document and whatever becomes visible with it. It is
 #: given ``confirm``, which raises :class:`~zdcp.CheckpointExistsError` when the location is no
@@ -88,19 +84,17 @@ class LocalSave:
     could abandon it, so the writer's last reference going away has to do).
     """
 
-    def __init__(self, target: str, path: str, overwrite: bool):
+    def __init__(self, target: str, path: str, overwrite: bool, session: str):
         self.target = target
         self.path = path
         self.overwrite = overwrite
+        self.session = session
+        #: Where the ranks write: the pending directory.
+        self.location = Location(path)
         # Opened before any write of the save, for the syncs to report their failures.
         self.durable = FilesystemSync(path)
-        _ACTIVE.add(path)
+        SAVES_UNDER_WAY.add(path)
         self._discard = weakref.finalize(self, _discard_pending, path, self.durable)
-
-    @property
-    def location(self) -> dict[str, Any]:
-        """The kvstore spec the ranks write into."""
-        return {"driver": "file", "path": self.path + "/"}
 
     def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
         """Write the root document (``write_root``) into the pending directory, make
@@ -110,7 +104,7 @@ class LocalSave:
         directory."""
         try:
             write_root(_nothing_to_confirm)
-            Store(self.location).delete(SAVING_MARKER)
+            self.location.delete(SAVING_MARKER)
             if sync:
                 self.durable.sync()  # everything written is on disk before the move
             try:
@@ -123,7 +117,7 @@ class LocalSave:
             self.abandon()
             raise
         self._discard.detach()
-        _ACTIVE.discard(self.path)
+        SAVES_UNDER_WAY.discard(self.path)
         try:
             if sync:
                 self.durable.sync()  # the new name survives a crash (same filesystem)
@@ -155,7 +149,7 @@ class LocalSave:
 def _discard_pending(path: str, durable: FilesystemSync) -> None:
     durable.close()
     shutil.rmtree(path, ignore_errors=True)
-    _ACTIVE.discard(path)
+    SAVES_UNDER_WAY.discard(path)
 
 
 class InPlaceSave:
@@ -168,13 +162,11 @@ class InPlaceSave:
     for minutes on an unreachable one; the next save to the prefix finds its marker.
     """
 
-    def __init__(self, store: Store, generation: bytes):
-        self.store = store
+    def __init__(self, location: Location, generation: bytes, session: str):
+        #: Where the ranks write: the prefix itself.
+        self.location = location
         self.generation = generation
-
-    @property
-    def location(self) -> dict[str, Any]:
-        return self.store.location
+        self.session = session
 
     def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
         """Write the root document (``write_root``), the commit, if the prefix is still this
@@ -182,47 +174,44 @@ class InPlaceSave:
         the root)."""
         # The marker is read while write_root prepares what it commits (a packed save's merge
         # reads the ranks' databases first), one round trip fewer than reading it before.
-        marker = self.store.kv.read(SAVING_MARKER)
+        marker = self.location.kv.read(SAVING_MARKER)
         try:
-            write_root(lambda: _check_owned(self.store, self.generation, marker))
+            write_root(lambda: _check_owned(self.location, self.generation, marker))
         except BaseException:
             self.abandon()
             raise
         try:
             self.release()
         except ZdcpError as e:
-            warnings.warn(f"{self.store.url} is committed, but its save marker stays: {e}", stacklevel=3)
+            warnings.warn(f"{self.location.url} is committed, but its save marker stays: {e}", stacklevel=3)
 
     def release(self) -> None:
         """Delete the marker, if it is still this save's."""
-        self.store.wait(self.store.kv.write(SAVING_MARKER, None, if_equal=self.generation))
+        self.location.wait(self.location.kv.write(SAVING_MARKER, None, if_equal=self.generation))
 
     def abandon(self) -> None:
         """Delete what a failed save wrote, its marker included, unless another save has taken
         the prefix over (``overwrite``) since: then what is there is that save's."""
         try:
-            _check_owned(self.store, self.generation)
+            _check_owned(self.location, self.generation)
         except CheckpointExistsError:
             return
-        _delete_marked(self.store, self.generation)
+        delete_marked(self.location, self.generation)
 
 
-def _check_owned(store: Store, generation: bytes, marker: ts.Future | None = None) -> None:
+def _check_owned(location: Location, generation: bytes, marker: ts.Future | None = None) -> None:
     """Raise unless the marker (``marker``, a read of it under way) is still this save's."""
-    found = store.wait(store.kv.read(SAVING_MARKER) if marker is None else marker)
+    found = location.wait(location.kv.read(SAVING_MARKER) if marker is None else marker)
     if found.state != "value" or found.stamp.generation != generation:
         raise CheckpointExistsError(
-            f"another save to {store.url} took it over while this one ran; this save is not committed"
+            f"another save to {location.url} took it over while this one ran; this save is not committed"
         )
 
 
-#: The pending directories of this process's saves that have neither committed nor been
-#: abandoned (paths are added and removed whole, so no lock is needed).
-_ACTIVE: set[str] = set()
-
-
-def begin_save(store: Store, *, overwrite: bool, session: str, marker: dict[str, Any]) -> LocalSave | InPlaceSave:
-    """Check that a save may go to ``store``'s location, then prepare it: a pending directory
+def begin_save(
+    location: Location, *, overwrite: bool, session: str, marker: dict[str, Any]
+) -> LocalSave | InPlaceSave:
+    """Check that a save may go to ``location``, then prepare it: a pending directory
     beside a local target, named after ``session`` (:func:`save_location`), or the in-progress
     marker under an object store prefix. The marker records ``marker``, the session and this
     process (so that a later save can tell a save whose process died, and remove what it left).
@@ -233,183 +222,88 @@ def begin_save(store: Store, *, overwrite: bool, session: str, marker: dict[str,
     (always).
     """
     marker = {**marker, "session": session, "owner": process_identity()}
-    if store.local_dir is None:
-        return _begin_in_place(store, overwrite=overwrite, marker=marker)
-    return _begin_beside(_local_target(store), overwrite=overwrite, session=session, marker=marker)
+    if location.local_dir is None:
+        return _begin_in_place(location, overwrite=overwrite, session=session, marker=marker)
+    return _begin_beside(_local_target(location), overwrite=overwrite, session=session, marker=marker)
 
 
-def save_location(store: Store, session: str) -> dict[str, Any]:
-    """Where the ranks of a save to ``store``'s location with ``session`` write: the pending
-    directory of a local target, the prefix itself on an object store. Each rank finds it from
-    what it knows, so nothing that differs from save to save travels in a (cached) plan."""
-    if store.local_dir is None:
-        return store.location
-    return {"driver": "file", "path": pending_name(_local_target(store), session) + "/"}
+def save_location(location: Location, session: str) -> Location:
+    """Where the ranks of a save to ``location`` with ``session`` write: the pending directory
+    of a local target, the prefix itself on an object store. Each rank finds it from what it
+    knows, so nothing that differs from save to save travels in a (cached) plan."""
+    if location.local_dir is None:
+        return location
+    return Location(pending_name(_local_target(location), session))
 
 
-def check_location(location: dict[str, Any], session: str) -> None:
+def check_location(location: Location, session: str) -> None:
     """Refuse to write where the coordinator did not prepare a save of ``session``: a rank
     must never create a pending directory (or write into an object-store prefix) itself."""
-    store = Store(location)
     try:
-        marker = store.read_json(SAVING_MARKER)
-    except ValueError:
+        marker = location.read_json(SAVING_MARKER)
+    except CorruptCheckpointError:
         marker = None
     if not isinstance(marker, dict) or marker.get("session") != session:
         raise UsageError(
-            f"{store.url} is not where the coordinator prepared this save (DCP's cached plans out of step "
+            f"{location.url} is not where the coordinator prepared this save (DCP's cached plans out of step "
             "with the writer's?); this rank writes nothing there"
         )
 
 
-def remove_dead_saves(pending: list[str]) -> None:
-    """Delete those of the ``pending`` directories whose save provably ended without a commit:
-    its process no longer runs (same host, boot and PID namespace), or it is this process and
-    the save is not under way; and every one a removal left (:func:`remove_committed`: it was
-    un-committed, whoever removes it). Any other is left alone: it may be running on another
-    host."""
-    me = process_identity()
-    for path in pending:
-        try:
-            with open(os.path.join(path, SAVING_MARKER), "rb") as f:
-                marker = json.load(f)
-            owner, removing = marker.get("owner"), marker.get("removing") is True
-        except (OSError, ValueError, AttributeError):
-            continue  # no marker (yet): nothing proves anything
-        if removing:
-            dead = True
-        elif owner == me and me is not None:
-            dead = path not in _ACTIVE
-        else:
-            dead = process_running(owner) is False
-        if dead:
-            shutil.rmtree(path, ignore_errors=True)
+def _local_target(location: Location) -> str:
+    assert location.local_dir is not None
+    return os.path.realpath(location.local_dir.rstrip("/"))
 
 
-def _local_target(store: Store) -> str:
-    assert store.local_dir is not None
-    return os.path.realpath(store.local_dir.rstrip("/"))
-
-
-def _begin_in_place(store: Store, *, overwrite: bool, marker: dict[str, object]) -> InPlaceSave:
-    url = store.url
-    if not store.location["path"]:
+def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker: dict[str, object]) -> InPlaceSave:
+    url = location.url
+    if not location.spec["path"]:
         # Replacing or cleaning up would delete every object of the bucket (or memory store).
         raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
     # All that decides where the save stands, read at once: one round trip.
-    reading_marker, listing = store.kv.read(SAVING_MARKER), store.kv.list()
-    committed = _committed(store, overwrite)
-    found = store.wait(reading_marker)
+    reading_marker, listing = location.kv.read(SAVING_MARKER), location.kv.list()
+    committed = _committed(location, overwrite)
+    found = location.wait(reading_marker)
     if not committed and found.state == "value" and not overwrite:
         raise CheckpointExistsError(
             f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
             "(make sure no other save to it is running)"
         )
-    if not committed and found.state != "value" and store.wait(listing):
+    if not committed and found.state != "value" and location.wait(listing):
         raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
     # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
     # (A pending directory's dead saves can be told by their marker's owner; an object store's
     # cannot: there may be no other machine like the one that wrote it.)
     expected = found.stamp.generation if found.state == "value" else _NO_VALUE
-    written = store.wait(store.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
+    written = location.wait(location.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
     if not written.generation:
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
-    in_place = InPlaceSave(store, written.generation)
+    in_place = InPlaceSave(location, written.generation, session)
     if expected == _NO_VALUE and not committed:
         # Another save may have begun and committed (its marker gone again) between the reads
         # above and this marker's creation: what this marker guards starts only now.
         try:
-            committed = _committed(store, overwrite)
+            committed = _committed(location, overwrite)
         except BaseException:
             in_place.release()  # whatever is there stays as it is
             raise
     try:
         if committed:
-            _uncommit(store)  # first: no load finds the old root over new chunks
+            uncommit(location)  # first: no load finds the old root over new chunks
         if committed or found.state == "value":
-            _delete_all_but_marker(store)  # what is left of the replaced checkpoint or the interrupted save
+            delete_all_but_marker(location)  # what is left of the replaced checkpoint or the interrupted save
     except BaseException:
         in_place.abandon()  # this save had begun to replace what was there: the rest goes too
         raise
     return in_place
 
 
-def _uncommit(store: Store) -> None:
-    """Delete the commit record under an object-store prefix: the root document, or the packed
-    database's manifest that holds it (both: the checkpoint may be of either layout)."""
-    for deleting in [store.kv.write(key, None) for key in (METADATA_KEY, OCDBT_MANIFEST)]:
-        store.wait(deleting)
-
-
-def _delete_all_but_marker(store: Store) -> None:
-    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
-    store.wait(store.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
-
-
-def _delete_marked(store: Store, generation: bytes) -> None:
-    """Delete everything under the prefix, the marker (of ``generation``) last: until it goes,
-    what is left is known for the leftovers of a save or removal."""
-    _delete_all_but_marker(store)
-    store.wait(store.kv.write(SAVING_MARKER, None, if_equal=generation))
-
-
-def remove_committed(store: Store) -> None:
-    """Delete the committed zdcp checkpoint at ``store``'s location, un-committing it first, so
-    that a kill at any moment leaves either the whole checkpoint, committed, or what is left of
-    it un-committed (never loaded) and marked as this process's, as a save's leftovers are:
-
-    - local: a marker naming this process goes into the directory, the directory is renamed to
-      a pending name (:func:`~zdcp.storage.committed.pending_name`) and the rename made
-      durable, then it is deleted (:func:`remove_dead_saves` removes what a kill left);
-    - object store: the marker is written, then the commit record deleted, then the rest, the
-      marker last (:func:`remove_interrupted` removes what a kill left).
-
-    Raises :class:`~zdcp.CheckpointNotFoundError` when the location holds no committed zdcp
-    checkpoint; nothing is deleted then.
-    """
-    url = store.url
-    marker = encode_json({"owner": process_identity(), "removing": True, "target": url})
-    if store.local_dir is None:
-        try:
-            _, root = root_document(store)
-        except CorruptCheckpointError:
-            root = None
-        if root is None or zdcp_attrs(root) is None:
-            raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {url}; nothing removed")
-        written = store.wait(store.kv.write(SAVING_MARKER, marker))
-        _uncommit(store)
-        _delete_marked(store, written.generation)
-        return
-    target = _local_target(store)
-    if local_contents(target) != "committed":
-        raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {target}; nothing removed")
-    with open(os.path.join(target, SAVING_MARKER), "wb") as f:
-        f.write(marker)
-    aside = pending_name(target)
-    os.rename(target, aside)
-    sync_directory(os.path.dirname(target))
-    shutil.rmtree(aside)
-
-
-def remove_interrupted(store: Store) -> bool:
-    """Delete what a save or a removal that never finished left under an object-store prefix
-    (its marker, and no commit record); True if there was such a thing. The caller knows that
-    nothing is saving there now: on an object store, a marker cannot tell a dead save from a
-    running one."""
-    found = store.wait(store.kv.read(SAVING_MARKER))
-    if found.state != "value" or root_document(store)[1] is not None:
-        return False
-    _delete_marked(store, found.stamp.generation)
-    return True
-
-
-def _committed(store: Store, overwrite: bool) -> bool:
-    """Whether ``store``'s location holds a committed zdcp checkpoint that this save may
-    replace (``overwrite``); raises if it holds one otherwise, or a hierarchy zdcp did not
-    write."""
-    url = store.url
+def _committed(location: Location, overwrite: bool) -> bool:
+    """Whether ``location`` holds a committed zdcp checkpoint that this save may replace
+    (``overwrite``); raises if it holds one otherwise, or a hierarchy zdcp did not write."""
+    url = location.url
     try:
-        _, root = root_document(store)
+        _, root = root_document(location)
     except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
         raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
     if root is None:
@@ -450,7 +344,7 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
         os.mkdir(path)
     except FileExistsError:
         raise CheckpointExistsError(f"another save of this job to {target} is still running ({path})") from None
-    save = LocalSave(target, path, overwrite)
+    save = LocalSave(target, path, overwrite, session)
     with open(os.path.join(path, SAVING_MARKER), "w") as f:
         json.dump({**marker, "target": target}, f)
     return save

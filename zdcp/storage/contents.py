@@ -1,14 +1,11 @@
-"""The read side of the commit protocol: what a location holds.
-
-A location holds a committed checkpoint when its root ``zarr.json`` is there (the commit
-record, :mod:`zdcp.storage.commit`), in either layout (:mod:`zdcp.storage.layouts`):
-:func:`open_committed` finds it, reads and parses it, or says why there is none: nothing at
-all, an incomplete save, or saves that never committed beside a local target.
+"""What a location holds, as the commit protocol (:mod:`zdcp.storage.saving`) leaves it: a
+committed checkpoint (its root ``zarr.json``, the commit record, in whichever layout it is
+stored), or why there is none (nothing at all, an incomplete save, saves that never committed
+beside a local target).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -17,15 +14,18 @@ from typing import Any
 from .. import collector
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.catalog import Catalog
-from ..format.constants import METADATA_KEY, PENDING_INFIX
+from ..format.constants import PENDING_INFIX
 from ..format.documents import zdcp_attrs
-from .layouts import PACKED
-from .store import Store, short_message, storage_access
+from .hierarchy import Hierarchy
+from .keyvalue import parse_json
+from .layout import layouts
+from .location import Location
 
 __all__ = [
     "Committed",
     "open_committed",
     "root_document",
+    "holds_commit_record",
     "interrupted_saves",
     "pending_directories",
     "pending_name",
@@ -35,28 +35,28 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Committed:
-    """A committed checkpoint: the store of its hierarchy, in its layout, and its catalog."""
+    """A committed checkpoint: its hierarchy, in its layout, and its catalog."""
 
-    store: Store
+    hierarchy: Hierarchy
     catalog: Catalog
 
 
-def open_committed(location: Store) -> Committed:
-    """The committed checkpoint at ``location`` (a files-layout store of the place).
+def open_committed(location: Location) -> Committed:
+    """The committed checkpoint at ``location``.
 
     Raises :class:`~zdcp.CheckpointNotFoundError` when there is nothing,
     :class:`~zdcp.IncompleteCheckpointError` when a save never committed there, and
     :class:`~zdcp.CorruptCheckpointError` when the root document is damaged.
     """
     with collector.paused():
-        store, root = root_document(location)
+        hierarchy, root = root_document(location)
         if root is not None:
-            return Committed(store, Catalog.parse(root, location.url))
-    if store.layout == PACKED or not location.is_empty():
+            return Committed(hierarchy, Catalog.parse(root, location.url))
+    if not location.is_empty():
         raise IncompleteCheckpointError(
             f"{location.url} holds an incomplete checkpoint: its save never committed (no root zarr.json)"
         )
-    pending = interrupted_saves(location.url) if location.local_dir is not None else []
+    pending = interrupted_saves(location.local_dir) if location.local_dir is not None else []
     if pending:
         raise IncompleteCheckpointError(
             f"no committed checkpoint at {location.url}: a save to it never committed (or is still running); "
@@ -65,30 +65,24 @@ def open_committed(location: Store) -> Committed:
     raise CheckpointNotFoundError(f"no checkpoint at {location.url}")
 
 
-def root_document(location: Store) -> tuple[Store, Any | None]:
-    """The store of the hierarchy at ``location`` (a files-layout store of the place), in the
-    layout found there, and its parsed root ``zarr.json`` (None when there is none)."""
-    # Both at once, whichever the layout: the packed root document is the database's manifest
-    # and then its root B-tree node, so reading it from the start saves an object store a round
-    # trip over reading the manifest first to learn the layout.
-    packed = Store(location.checkpoint_id, PACKED)
-    files_root, packed_root = location.kv.read(METADATA_KEY), packed.kv.read(METADATA_KEY)
-    try:
-        found = location.wait(files_root)
-        if found.state == "value":
-            return location, json.loads(found.value)
-        try:
-            with storage_access(location.url):
-                found = packed_root.result()
-        except ValueError as e:  # not a refused or failed request: a damaged database
-            raise CorruptCheckpointError(
-                f"{location.url}: the packed database's B-tree cannot be read: {short_message(e)}"
-            ) from None
-        if found.state != "value":
-            return location, None
-        return packed, json.loads(found.value)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
-        raise CorruptCheckpointError(f"{location.url}/zarr.json is not valid JSON ({e!r})") from None
+def root_document(location: Location) -> tuple[Hierarchy, Any | None]:
+    """The hierarchy at ``location``, in the layout found there, and its parsed root
+    ``zarr.json``; None when there is none (the hierarchy is then the first layout's)."""
+    # Every layout's read at once: on an object store, one round trip whichever it is.
+    results = [layout.read_root(location) for layout in layouts()]
+    first = None
+    for result in results:
+        hierarchy, found = result()
+        first = first or hierarchy
+        if found is not None:
+            return hierarchy, parse_json(found, f"{location.url}/zarr.json")
+    assert first is not None
+    return first, None
+
+
+def holds_commit_record(directory: str | os.PathLike[str]) -> bool:
+    """Whether the local ``directory`` holds what marks a checkpoint in some layout."""
+    return any(os.path.isfile(os.path.join(directory, layout.commit_record)) for layout in layouts())
 
 
 def interrupted_saves(target: str | os.PathLike[str]) -> list[str]:
@@ -121,7 +115,7 @@ def pending_name(target: str, session: str | None = None) -> str:
 
 def local_contents(directory: str) -> str:
     """What a local directory holds: ``"empty"``, ``"committed"`` (a zdcp checkpoint, in
-    either layout), ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``.
+    any layout), ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``.
 
     A packed root is several files (the manifest, then a B-tree node): when another save
     swaps the directory for its own meanwhile (``renameat2(RENAME_EXCHANGE)``), the read may
@@ -148,7 +142,7 @@ def _contents(directory: str) -> str:
     if not os.listdir(directory):
         return "empty"
     try:
-        _, root = root_document(Store(directory))
+        _, root = root_document(Location(directory))
     except CorruptCheckpointError:  # not JSON, or a packed root that cannot be read
         return "other"
     if root is None:

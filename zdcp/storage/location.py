@@ -1,4 +1,5 @@
-"""Where a checkpoint is: a ``checkpoint_id`` turned into a tensorstore kvstore spec, and back.
+"""Where a checkpoint is: a ``checkpoint_id`` parsed into a tensorstore kvstore spec, and the
+:class:`Location` it names, the place itself (whatever is, or is not yet, stored there).
 
 Accepted, everywhere a ``checkpoint_id`` is (save, load, open, verify, convert, the CLI):
 
@@ -26,11 +27,78 @@ from urllib.parse import unquote, urlsplit
 
 import tensorstore as ts
 
-from .errors import UsageError
+from ..errors import UsageError
+from .keyvalue import KeyValue
+from .oscalls import FilesystemSync
 
-__all__ = ["CheckpointId", "kvstore_spec", "url_of"]
+__all__ = ["CheckpointId", "Location", "location_for", "kvstore_spec", "url_of"]
 
 CheckpointId = str | os.PathLike[str] | dict[str, Any]
+
+#: memory:// stores live in a tensorstore context: one for the process, so that they outlive a call.
+_PROCESS_MEMORY = ts.Context()
+
+
+class Location(KeyValue):
+    """A place for a checkpoint: a local directory or an object-store prefix (``spec``, the
+    kvstore spec :func:`kvstore_spec` gives), with the tensorstore context that everything
+    opened there during one operation shares, so that all its I/O draws on one pool of
+    file-I/O and copy threads. Its keys are what is stored under the place; how a checkpoint's
+    Zarr hierarchy is stored among them is a layout's business (:mod:`zdcp.storage.layout`).
+
+    Writes are not synced one by one (tensorstore's ``file_io_sync`` is off): a save that
+    needs them on disk syncs the filesystem once its writes are done
+    (:meth:`filesystem_sync`), which costs about what a single ``fsync`` does, where a save of
+    thousands of small files would otherwise ``fsync`` each one.
+    """
+
+    def __init__(self, checkpoint_id: CheckpointId):
+        self.checkpoint_id = checkpoint_id
+        spec = kvstore_spec(checkpoint_id)
+        memory = spec["driver"] == "memory"
+        super().__init__(spec, _PROCESS_MEMORY if memory else ts.Context({"file_io_sync": False}), url_of(spec))
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    @property
+    def local_dir(self) -> str | None:
+        """The directory, when the place is in the local filesystem; else None."""
+        return self.spec["path"] if self.spec["driver"] == "file" else None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_dir is not None
+
+    def child(self, name: str) -> Location:
+        """The place ``name`` below this one (a subdirectory, a longer prefix)."""
+        return Location({**self.spec, "path": self.spec["path"] + name.strip("/") + "/"})
+
+    def child_names(self) -> list[str]:
+        """The names of the places below this one that hold anything: the subdirectories of a
+        local directory, the next path segments of an object store's keys."""
+        if self.local_dir is not None:
+            try:
+                return sorted(entry.name for entry in os.scandir(self.local_dir) if entry.is_dir())
+            except FileNotFoundError:
+                return []
+        return sorted({key.partition("/")[0] for key in self.keys() if "/" in key})
+
+    def filesystem_sync(self) -> FilesystemSync | None:
+        """For a local place, a handle that makes writes under it durable; open it before
+        writing (see :class:`~zdcp.storage.oscalls.FilesystemSync`). None for an object store,
+        which has made a write durable when it acknowledges it."""
+        return FilesystemSync(self.local_dir) if self.local_dir is not None else None
+
+
+def location_for(checkpoint_id: CheckpointId | None, current: Location | None, owner: str) -> Location:
+    """The location of a DCP storage plugin (``owner`` names it): DCP hands it over in
+    ``reset(checkpoint_id)``, or the user gave it to the constructor (``current``)."""
+    if checkpoint_id is not None:
+        return Location(checkpoint_id)
+    if current is None:
+        raise UsageError(f"{owner} needs a path: pass it to {owner}(...) or as checkpoint_id")
+    return current
 
 
 def kvstore_spec(checkpoint_id: CheckpointId) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""How a checkpoint's Zarr hierarchy is stored at its location: the :class:`Layout` strategy,
+the :class:`ChunkSink` each rank of a save writes through, and the registry that finds layouts
+by name, as fsspec's registry finds filesystems (docs/format.md, section 9).
+
+A layout is one module and one entry in :data:`_KNOWN`. Nothing outside ``zdcp/storage`` names
+one: the writer asks the layout of its save for a sink per rank and lets the coordinator's sink
+commit; readers get the layout a checkpoint was found in (:func:`zdcp.storage.contents.root_document`
+asks every registered layout) and ask it where chunks lie for direct reads.
+
+What the layouts share, and so do not decide: the commit protocol around a save
+(:mod:`zdcp.storage.saving`: where a save writes, its marker, the atomic move or the root
+written last), which calls the coordinator's :meth:`ChunkSink.commit` as its last step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import tensorstore as ts
+
+from ..errors import UsageError
+from .hierarchy import Hierarchy
+from .localfiles import Locate
+from .location import Location
+
+__all__ = [
+    "Layout",
+    "ChunkSink",
+    "Documents",
+    "layout_named",
+    "layout_names",
+    "layouts",
+    "default_layout",
+]
+
+#: Every node's ``zarr.json`` of a save, by node path (the root's under ``""``).
+Documents = dict[str, dict[str, Any]]
+
+
+class ChunkSink(ABC):
+    """Where one rank of a save writes its chunks: into ``hierarchy``, arrays opened through
+    :meth:`open_array`, and (where :attr:`supports_encoded_writes`) chunks encoded by zdcp
+    itself (:func:`zdcp.format.codecs.encode_chunk`) through :meth:`write_encoded`, which costs
+    a fraction of opening an array per tensor.
+
+    Once the rank's writes are done, :meth:`finish` makes them part of the save. The
+    coordinator's sink then commits the whole save (:meth:`commit`), or a failure aborts it.
+    """
+
+    #: Whether :meth:`write_encoded` takes chunks.
+    supports_encoded_writes: bool = False
+
+    def __init__(self, hierarchy: Hierarchy):
+        self.hierarchy = hierarchy
+
+    def write_encoded(self, key: str, parts: Sequence[bytes | memoryview]) -> ts.Future | None:
+        """Write the chunk at ``key`` (its bytes are ``parts``, one after another); a future
+        for the write, or None when it is done already."""
+        raise NotImplementedError(f"{type(self).__name__} takes no encoded chunks")
+
+    @abstractmethod
+    def open_array(self, node: str, document: dict[str, Any]) -> ts.Future:
+        """Open the array at ``node`` (its ``zarr.json`` is ``document``) for writing."""
+
+    def finish(self) -> None:
+        """Make this rank's completed writes part of the save."""
+
+    def abort(self) -> None:
+        """Let this rank's writes go (after a failure); never raises."""
+
+    @abstractmethod
+    def commit(self, documents: Documents, ranks: Sequence[int], confirm: Callable[[], None]) -> None:
+        """On the coordinator: make the save whole, so that it reads as the checkpoint: the
+        chunks of every rank in ``ranks`` (those that wrote any) and ``documents``, the root
+        document becoming visible last, once ``confirm()`` returns (it raises when the location
+        is no longer this save's, and is called before anything another save could see)."""
+
+
+class Layout(ABC):
+    """A way to store a checkpoint's Zarr hierarchy at a location (a strategy: stateless; one
+    instance per layout, from :func:`layout_named`)."""
+
+    #: The name users give (``SaveOptions.layout``, ``zdcp convert --layout``).
+    name: ClassVar[str]
+    #: One line for help texts.
+    description: ClassVar[str]
+    #: The key under the location whose presence marks a checkpoint stored in this layout;
+    #: deleting it un-commits the checkpoint.
+    commit_record: ClassVar[str]
+
+    def __repr__(self) -> str:
+        return f"<zdcp layout {self.name!r}>"
+
+    @abstractmethod
+    def hierarchy(self, location: Location) -> Hierarchy:
+        """The hierarchy of a checkpoint stored in this layout at ``location``, to read it."""
+
+    @abstractmethod
+    def read_root(self, location: Location) -> Callable[[], tuple[Hierarchy, bytes | None]]:
+        """Start reading the root ``zarr.json`` of a checkpoint stored in this layout at
+        ``location``; the returned function waits for it and gives the hierarchy and the
+        document's bytes (None when there is none). Several layouts' reads run at once."""
+
+    def max_key_bytes(self, location: Location) -> int | None:
+        """The longest key of a hierarchy a save may write at ``location``; None: no limit."""
+        return None
+
+    @abstractmethod
+    def sink(self, location: Location, *, rank: int, sole: bool, direct: bool, start_writeback: bool) -> ChunkSink:
+        """The sink of rank ``rank`` of a save writing at ``location`` (where the commit
+        protocol has the ranks write). ``sole``: this is the only process of the save, which
+        also commits it. ``direct``: the sink may take encoded chunks. ``start_writeback``:
+        the save syncs its files once written, so large local files may start their write-back
+        at once."""
+
+    def chunk_locations(self, hierarchy: Hierarchy) -> Locate | None:
+        """Where each chunk's bytes lie in local files, for reads straight into their
+        destination (:mod:`zdcp.storage.localfiles`); None where they cannot be read so."""
+        return None
+
+
+#: Every layout, by name, as ``"module:class"``: imported on first use. The order is the order in
+#: which readers look for a checkpoint, and the first is the layout of a missing one.
+_KNOWN: dict[str, str] = {
+    "files": "zdcp.storage.files:FilesLayout",
+    "packed": "zdcp.storage.packed:PackedLayout",
+}
+_LOADED: dict[str, Layout] = {}
+
+
+def layout_named(name: str) -> Layout:
+    """The layout called ``name``; :class:`~zdcp.UsageError` when there is none."""
+    if not isinstance(name, str) or name not in _KNOWN:
+        raise UsageError(f"layout must be one of {list(_KNOWN)}, got {name!r}")
+    if name not in _LOADED:
+        module, _, cls = _KNOWN[name].partition(":")
+        _LOADED[name] = getattr(importlib.import_module(module), cls)()
+    return _LOADED[name]
+
+
+def layout_names() -> tuple[str, ...]:
+    return tuple(_KNOWN)
+
+
+def layouts() -> list[Layout]:
+    """Every layout, in the order readers look for a checkpoint."""
+    return [layout_named(name) for name in _KNOWN]
+
+
+def default_layout(location: Location, *, retention: bool = False) -> Layout:
+    """The layout a save to ``location`` uses unless told otherwise: files on a local
+    filesystem, where any Zarr reader opens the directory as it is and large tensors save
+    fastest; packed elsewhere (object stores), where every file is a request. With
+    ``retention`` (a run that saves and deletes many checkpoints, as a
+    :class:`~zdcp.CheckpointManager` does), packed everywhere: creating and deleting files
+    one per chunk is where the files layout is slow (docs/benchmarks.md)."""
+    return layout_named("files" if location.is_local and not retention else "packed")

@@ -1,0 +1,79 @@
+"""A directory of checkpoints (a local directory, an object-store prefix), as training runs keep
+them: one checkpoint per saved step, named after it (``step_100``); which of them are committed,
+and the rule that gives a name its step, shared by :func:`zdcp.latest_checkpoint` and
+:class:`zdcp.CheckpointManager`."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CorruptCheckpointError
+from ..format.constants import FORMAT_NAME
+from ..format.documents import zdcp_attrs
+from .contents import pending_directories, root_document
+from .location import Location
+from .removal import remove_dead_saves, remove_interrupted
+
+__all__ = ["Step", "step_number", "step_name", "committed_steps"]
+
+
+def step_name(step: int) -> str:
+    """The name under which a :class:`~zdcp.CheckpointManager` saves step ``step``."""
+    return f"step_{step}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """A committed checkpoint in a directory of checkpoints: its name there, the step its name
+    gives (:func:`step_number`), and zdcp's record from its root document (format version,
+    world size, the ``metadata`` it was saved with)."""
+
+    name: str
+    number: int | None
+    info: dict[str, Any]
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def step_number(name: str) -> int | None:
+    """The step a checkpoint's name in a directory of checkpoints gives: the last number in it
+    (``step_100``, ``checkpoint-100``, ``100``); None when it has none."""
+    numbers = _NUMBER.findall(name)
+    return int(numbers[-1]) if numbers else None
+
+
+def committed_steps(directory: Location, *, exclusive: bool = False) -> list[Step]:
+    """The committed zdcp checkpoints directly below ``directory``, oldest step first (names
+    without a number first, then by name); hidden names (which pending directories have) are
+    skipped.
+
+    What saves whose process provably died left in a local directory is deleted first
+    (:func:`~zdcp.storage.removal.remove_dead_saves`). With ``exclusive`` (the caller is the
+    only one saving into the directory, as a :class:`~zdcp.CheckpointManager` is), what
+    interrupted saves and removals left under an object store is deleted too: there a marker
+    cannot tell a dead save from a running one.
+    """
+    if directory.local_dir is not None:
+        remove_dead_saves(pending_directories(directory.local_dir))
+    names = [name for name in directory.child_names() if not name.startswith(".")]
+
+    def committed(name: str) -> Step | None:
+        location = directory.child(name)
+        if exclusive and not location.is_local and remove_interrupted(location):
+            return None
+        try:
+            _, root = root_document(location)
+        except CorruptCheckpointError:  # a zarr.json that is no JSON: not a checkpoint of ours
+            return None
+        info = zdcp_attrs(root)
+        if info is None or info.get("format") != FORMAT_NAME:
+            return None
+        return Step(name, step_number(name), info)
+
+    with ThreadPoolExecutor(8) as pool:
+        steps = [step for step in pool.map(committed, names) if step is not None]
+    return sorted(steps, key=lambda step: (-1 if step.number is None else step.number, step.name))
