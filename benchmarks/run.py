@@ -794,7 +794,7 @@ def s3_latency(rounds: int) -> list[dict[str, Any]]:
                 saves = interleaved(
                     rounds,
                     {
-                        "zdcp": lambda: timed(lambda: zdcp.save(state, url("zdcp", True))),
+                        "zdcp": lambda: timed(lambda: zdcp.save(state, url("zdcp", True), layout="files")),
                         "packed": lambda: timed(lambda: zdcp.save(state, url("packed", True), layout="packed")),
                         "dcp": lambda: timed(
                             lambda: dcp.save(state, storage_writer=FsspecWriter(url("dcp", True), **fs), no_dist=True)
