@@ -419,6 +419,7 @@ def _cached_saves(rank: int, world_size: int, root: Path, rounds: int, out: Path
     gather-plan-scatter, timed around its reduce_scatter), maxima over ranks."""
     from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
     from torch.distributed.checkpoint import state_dict_saver as saver
+    from torch.distributed.checkpoint.planner import SavePlanner
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -441,6 +442,12 @@ def _cached_saves(rank: int, world_size: int, root: Path, rounds: int, out: Path
     for caching in (False, True):
         for name, writer in writers.items():
             planner = DefaultSavePlanner(enable_plan_caching=caching)
+            # DCP's plan caches are shared by every DefaultSavePlanner of the process (keyed by
+            # class name): emptied, so that each writer's first save fills them with its own
+            # plans instead of being handed the other writer's (zdcp's writer refuses those).
+            for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_final_save_plan,
+                          SavePlanner._cached_all_plans, SavePlanner._cached_global_plan, SavePlanner._cached_metadata):
+                cache.clear()
             for r in range(rounds + 1):  # round 0 fills the cache (and warms up)
                 count += 1
                 path = root / f"{name}-{caching}-{count}"
@@ -459,9 +466,10 @@ def _cached_saves(rank: int, world_size: int, root: Path, rounds: int, out: Path
 def plan_caching(root: Path, rounds: int) -> list[dict[str, Any]]:
     out = []
     for world_size in (4, 8):
-        root.mkdir(parents=True, exist_ok=True)
+        saves = root / f"ranks{world_size}"  # its own: each world size numbers its saves from 1
+        saves.mkdir(parents=True)
         result = root / f"caching{world_size}.pt"
-        run_ranks(world_size, _cached_saves, root, rounds, result, timeout=1800)
+        run_ranks(world_size, _cached_saves, saves, rounds, result, timeout=1800)
         for case, pairs in torch.load(result).items():
             out.append(
                 {
