@@ -14,7 +14,18 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import zdcp
-from zdcp.manager import retained_steps
+from zdcp.manager.policies import (
+    AnyPreservation,
+    AnySave,
+    BestN,
+    EveryNSteps,
+    FixedInterval,
+    KeepAll,
+    LatestN,
+    OnPreemption,
+    retained_steps,
+)
+from zdcp.manager.step_index import StepIndex
 from zdcp.testing import environment, moto_server, run_ranks
 
 
@@ -60,6 +71,39 @@ LOSSES = {1: 0.1, 2: 0.5, 3: 0.05, 4: 0.9, 5: 0.7, 6: 0.8}
 def test_each_retention_rule_and_their_combination(settings, metrics, kept):
     steps = {s: ({"loss": metrics[s]} if s in metrics else None) for s in range(1, 7)}
     assert retained_steps(steps, **settings) == kept
+
+
+def test_save_policies_alone_and_composed():
+    assert [s for s in range(7) if FixedInterval(3).should_save(s, preempted=False)] == [0, 3, 6]
+    assert OnPreemption().should_save(5, preempted=True) and not OnPreemption().should_save(6, preempted=False)
+    either = AnySave((FixedInterval(4), OnPreemption()))
+    assert [s for s in range(9) if either.should_save(s, preempted=s == 5)] == [0, 4, 5, 8]
+    invalid = (lambda: FixedInterval(0), lambda: LatestN(-1), lambda: EveryNSteps(1.5), lambda: BestN("l", 2, "mean"))
+    for build in invalid:
+        with pytest.raises(zdcp.UsageError):
+            build()
+
+
+def test_preservation_policies_alone_and_composed():
+    steps = {s: ({"loss": LOSSES[s]} if s != 4 else None) for s in range(1, 7)}
+    assert KeepAll().preserved(steps) == set(range(1, 7))
+    assert LatestN(2).preserved(steps) == {5, 6}
+    assert EveryNSteps(3).preserved(steps) == {3, 6}
+    assert BestN("loss", 2).preserved(steps) == {1, 3}  # 4 has no loss and is not among the newest two
+    assert BestN("loss", 3).preserved(steps) == {1, 2, 3, 4}  # ... and now it is
+    assert BestN("loss", 1, "max").preserved(steps) == {6}
+    assert AnyPreservation((LatestN(1), EveryNSteps(2))).preserved(steps) == {2, 4, 6}
+    assert AnyPreservation(()).preserved(steps) == set() and LatestN(3).preserved({}) == set()
+
+
+def test_the_step_index_forgets_what_the_policy_drops():
+    index = StepIndex({1: {"loss": 0.5}, 2: None})
+    assert index.commit(3, {"loss": 0.1}, LatestN(2)) == [1]
+    assert index.steps() == [2, 3] and index.latest() == 3 and 1 not in index
+    assert index.commit(1, None, LatestN(2)) == [] and index.steps() == [1, 2, 3]  # out of order: kept this once
+    assert index.best("loss", "min") == 3 and index.metrics(3) == {"loss": 0.1} and index.metrics(1) is None
+    index.forget(3)
+    assert index.steps() == [1, 2] and index.best("loss", "min") is None
 
 
 # -- one process --------------------------------------------------------------------------------

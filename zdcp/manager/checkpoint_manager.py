@@ -1,5 +1,7 @@
 """``zdcp.CheckpointManager``: when a training run saves, which checkpoints it keeps, and where it
-resumes.
+resumes; its parts are the policies (:mod:`~zdcp.manager.policies`), the preemption watcher
+(:mod:`~zdcp.manager.preemption`), the step index (:mod:`~zdcp.manager.step_index`) and the
+directory of steps in storage (:mod:`zdcp.storage.steps`).
 
 The manager owns a directory (a local path or an object-store URL) of checkpoints named
 ``step_<N>``, as :func:`zdcp.latest_checkpoint` reads them. It decides whether a step is saved
@@ -18,30 +20,28 @@ never committed, and removals that never finished, are deleted when the next man
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import os
-import signal
-import threading
 from collections.abc import Iterable, Mapping
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import torch.distributed as dist
 
-from .api import async_save, load, save
-from .collectives import Collectives, attempt
-from .errors import CheckpointExistsError, CheckpointNotFoundError, UsageError
-from .format.documents import read_metadata
-from .options import SaveOptions
-from .storage.failures import storage_access
-from .storage.layout import default_layout
-from .storage.location import Location
-from .storage.removal import remove_committed
-from .storage.steps import committed_steps, step_name
+from ..api import async_save, load, save
+from ..collectives import Collectives, attempt
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, UsageError
+from ..format.documents import read_metadata
+from ..options import SaveOptions
+from ..storage.failures import storage_access
+from ..storage.layout import default_layout
+from ..storage.location import Location
+from ..storage.removal import remove_committed
+from ..storage.steps import committed_steps, step_name
+from .policies import MODES, AnySave, FixedInterval, OnPreemption, preservation_policy
+from .preemption import PreemptionWatcher
+from .step_index import StepIndex
 
-__all__ = ["CheckpointManager", "retained_steps"]
-
-_MODES = ("min", "max")
+__all__ = ["CheckpointManager"]
 
 
 class CheckpointManager:
@@ -105,7 +105,7 @@ class CheckpointManager:
                             ("keep_every_n_steps", keep_every_n_steps)):  # fmt: skip
             if value is not None and (type(value) is not int or value < 1):
                 raise UsageError(f"{name} must be a positive int or None, got {value!r}")
-        if best_mode not in _MODES:
+        if best_mode not in MODES:
             raise UsageError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         if "metadata" in save_options:
             raise UsageError("the manager stores each checkpoint's step and metrics as its metadata itself")
@@ -120,9 +120,17 @@ class CheckpointManager:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._options = save_options
+        self._saves = AnySave((FixedInterval(save_interval_steps), OnPreemption()))
+        self._retention = preservation_policy(
+            max_to_keep=max_to_keep, keep_every_n_steps=keep_every_n_steps, best_metric=best_metric, best_mode=best_mode
+        )
         self._collectives = Collectives(process_group)
-        self._lock = threading.Lock()  # guards _steps, which a background save updates
-        self._steps: dict[int, dict[str, Any] | None] = self._read_directory()
+        self._preemption = PreemptionWatcher(preemption_signals, self._collectives)
+        try:
+            self._index = StepIndex(self._read_directory())
+        except BaseException:
+            self._preemption.close()
+            raise
         self._async = async_save
         self._save_group = process_group
         if async_save and not self._collectives.no_dist:
@@ -130,13 +138,6 @@ class CheckpointManager:
             self._save_group = dist.new_group(ranks=ranks, backend="gloo")
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zdcp-manager")
         self._in_flight: concurrent.futures.Future[None] | None = None
-        self._signalled = False
-        self._preempted_at: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        for signum in preemption_signals:
-            if threading.current_thread() is not threading.main_thread():
-                raise UsageError("preemption_signals can only be installed from the main thread")
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._closed = False
 
     # -- queries (local: every rank knows the same steps) ------------------------------------
@@ -147,38 +148,30 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """The committed steps, oldest first."""
-        with self._lock:
-            return sorted(self._steps)
+        return self._index.steps()
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
-        with self._lock:
-            return max(self._steps, default=None)
+        return self._index.latest()
 
     def best_step(self) -> int | None:
         """The committed step with the best ``best_metric`` (the newest among equals), or None
         without ``best_metric`` or when no checkpoint has it."""
-        if self.best_metric is None:
-            return None
-        with self._lock:
-            ranked = _by_metric(self._steps, self.best_metric, self.best_mode)
-        return ranked[0] if ranked else None
+        return self._index.best(self.best_metric, self.best_mode) if self.best_metric is not None else None
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         """The metrics step ``step`` was saved with; None when it was saved without, or is not
         a committed step."""
-        with self._lock:
-            found = self._steps.get(step)
-        return dict(found) if found is not None else None
+        return self._index.metrics(step)
 
     def should_save(self, step: int) -> bool:
         """Whether :meth:`save` would save ``step`` by the interval alone."""
-        return step % self.save_interval_steps == 0
+        return self._saves.should_save(step, preempted=False)
 
     def reached_preemption(self, step: int) -> bool:
         """True once every rank has agreed on a preemption, at ``step`` or before: the loop
         should then stop (after :meth:`wait_until_finished` when saving asynchronously)."""
-        return self._preempted_at is not None and step >= self._preempted_at
+        return self._preemption.reached(step)
 
     # -- collective operations -------------------------------------------------------------------
 
@@ -198,16 +191,14 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise UsageError(f"step must be a non-negative int, got {step!r}")
-        preempted = self._agree_on_preemption(step)
-        if not (force or preempted or self.should_save(step)):
+        preempted = self._preemption.check(step)
+        if not (force or self._saves.should_save(step, preempted=preempted)):
             return False
         self.wait_until_finished()
         # The coordinator's metrics: the checkpoint stores those, and every rank's retention
         # must rank the steps alike.
         metrics = self._collectives.from_coordinator(dict(metrics) if metrics is not None else None)
-        with self._lock:
-            exists = step in self._steps
-            latest = max(self._steps, default=None)
+        exists, latest = step in self._index, self._index.latest()
         if exists and not (force or self._options.get("overwrite", False)):
             raise CheckpointExistsError(
                 f"Checkpoint already exists: step {step} is committed at {self.checkpoint_path(step)}; "
@@ -231,7 +222,7 @@ class CheckpointManager:
             save(state, path, process_group=self._collectives.group, **options)
         except BaseException:
             if loses_step:
-                self._forget(step)
+                self._index.forget(step)
             raise
         self._collectives.run("removing old checkpoints", lambda: self._committed(step, metrics))
         return True
@@ -241,15 +232,14 @@ class CheckpointManager:
         size; the step loaded, or None when there is none (``state`` is left as it is)."""
         self._check_open()
         self.wait_until_finished()
-        with self._lock:
+        if step is None:
+            step = self._index.latest()
             if step is None:
-                step = max(self._steps, default=None)
-                if step is None:
-                    return None
-            elif step not in self._steps:
-                raise CheckpointNotFoundError(
-                    f"step {step} is not a committed checkpoint in {self.directory} (committed: {sorted(self._steps)})"
-                )
+                return None
+        elif step not in self._index:
+            raise CheckpointNotFoundError(
+                f"step {step} is not a committed checkpoint in {self.directory} (committed: {self._index.steps()})"
+            )
         load(state, self.checkpoint_path(step), process_group=self._collectives.group)
         return step
 
@@ -291,24 +281,11 @@ class CheckpointManager:
         self._finisher.shutdown(wait=True)
         if self._save_group is not self._collectives.group:
             dist.destroy_process_group(self._save_group)
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        self._preemption.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError(f"the CheckpointManager of {self.directory} is closed")
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signalled = True
-
-    def _agree_on_preemption(self, step: int) -> bool:
-        if not self._previous_handlers or self._preempted_at is not None:
-            return False
-        flag = self._collectives.any(self._signalled)
-        if flag:
-            self._preempted_at = step
-        return flag
 
     def _after_background_save(self, staged: concurrent.futures.Future[None], step: int,
                                metrics: dict[str, Any] | None, loses_step: bool) -> None:  # fmt: skip
@@ -316,29 +293,14 @@ class CheckpointManager:
             staged.result()
         except BaseException:
             if loses_step:
-                self._forget(step)
+                self._index.forget(step)
             raise
         self._committed(step, metrics)
-
-    def _forget(self, step: int) -> None:
-        with self._lock:
-            self._steps.pop(step, None)
 
     def _committed(self, step: int, metrics: dict[str, Any] | None) -> None:
         """Record ``step`` as committed, and remove what the policy no longer keeps (the
         coordinator removes; every rank forgets them alike)."""
-        with self._lock:
-            self._steps[step] = metrics
-            keep = retained_steps(
-                self._steps,
-                max_to_keep=self.max_to_keep,
-                keep_every_n_steps=self.keep_every_n_steps,
-                best_metric=self.best_metric,
-                best_mode=self.best_mode,
-            )
-            removed = sorted(set(self._steps) - keep - {step})  # a step saved out of order stays, this once
-            for old in removed:
-                del self._steps[old]
+        removed = self._index.commit(step, metrics, self._retention)
         if not self._collectives.is_coordinator:
             return
         errors = []
@@ -376,43 +338,3 @@ class CheckpointManager:
 def _metrics_of(metadata: Any) -> dict[str, Any] | None:
     metrics = metadata.get("metrics") if isinstance(metadata, dict) else None
     return metrics if isinstance(metrics, dict) else None
-
-
-def retained_steps(
-    steps: Mapping[int, Mapping[str, Any] | None],
-    *,
-    max_to_keep: int | None,
-    keep_every_n_steps: int | None = None,
-    best_metric: str | None = None,
-    best_mode: str = "min",
-) -> set[int]:
-    """Which of ``steps`` (step -> its metrics) a manager with these settings keeps: the newest;
-    every multiple of ``keep_every_n_steps``; and the ``max_to_keep`` newest (all when None),
-    or with ``best_metric`` the ``max_to_keep`` best of those that have it plus those without it
-    that are among the ``max_to_keep`` newest."""
-    if not steps:
-        return set()
-    if max_to_keep is None:
-        return set(steps)
-    keep = {max(steps)}
-    if keep_every_n_steps is not None:
-        keep |= {step for step in steps if step % keep_every_n_steps == 0}
-    newest = sorted(steps)[-max_to_keep:]
-    if best_metric is None:
-        return keep | set(newest)
-    keep |= set(_by_metric(steps, best_metric, best_mode)[:max_to_keep])
-    return keep | {step for step in newest if _score(steps[step], best_metric) is None}
-
-
-def _by_metric(steps: Mapping[int, Mapping[str, Any] | None], metric: str, mode: str) -> list[int]:
-    """The steps that have ``metric``, best first (the newest first among equals)."""
-    scored = [(score, step) for step, metrics in steps.items() if (score := _score(metrics, metric)) is not None]
-    sign = 1 if mode == "min" else -1
-    return [step for score, step in sorted(scored, key=lambda pair: (sign * pair[0], -pair[1]))]
-
-
-def _score(metrics: Mapping[str, Any] | None, metric: str) -> float | None:
-    value = metrics.get(metric) if metrics is not None else None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return None
-    return float(value)
