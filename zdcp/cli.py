@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format_utils
-from .errors import ZdcpError
+from .errors import CheckpointNotFoundError, UsageError, ZdcpError
 from .format.names import describe
 from .storage.contents import holds_commit_record
 from .storage.layout import layout_names, layouts
@@ -198,15 +198,15 @@ def _convert(args: argparse.Namespace) -> int:
     src = _existing(args.src)
     source = detect_format(src)
     if source is None:
-        raise ZdcpError(f"cannot tell the format of {src}: not a zdcp, DCP, torch.save or safetensors checkpoint")
+        raise UsageError(f"cannot tell the format of {src}: not a zdcp, DCP, torch.save or safetensors checkpoint")
     target = args.to or detect_format(args.dst, exists=False) or ("zdcp" if source != "zdcp" else None)
     if target is None:
-        raise ZdcpError(f"cannot tell which format {args.dst} should be: pass --to {{{','.join(FORMATS[1:])}}}")
+        raise UsageError(f"cannot tell which format {args.dst} should be: pass --to {{{','.join(FORMATS[1:])}}}")
     if (source == "zdcp") == (target == "zdcp"):
-        raise ZdcpError(f"convert goes to or from zdcp, not {source} -> {target}")
+        raise UsageError(f"convert goes to or from zdcp, not {source} -> {target}")
     for path, kind in ((src, source), (args.dst, target)):
         if kind != "zdcp" and _is_url(path):
-            raise ZdcpError(f"{path}: {kind} checkpoints are read and written in local files only")
+            raise UsageError(f"{path}: {kind} checkpoints are read and written in local files only")
     total = _stored_bytes(src) if source == "zdcp" else None
     with _progress(args.quiet, total, f"{source} -> {target}") as progress:
         _CONVERSIONS[(source, target)](src, args.dst, args, progress)
@@ -237,7 +237,7 @@ _CONVERSIONS: dict[tuple[str, str], Callable[[str, str, argparse.Namespace, Any]
 
 def _existing(path: str) -> str:
     if not _is_url(path) and not os.path.exists(_local(path)):
-        raise ZdcpError(f"{path}: no such file or directory")
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
     return path
 
 

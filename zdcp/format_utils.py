@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from .api import run_save, save
 from .collectives import Collectives
-from .errors import UnsupportedValueError, ZdcpError
+from .errors import CheckpointNotFoundError, UnsupportedValueError, UsageError
 from .format.names import Key, describe, dotted
 from .planner import ZarrSavePlanner
 from .view import Array, Group
@@ -272,7 +272,7 @@ def _safetensors() -> Any:
     try:
         import safetensors
     except ImportError:
-        raise ZdcpError('safetensors conversions need safetensors: pip install "zdcp[safetensors]"') from None
+        raise UsageError('safetensors conversions need safetensors: pip install "zdcp[safetensors]"') from None
     return safetensors
 
 
@@ -286,7 +286,7 @@ def _safetensors_files(src: Path) -> dict[str, Path]:
         return {name: src / file for name, file in weight_map.items()}
     if (src / "model.safetensors").is_file():
         return _safetensors_files(src / "model.safetensors")
-    raise ZdcpError(f"{src} is neither a .safetensors file nor a directory with {SAFETENSORS_INDEX}")
+    raise CheckpointNotFoundError(f"{src} is neither a .safetensors file nor a directory with {SAFETENSORS_INDEX}")
 
 
 def _safetensors_metadata(root: Group, drop_values: bool) -> dict[str, str] | None:

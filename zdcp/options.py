@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import UsageError
 from .format.codecs import COMPRESSIONS
-from .format.documents import metadata_attrs
+from .format.documents import user_metadata_attrs
 from .storage.layout import layout_named
 
 __all__ = ["SaveOptions"]
@@ -48,4 +48,4 @@ class SaveOptions:
             raise UsageError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
         if self.layout is not None:
             layout_named(self.layout)  # raises for a name no layout has
-        metadata_attrs(self.metadata)  # refused before anything is written
+        user_metadata_attrs(self.metadata)  # refused before anything is written

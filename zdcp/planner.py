@@ -26,7 +26,7 @@ from .errors import MismatchError, MissingKeysError, UnsupportedValueError
 from .format.dtypes import check_storable
 from .format.names import describe
 from .format.values import to_json
-from .metadata import CatalogViews
+from .payloads import CatalogViews
 from .tree import flatten
 
 __all__ = ["ZarrSavePlanner", "ZarrLoadPlanner"]
@@ -36,7 +36,7 @@ class ZarrSavePlanner(DefaultSavePlanner):
     """DCP's default save planner over a zdcp-flattened state dict.
 
     ``planner_data`` of each local plan maps every FQN to its
-    :class:`~zdcp.tree.Entry`, which the writer uses to build groups and record placements.
+    :class:`~zdcp.format.names.Entry`, which the writer uses to build groups and record placements.
     """
 
     #: Whether ``resolve_data`` supplies the data of meta-device placeholders in the state dict
@@ -105,7 +105,7 @@ class ZarrLoadPlanner(DefaultLoadPlanner):
 
     Its FQNs are zdcp's (:attr:`Entry.fqn <zdcp.format.names.Entry.fqn>`): with
     :class:`~zdcp.ZarrReader`'s metadata it plans against zdcp's view of the checkpoint
-    (:class:`~zdcp.metadata.CatalogViews`), and the reader reads by that view for this planner.
+    (:class:`~zdcp.payloads.CatalogViews`), and the reader reads by that view for this planner.
     """
 
     def __init__(self, *, allow_partial_load: bool = False):

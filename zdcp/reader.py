@@ -5,7 +5,7 @@ slice per destination shard, whatever the save-time sharding was, and each slice
 tensorstore call that touches only the stored chunks it overlaps, straight into the destination
 tensor's memory when that is on the CPU.
 
-Every leaf is described under two FQN schemes (:class:`~zdcp.metadata.CatalogViews`): zdcp's
+Every leaf is described under two FQN schemes (:class:`~zdcp.payloads.CatalogViews`): zdcp's
 (encoded keys joined with "/"), which zdcp's planner uses, and DCP's dotted FQN, which DCP's default planner uses, so
 ``dcp.load(..., storage_reader=ZarrReader(p))`` works as well as ``zdcp.load``. In the dotted
 view plain values are split the way DCP's planner splits them (a list of dicts becomes one item
@@ -37,7 +37,7 @@ from .errors import MismatchError, UsageError, ZdcpError
 from .format.catalog import ArrayNode
 from .format.dtypes import numpy_to_tensor, tensor_to_numpy
 from .format.names import describe, dotted
-from .metadata import CatalogView, CatalogViews, ValueSource
+from .payloads import CatalogView, CatalogViews, ValueSource
 from .planner import ZarrLoadPlanner
 from .storage.contents import Committed, open_committed, root_document
 from .storage.failures import reading

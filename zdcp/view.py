@@ -21,7 +21,7 @@ import tensorstore as ts
 import torch
 
 from .format.catalog import ArrayNode, Catalog, GroupNode
-from .format.documents import read_metadata
+from .format.documents import user_metadata
 from .format.dtypes import numpy_to_tensor
 from .format.names import LIST, Key, describe
 from .storage.contents import open_committed
@@ -102,7 +102,7 @@ class Group(Mapping[Key, Any]):
     def metadata(self) -> Any:
         """The ``metadata`` the checkpoint was saved with (:class:`~zdcp.SaveOptions`), or
         None."""
-        return read_metadata(self._source.catalog.info)
+        return user_metadata(self._source.catalog.info)
 
     def __getitem__(self, key: Key) -> Any:
         children = self._node.children

@@ -43,12 +43,12 @@ from torch.futures import Future
 from .errors import UnsupportedValueError, UsageError
 from .format.codecs import encode_chunk, plain_encoding
 from .format.constants import ATTR, FORMAT_NAME, FORMAT_VERSION, INNER_CHUNK_BYTES, MAX_INLINE_BYTES, ZARR_JSON
-from .format.documents import array_document, chunk_key, chunk_shape, group_document, metadata_attrs
+from .format.documents import array_document, chunk_key, chunk_shape, group_document, user_metadata_attrs
 from .format.dtypes import from_torch, tensor_to_numpy
 from .format.names import DICT, Entry, describe, encode_key, join, node_name
 from .format.values import as_bytes, to_json
-from .metadata import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .options import SaveOptions
+from .payloads import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .storage.failures import storage_access
 from .storage.inflight import InflightWindow
 from .storage.layout import ChunkSink, Layout, default_layout, layout_named
@@ -348,7 +348,7 @@ class ZarrWriter(StorageWriter):
             world_size=self._world_size,
         )
         if self.options.metadata is not None:
-            root["attributes"][ATTR].update(metadata_attrs(self.options.metadata))
+            root["attributes"][ATTR].update(user_metadata_attrs(self.options.metadata))
         # Sorted by path: zarr-python 3.1 rebuilds the tree with itertools.groupby and loses
         # children unless siblings are adjacent.
         consolidated = dict(sorted(nodes.items()))

@@ -20,8 +20,8 @@ __all__ = [
     "array_document",
     "group_document",
     "zdcp_attrs",
-    "metadata_attrs",
-    "read_metadata",
+    "user_metadata_attrs",
+    "user_metadata",
 ]
 
 
@@ -111,8 +111,9 @@ def chunk_key_separator(document: dict[str, Any]) -> str:
     return separator
 
 
-def metadata_attrs(metadata: Any) -> dict[str, Any]:
-    """The root's ``attributes.zdcp`` entries that hold a save's ``metadata`` (docs/format.md,
+def user_metadata_attrs(metadata: Any) -> dict[str, Any]:
+    """The root's ``attributes.zdcp`` entries that hold the user's ``metadata`` of a save
+    (:attr:`zdcp.SaveOptions.metadata`; docs/format.md,
     section 5): the value as a plain value is stored (section 6), and its type descriptor
     when it needs one. Raises :class:`~zdcp.UnsupportedValueError` for what a plain value
     cannot be."""
@@ -125,7 +126,7 @@ def metadata_attrs(metadata: Any) -> dict[str, Any]:
     return {"metadata": value} if desc is None else {"metadata": value, "metadata_type": desc}
 
 
-def read_metadata(info: dict[str, Any]) -> Any:
-    """The ``metadata`` a checkpoint was saved with, from its root's ``attributes.zdcp``
-    (``info``); None when it was saved without."""
+def user_metadata(info: dict[str, Any]) -> Any:
+    """The user's ``metadata`` a checkpoint was saved with, from its root's
+    ``attributes.zdcp`` (``info``); None when it was saved without."""
     return from_json(info.get("metadata"), info.get("metadata_type"))

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..api import async_save, load, save
 from ..collectives import Collectives, attempt
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, UsageError
-from ..format.documents import read_metadata
+from ..format.documents import user_metadata
 from ..options import SaveOptions
 from ..storage.failures import storage_access
 from ..storage.layout import default_layout
@@ -329,7 +329,7 @@ class CheckpointManager:
         saves there)."""
         steps = committed_steps(self._location, exclusive=True)
         return {
-            step.number: _metrics_of(read_metadata(step.info))
+            step.number: _metrics_of(user_metadata(step.info))
             for step in steps
             if step.number is not None and step.name == step_name(step.number)
         }

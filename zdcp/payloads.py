@@ -1,5 +1,5 @@
-"""What zdcp's storage plugins and planners hand each other through DCP: plain dataclasses, as
-in DCP's own ``metadata.py``.
+"""The payloads zdcp's storage plugins and planners hand each other through DCP's plans, write
+results and ``Metadata``: plain dataclasses (DCP keeps its own in its ``metadata.py``).
 
 Save: the coordinator's writer tells each rank where to write in ``SavePlan.storage_data``
 (:class:`RankPlan`); each rank reports every plain value back in ``WriteResult.storage_data``
