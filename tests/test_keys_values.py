@@ -98,3 +98,30 @@ def test_long_node_names_are_shortened_reversibly(key):
 def test_crafted_shortened_names_are_refused(short, long_names):
     with pytest.raises(zdcp.UnsafeError):
         decode_node_name(short, long_names)
+
+
+def test_plain_values_load_without_pickle_through_zdcps_planner(tmp_path, monkeypatch):
+    """zdcp's reader hands its planner plain values as they are; DCP's default planner, given a
+    ZarrReader, still gets the torch.save bytes it expects."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import zdcp
+
+    shared = [1, 2.5, "three", (4, None)]
+    state = {"w": torch.ones(2), "cfg": {"lr": 0.1, "betas": (0.9, 0.99)}, "tags": shared, "raw": b"\x00\x01"}
+    zdcp.save(state, tmp_path / "c")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("a plain value took a pickle round trip")
+
+    out = {"w": torch.zeros(2), "cfg": {"lr": None, "betas": None}, "tags": None, "raw": None}
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", no_pickle)
+        patched.setattr(torch, "load", no_pickle)
+        zdcp.load(out, tmp_path / "c")
+    assert out["cfg"] == {"lr": 0.1, "betas": (0.9, 0.99)} and out["tags"] == shared and out["raw"] == b"\x00\x01"
+
+    through_dcp = {"w": torch.zeros(2), "cfg": {"lr": None, "betas": None}, "tags": None, "raw": None}
+    dcp.load(through_dcp, storage_reader=zdcp.ZarrReader(tmp_path / "c"))
+    assert through_dcp["cfg"] == {"lr": 0.1, "betas": (0.9, 0.99)} and through_dcp["tags"] == shared

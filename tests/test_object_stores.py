@@ -262,15 +262,15 @@ def test_a_save_committed_while_another_begins_is_neither_lost_nor_mixed(s3, buc
     import zdcp.storage.saving
 
     url, prefix = f"s3://{bucket}/race", "race/"
-    real = zdcp.storage.saving.root_document
+    real = zdcp.storage.saving.root_kind
 
-    def a_commits_after_b_reads(store):
-        found = real(store)
-        monkeypatch.setattr(zdcp.storage.saving, "root_document", real)  # A's reads, and B's next
+    def a_commits_after_b_reads(location):
+        found = real(location)
+        monkeypatch.setattr(zdcp.storage.saving, "root_kind", real)  # A's reads, and B's next
         zdcp.save({"w": torch.full((64, 64), 1.0), "only_in_a": torch.ones(3)}, url, layout=layout)
         return found
 
-    monkeypatch.setattr(zdcp.storage.saving, "root_document", a_commits_after_b_reads)
+    monkeypatch.setattr(zdcp.storage.saving, "root_kind", a_commits_after_b_reads)
     b_layout = "files" if layout == "packed" else "packed"
     b = {"w": torch.full((64, 64), 2.0)}
     if overwrite:

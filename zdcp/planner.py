@@ -137,12 +137,19 @@ class ZarrLoadPlanner(DefaultLoadPlanner):
                 _check_fits(describe(self.mappings[fqn].path), stored[fqn], value)
         return create_default_local_load_plan(self.state_dict, self.metadata, strict=False)
 
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+    def load_value(self, read_item: ReadItem, value: Any) -> None:
+        """Put a plain value into the destination, in place of what it held there:
+        :class:`~zdcp.ZarrReader` hands this planner values as they are, with no pickle round
+        trip."""
         path = self.mappings[read_item.dest_index.fqn].path
         container: Any = self.original_state_dict
         for key in path[:-1]:
             container = container[key]
-        container[path[-1]] = torch.load(value, weights_only=False)
+        container[path[-1]] = value
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """DCP's way: a value as ``torch.save`` bytes (from a reader other than zdcp's)."""
+        self.load_value(read_item, torch.load(value, weights_only=False))
 
 
 def _check_fits(key: str, stored: Any, dest: Any) -> None:

@@ -15,6 +15,7 @@ plans against zdcp's view, and ``read_data`` reads by the view of the planner it
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 from collections.abc import Mapping
@@ -171,7 +172,11 @@ class ZarrReader(StorageReader):
             tensor_items.append((item, dest, array))
         # Only now that every item is known to fit does the destination change.
         for item, source in value_items:
-            planner.load_bytes(item, self._value_bytes(source))
+            value = self._value(source)
+            if isinstance(planner, ZarrLoadPlanner):
+                planner.load_value(item, value)
+            else:  # DCP's planners take torch.save bytes
+                planner.load_bytes(item, _torch_saved(value))
         # One tensorstore call per destination slice, as many in flight as the window allows;
         # whole-row slabs of plain local chunks are read straight into the destination instead.
         stores: dict[str, ts.TensorStore] = {}
@@ -228,8 +233,9 @@ class ZarrReader(StorageReader):
             self._locations = (hierarchy.layout.chunk_locations(hierarchy),)
         return self._locations[0]
 
-    def _value_bytes(self, source: ValueSource) -> io.BytesIO:
-        """The value for a BYTE_IO item, as the ``torch.save`` bytes DCP's planners expect."""
+    def _value(self, source: ValueSource) -> Any:
+        """The value for a BYTE_IO item: a new object, as unpickling would give (the catalog's
+        own stays as parsed)."""
         assert self.committed is not None
         catalog, hierarchy = self.committed.catalog, self.committed.hierarchy
         if source.fqn in catalog.arrays:
@@ -241,10 +247,16 @@ class ZarrReader(StorageReader):
             value = (catalog.values.get(source.fqn) or catalog.composites[source.fqn]).value
             for key in source.subpath:
                 value = value[key]
-        buf = io.BytesIO()
-        torch.save(value, buf)
-        buf.seek(0)
-        return buf
+            value = copy.deepcopy(value)
+        return value
+
+
+def _torch_saved(value: Any) -> io.BytesIO:
+    """``value`` as the ``torch.save`` bytes DCP's planners load."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def _finish_read(

@@ -231,8 +231,8 @@ class ZarrWriter(StorageWriter):
             location = self._save.location
         else:
             raise UsageError(f"{self.location.url}: this rank's plan is not for the save being prepared")
-        # The only process of a save also commits it, with this very sink (a packed one keeps
-        # its writes for the commit's transaction: no rank database, no merge).
+        # The only process of a save also commits it, with this very sink (a layout may then keep
+        # the writes for the commit's own transaction instead of finishing them apart).
         sole = self._save is not None and self._world_size == 1
         sink = self.layout.sink(
             location, rank=self._rank, sole=sole, direct=self.direct_writes, start_writeback=self.options.sync_files

@@ -1,4 +1,4 @@
-"""``zdcp.zarr_store``: a checkpoint as a read-only zarr-python store, in either layout, at any
+"""``zdcp.zarr_store``: a checkpoint as a read-only zarr-python store, in any layout, at any
 location.
 
 zarr-python reads a files-layout checkpoint in a local directory by itself, and one on an object

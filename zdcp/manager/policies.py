@@ -100,26 +100,26 @@ class KeepAll:
 
 
 @dataclass(frozen=True)
-class LatestN:
-    """The ``n`` newest steps."""
+class _CountPolicy:
+    """A policy of one count, ``n``, a positive int."""
 
     n: int
 
     def __post_init__(self) -> None:
         _check_positive("n", self.n)
+
+
+@dataclass(frozen=True)
+class LatestN(_CountPolicy):
+    """The ``n`` newest steps."""
 
     def preserved(self, steps: Steps) -> set[int]:
         return set(sorted(steps)[-self.n :])
 
 
 @dataclass(frozen=True)
-class EveryNSteps:
+class EveryNSteps(_CountPolicy):
     """Every step that is a multiple of ``n``, forever."""
-
-    n: int
-
-    def __post_init__(self) -> None:
-        _check_positive("n", self.n)
 
     def preserved(self, steps: Steps) -> set[int]:
         return {step for step in steps if step % self.n == 0}

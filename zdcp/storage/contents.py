@@ -25,6 +25,7 @@ __all__ = [
     "Committed",
     "open_committed",
     "root_document",
+    "root_kind",
     "holds_commit_record",
     "interrupted_saves",
     "pending_directories",
@@ -80,6 +81,25 @@ def root_document(location: Location) -> tuple[Hierarchy, Any | None]:
     return first, None
 
 
+#: What the root document at a location says of it (:func:`root_kind`).
+NO_ROOT, COMMITTED, FOREIGN, UNREADABLE = "no root", "committed", "foreign", "unreadable"
+
+
+def root_kind(location: Location) -> tuple[str, dict[str, Any] | None]:
+    """Whether ``location`` holds a committed zdcp checkpoint, the one answer every caller
+    asks for: :data:`COMMITTED` and zdcp's record (the root's ``attributes.zdcp``); else
+    :data:`NO_ROOT` (nothing committed), :data:`FOREIGN` (a Zarr root zdcp did not write) or
+    :data:`UNREADABLE` (a root that is no JSON, or a database that cannot be read), with None."""
+    try:
+        _, root = root_document(location)
+    except CorruptCheckpointError:
+        return UNREADABLE, None
+    if root is None:
+        return NO_ROOT, None
+    info = zdcp_attrs(root)
+    return (COMMITTED, info) if info is not None else (FOREIGN, None)
+
+
 def holds_commit_record(directory: str | os.PathLike[str]) -> bool:
     """Whether the local ``directory`` holds what marks a checkpoint in some layout."""
     return any(os.path.isfile(os.path.join(directory, layout.commit_record)) for layout in layouts())
@@ -114,8 +134,8 @@ def pending_name(target: str, session: str | None = None) -> str:
 
 
 def local_contents(directory: str) -> str:
-    """What a local directory holds: ``"empty"``, ``"committed"`` (a zdcp checkpoint, in
-    any layout), ``"foreign"`` (a Zarr hierarchy zdcp did not write) or ``"other"``.
+    """What a local directory holds: ``"empty"``, :data:`COMMITTED` (a zdcp checkpoint, in
+    any layout), :data:`FOREIGN` (a Zarr hierarchy zdcp did not write) or ``"other"``.
 
     A packed root is several files (the manifest, then a B-tree node): when another save
     swaps the directory for its own meanwhile (``renameat2(RENAME_EXCHANGE)``), the read may
@@ -141,10 +161,5 @@ def _contents(directory: str) -> str:
         return "other"
     if not os.listdir(directory):
         return "empty"
-    try:
-        _, root = root_document(Location(directory))
-    except CorruptCheckpointError:  # not JSON, or a packed root that cannot be read
-        return "other"
-    if root is None:
-        return "other"
-    return "committed" if zdcp_attrs(root) is not None else "foreign"
+    kind, _ = root_kind(Location(directory))
+    return kind if kind in (COMMITTED, FOREIGN) else "other"

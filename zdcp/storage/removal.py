@@ -12,10 +12,9 @@ import shutil
 
 import tensorstore as ts
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError
 from ..format.constants import SAVING_MARKER
-from ..format.documents import zdcp_attrs
-from .contents import local_contents, pending_name, root_document
+from .contents import COMMITTED, NO_ROOT, local_contents, pending_name, root_kind
 from .keyvalue import encode_json
 from .layout import layouts
 from .location import Location
@@ -53,18 +52,14 @@ def remove_committed(location: Location) -> None:
     url = location.url
     marker = encode_json({"owner": process_identity(), "removing": True, "target": url})
     if location.local_dir is None:
-        try:
-            _, root = root_document(location)
-        except CorruptCheckpointError:
-            root = None
-        if root is None or zdcp_attrs(root) is None:
+        if root_kind(location)[0] != COMMITTED:
             raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {url}; nothing removed")
         written = location.wait(location.kv.write(SAVING_MARKER, marker))
         uncommit(location)
         delete_marked(location, written.generation)
         return
     target = os.path.realpath(location.local_dir.rstrip("/"))
-    if local_contents(target) != "committed":
+    if local_contents(target) != COMMITTED:
         raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {target}; nothing removed")
     with open(os.path.join(target, SAVING_MARKER), "wb") as f:
         f.write(marker)
@@ -80,7 +75,7 @@ def remove_interrupted(location: Location) -> bool:
     nothing is saving there now: on an object store, a marker cannot tell a dead save from a
     running one."""
     found = location.wait(location.kv.read(SAVING_MARKER))
-    if found.state != "value" or root_document(location)[1] is not None:
+    if found.state != "value" or root_kind(location)[0] != NO_ROOT:
         return False
     delete_marked(location, found.stamp.generation)
     return True

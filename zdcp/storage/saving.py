@@ -56,8 +56,7 @@ import tensorstore as ts
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, ZdcpError
 from ..format.constants import SAVING_MARKER
-from ..format.documents import zdcp_attrs
-from .contents import interrupted_saves, local_contents, pending_name, root_document
+from .contents import COMMITTED, FOREIGN, UNREADABLE, interrupted_saves, local_contents, pending_name, root_kind
 from .keyvalue import encode_json
 from .location import Location
 from .oscalls import FilesystemSync, exchange, process_identity
@@ -125,7 +124,7 @@ class LocalSave:
             self.durable.close()
 
     def _replace(self) -> None:
-        if not self.overwrite or local_contents(self.target) != "committed":
+        if not self.overwrite or local_contents(self.target) != COMMITTED:
             raise CheckpointExistsError(
                 f"{self.target} was written by another save while this one ran; this save is discarded"
             )
@@ -302,14 +301,13 @@ def _committed(location: Location, overwrite: bool) -> bool:
     """Whether ``location`` holds a committed zdcp checkpoint that this save may replace
     (``overwrite``); raises if it holds one otherwise, or a hierarchy zdcp did not write."""
     url = location.url
-    try:
-        _, root = root_document(location)
-    except CorruptCheckpointError:  # not JSON: certainly not a checkpoint of ours
-        raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it") from None
-    if root is None:
-        return False
-    if zdcp_attrs(root) is None:
+    kind, _ = root_kind(location)
+    if kind == UNREADABLE:  # not JSON: certainly not a checkpoint of ours
+        raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it")
+    if kind == FOREIGN:
         raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+    if kind != COMMITTED:
+        return False
     if not overwrite:
         raise CheckpointExistsError(
             f"Checkpoint already exists: {url} holds a committed checkpoint; pass overwrite=True"
@@ -331,9 +329,9 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
         kind = local_contents(target)
         if kind == "other":
             raise CheckpointExistsError(f"{target} is not empty and holds no zdcp checkpoint; not replacing it")
-        if kind == "foreign":
+        if kind == FOREIGN:
             raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
-        if kind == "committed" and not overwrite:
+        if kind == COMMITTED and not overwrite:
             raise CheckpointExistsError(
                 f"Checkpoint already exists: {target} holds a committed checkpoint; pass overwrite=True"
             )
@@ -354,7 +352,7 @@ def _delete_replaced(directory: str) -> None:
     """Delete the checkpoint a commit replaced. The new one is in place by now, so a failure
     here only leaves the old one behind (under a pending name), with a warning."""
     try:
-        if local_contents(directory) in ("committed", "empty"):
+        if local_contents(directory) in (COMMITTED, "empty"):
             shutil.rmtree(directory)
     except OSError as e:
         warnings.warn(f"the replaced checkpoint was left at {directory}: {e}", stacklevel=3)

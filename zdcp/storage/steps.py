@@ -10,10 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CorruptCheckpointError
-from ..format.constants import FORMAT_NAME
-from ..format.documents import zdcp_attrs
-from .contents import pending_directories, root_document
+from .contents import COMMITTED, pending_directories, root_kind
 from .location import Location
 from .removal import remove_dead_saves, remove_interrupted
 
@@ -65,14 +62,8 @@ def committed_steps(directory: Location, *, exclusive: bool = False) -> list[Ste
         location = directory.child(name)
         if exclusive and not location.is_local and remove_interrupted(location):
             return None
-        try:
-            _, root = root_document(location)
-        except CorruptCheckpointError:  # a zarr.json that is no JSON: not a checkpoint of ours
-            return None
-        info = zdcp_attrs(root)
-        if info is None or info.get("format") != FORMAT_NAME:
-            return None
-        return Step(name, step_number(name), info)
+        kind, info = root_kind(location)
+        return Step(name, step_number(name), info) if kind == COMMITTED and info is not None else None
 
     with ThreadPoolExecutor(8) as pool:
         steps = [step for step in pool.map(committed, names) if step is not None]
