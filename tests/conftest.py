@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import zdcp  # noqa: F401  (registers bf16/fp8 with zarr-python for every test)
+from zdcp.storage.layout import layout_names, layouts
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +34,10 @@ def assert_bitwise_equal(a, b, where=""):
     assert torch.equal(a.contiguous().view(width), b.contiguous().view(width)), where
 
 
-@pytest.fixture(params=["files", "packed"])
+@pytest.fixture(params=layout_names())
 def layout(request):
-    """Each on-disk layout in turn (zdcp.SaveOptions.layout): tests of behaviour both promise."""
+    """Each registered layout in turn (zdcp.SaveOptions.layout): tests of behaviour every layout
+    promises."""
     return request.param
 
 
@@ -58,9 +60,9 @@ def write_root(path, document):
 
 
 def commit_record(path):
-    """What un-commits a local checkpoint when deleted: its root zarr.json, or its packed
-    database's manifest."""
-    return path / "zarr.json" if (path / "zarr.json").exists() else path / "manifest.ocdbt"
+    """What un-commits a local checkpoint when deleted: the commit record of its layout (the
+    root zarr.json, a database's manifest)."""
+    return next(path / layout.commit_record for layout in layouts() if (path / layout.commit_record).exists())
 
 
 def _save_at_once(url, version, barrier, results, layout):

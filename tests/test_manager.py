@@ -98,9 +98,9 @@ def test_preservation_policies_alone_and_composed():
 
 def test_the_step_index_forgets_what_the_policy_drops():
     index = StepIndex({1: {"loss": 0.5}, 2: None})
-    assert index.commit(3, {"loss": 0.1}, LatestN(2)) == [1]
+    assert index.record(3, {"loss": 0.1}, LatestN(2)) == [1]
     assert index.steps() == [2, 3] and index.latest() == 3 and 1 not in index
-    assert index.commit(1, None, LatestN(2)) == [] and index.steps() == [1, 2, 3]  # out of order: kept this once
+    assert index.record(1, None, LatestN(2)) == [] and index.steps() == [1, 2, 3]  # out of order: kept this once
     assert index.best("loss", "min") == 3 and index.metrics(3) == {"loss": 0.1} and index.metrics(1) is None
     index.forget(3)
     assert index.steps() == [1, 2] and index.best("loss", "min") is None
@@ -200,6 +200,24 @@ def test_a_failed_save_over_a_committed_step(tmp_path, monkeypatch, where):
     mgr.save(3, _state(3))
     mgr.save(4, _state(4))
     assert mgr.all_steps() == [3, 4] == zdcp.CheckpointManager(run).all_steps()
+
+
+def test_on_an_object_store_the_manager_cleans_up_its_own_names_only():
+    """What interrupted saves left is removed at the start under the manager's own names
+    (step_<N>), never under others: another job may be saving there."""
+    from zdcp.storage.location import Location
+
+    run = f"memory://run-{uuid.uuid4().hex}"
+    marker = {"session": "0" * 32, "owner": None}
+    for name in ("final", "step_007", "checkpoint-5", "step_3"):  # each a save that has not committed
+        place = Location(f"{run}/{name}")
+        place.write_json("__zdcp_saving__", marker)
+        place.kv.write("w/c.0", b"a chunk").result()
+    zdcp.save(_state(1), f"{run}/step_1", layout="packed")
+    with zdcp.CheckpointManager(run) as mgr:
+        assert mgr.all_steps() == [1]
+    left = {key.split("/")[0] for key in Location(run).keys()}
+    assert left == {"final", "step_007", "checkpoint-5", "step_1"}, "step_3's leftovers go, the others stay"
 
 
 def test_a_step_older_than_the_newest_needs_force(tmp_path):

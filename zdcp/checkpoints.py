@@ -15,8 +15,8 @@ from pathlib import Path
 from .errors import ZdcpError
 from .storage.contents import open_committed
 from .storage.location import Location
-from .storage.steps import committed_steps
-from .verify import verify as verify_checkpoint
+from .storage.steps import step_names
+from .verify import verify_location
 
 __all__ = ["latest_checkpoint"]
 
@@ -38,15 +38,17 @@ def latest_checkpoint(directory: str | os.PathLike[str], *, verify: bool = False
     (:func:`zdcp.storage.removal.remove_dead_saves`).
     """
     location = Location(directory)
-    for step in reversed(committed_steps(location)):
-        found = location.child(step.name)
+    for name in reversed(step_names(location)):  # the newest first: usually one root read
+        found = location.child(name)
         try:
-            open_committed(found)
+            committed = open_committed(found)
         except ZdcpError:
             continue
-        if verify and not verify_checkpoint(found.checkpoint_id).ok:
+        if verify and not verify_location(found, committed=committed).ok:
             continue
-        return found.url if _is_url(directory) else Path(directory) / step.name
+        if not _is_url(directory):
+            return Path(directory) / name
+        return Path(found.local_dir) if found.local_dir is not None else found.url
     return None
 
 

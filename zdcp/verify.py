@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from .errors import CorruptCheckpointError, StorageError, ZdcpError
 from .format.catalog import ArrayNode
 from .format.constants import ZARR_JSON
-from .storage.contents import open_committed
+from .storage.contents import Committed, open_committed
 from .storage.failures import short_message, storage_access
 from .storage.hierarchy import Hierarchy
 from .storage.location import CheckpointId, Location
 
-__all__ = ["verify", "Fault", "Report"]
+__all__ = ["verify", "verify_location", "Fault", "Report"]
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,29 @@ class Report:
 
 def verify(checkpoint_id: CheckpointId, *, progress: Callable[[int], None] | None = None) -> Report:
     """Read every chunk and document of a checkpoint; return a :class:`Report` of the faults."""
-    location = Location(checkpoint_id)
+    return verify_location(Location(checkpoint_id), progress=progress)
+
+
+def verify_location(
+    location: Location, *, committed: Committed | None = None, progress: Callable[[int], None] | None = None
+) -> Report:
+    """:func:`verify` of the checkpoint at ``location`` (``committed``: already opened)."""
     report = Report(location.url)
-    try:
-        committed = open_committed(location)
-    except StorageError:  # the storage failed, not the checkpoint
-        raise
-    except ZdcpError as e:
-        report.faults.append(Fault("", str(e)))
-        return report
+    if committed is None:
+        try:
+            committed = open_committed(location)
+        except StorageError:  # the storage failed, not the checkpoint
+            raise
+        except ZdcpError as e:
+            report.faults.append(Fault("", str(e)))
+            return report
     hierarchy, catalog = committed.hierarchy, committed.catalog
     consolidated = catalog.documents
     for node, document in consolidated.items():
         try:
             own = hierarchy.read_json(f"{node}/{ZARR_JSON}")
-        except CorruptCheckpointError as e:
-            report.faults.append(Fault(node, str(e)))
+        except CorruptCheckpointError as e:  # the message names the document by its URL
+            report.faults.append(Fault(node, str(e).removeprefix(f"{hierarchy.url}/{node}/")))
             continue
         if own is None:
             report.faults.append(Fault(node, "zarr.json is missing"))

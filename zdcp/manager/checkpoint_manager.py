@@ -36,7 +36,7 @@ from ..storage.failures import storage_access
 from ..storage.layout import default_layout
 from ..storage.location import Location
 from ..storage.removal import remove_committed
-from ..storage.steps import committed_steps, step_name
+from ..storage.steps import committed_steps, is_step_name, step_name
 from .policies import MODES, AnySave, FixedInterval, OnPreemption, preservation_policy
 from .preemption import PreemptionWatcher
 from .step_index import StepIndex
@@ -125,12 +125,7 @@ class CheckpointManager:
             max_to_keep=max_to_keep, keep_every_n_steps=keep_every_n_steps, best_metric=best_metric, best_mode=best_mode
         )
         self._collectives = Collectives(process_group)
-        self._preemption = PreemptionWatcher(preemption_signals, self._collectives)
-        try:
-            self._index = StepIndex(self._read_directory())
-        except BaseException:
-            self._preemption.close()
-            raise
+        self._index = StepIndex(self._read_directory())
         self._async = async_save
         self._save_group = process_group
         if async_save and not self._collectives.no_dist:
@@ -139,6 +134,11 @@ class CheckpointManager:
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zdcp-manager")
         self._in_flight: concurrent.futures.Future[None] | None = None
         self._closed = False
+        try:  # last: what was set up before is let go if it fails
+            self._preemption = PreemptionWatcher(preemption_signals, self._collectives)
+        except BaseException:
+            self._shut_down()
+            raise
 
     # -- queries (local: every rank knows the same steps) ------------------------------------
 
@@ -209,7 +209,8 @@ class CheckpointManager:
                 f"step {step} is older than the newest committed step {latest} in {self.directory}, which a "
                 "restart would resume from; pass force=True to save it anyway (or use another directory)"
             )
-        path = self.checkpoint_path(step)
+        # The place the manager resolved at its start (a relative path stays where it was).
+        path = self._location.child(step_name(step)).spec
         # On an object store a save over a committed step deletes it first: if the save then
         # fails, the step is gone.
         loses_step = exists and not self._location.is_local
@@ -240,7 +241,7 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"step {step} is not a committed checkpoint in {self.directory} (committed: {self._index.steps()})"
             )
-        load(state, self.checkpoint_path(step), process_group=self._collectives.group)
+        load(state, self._location.child(step_name(step)).spec, process_group=self._collectives.group)
         return step
 
     def wait_until_finished(self) -> None:
@@ -278,10 +279,14 @@ class CheckpointManager:
 
     def _release(self) -> None:
         self._closed = True
+        self._shut_down()
+        self._preemption.close()
+
+    def _shut_down(self) -> None:
+        """Let go of the background thread and the process group of the saves."""
         self._finisher.shutdown(wait=True)
         if self._save_group is not self._collectives.group:
             dist.destroy_process_group(self._save_group)
-        self._preemption.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -300,7 +305,7 @@ class CheckpointManager:
     def _committed(self, step: int, metrics: dict[str, Any] | None) -> None:
         """Record ``step`` as committed, and remove what the policy no longer keeps (the
         coordinator removes; every rank forgets them alike)."""
-        removed = self._index.commit(step, metrics, self._retention)
+        removed = self._index.record(step, metrics, self._retention)
         if not self._collectives.is_coordinator:
             return
         errors = []
@@ -327,12 +332,8 @@ class CheckpointManager:
         """The committed steps of the directory (of the manager's names) and their metrics;
         what killed saves and removals left is removed first (the manager is the only one that
         saves there)."""
-        steps = committed_steps(self._location, exclusive=True)
-        return {
-            step.number: _metrics_of(user_metadata(step.info))
-            for step in steps
-            if step.number is not None and step.name == step_name(step.number)
-        }
+        steps = committed_steps(self._location, is_step_name, exclusive=True)
+        return {step.number: _metrics_of(user_metadata(step.info)) for step in steps if step.number is not None}
 
 
 def _metrics_of(metadata: Any) -> dict[str, Any] | None:

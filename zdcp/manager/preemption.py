@@ -27,11 +27,14 @@ class PreemptionWatcher:
         self._signalled = False
         self.preempted_at: int | None = None
         self._previous: dict[int, Any] = {}
-        for signum in signals:
-            if threading.current_thread() is not threading.main_thread():
-                self.close()
-                raise UsageError("preemption_signals can only be installed from the main thread")
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+        try:
+            for signum in signals:
+                if threading.current_thread() is not threading.main_thread():
+                    raise UsageError("preemption_signals can only be installed from the main thread")
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        except BaseException:
+            self.close()  # the handlers installed so far
+            raise
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signalled = True

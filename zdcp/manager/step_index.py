@@ -50,7 +50,7 @@ class StepIndex:
         with self._lock:
             self._steps.pop(step, None)
 
-    def commit(self, step: int, metrics: Mapping[str, Any] | None, policy: PreservationPolicy) -> list[int]:
+    def record(self, step: int, metrics: Mapping[str, Any] | None, policy: PreservationPolicy) -> list[int]:
         """Record ``step`` as committed, and forget the steps ``policy`` no longer keeps (a step
         saved out of order is kept this once); those steps, oldest first, for the caller to
         remove."""

@@ -6,6 +6,7 @@ and the rule that gives a name its step, shared by :func:`zdcp.latest_checkpoint
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,19 @@ from .contents import COMMITTED, pending_directories, root_kind
 from .location import Location
 from .removal import remove_dead_saves, remove_interrupted
 
-__all__ = ["Step", "step_number", "step_name", "committed_steps"]
+__all__ = ["Step", "step_number", "step_name", "is_step_name", "step_names", "committed_steps"]
 
 
 def step_name(step: int) -> str:
     """The name under which a :class:`~zdcp.CheckpointManager` saves step ``step``."""
     return f"step_{step}"
+
+
+def is_step_name(name: str) -> bool:
+    """Whether ``name`` is one a :class:`~zdcp.CheckpointManager` gives a step (``step_<N>``,
+    no leading zeros): the only names of its directory it reads or cleans up."""
+    number = step_number(name)
+    return number is not None and name == step_name(number)
 
 
 @dataclass(frozen=True)
@@ -43,20 +51,28 @@ def step_number(name: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
-def committed_steps(directory: Location, *, exclusive: bool = False) -> list[Step]:
-    """The committed zdcp checkpoints directly below ``directory``, oldest step first (names
+def step_names(directory: Location, named: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """The names directly below ``directory`` that ``named`` accepts, oldest step first (names
     without a number first, then by name); hidden names (which pending directories have) are
-    skipped.
-
-    What saves whose process provably died left in a local directory is deleted first
-    (:func:`~zdcp.storage.removal.remove_dead_saves`). With ``exclusive`` (the caller is the
-    only one saving into the directory, as a :class:`~zdcp.CheckpointManager` is), what
-    interrupted saves and removals left under an object store is deleted too: there a marker
-    cannot tell a dead save from a running one.
-    """
+    never among them. What saves whose process provably died left in a local directory is
+    deleted first (:func:`~zdcp.storage.removal.remove_dead_saves`)."""
     if directory.local_dir is not None:
         remove_dead_saves(pending_directories(directory.local_dir))
-    names = [name for name in directory.child_names() if not name.startswith(".")]
+    names = [name for name in directory.child_names() if not name.startswith(".") and named(name)]
+    return sorted(names, key=_step_order)
+
+
+def committed_steps(
+    directory: Location, named: Callable[[str], bool] = lambda name: True, *, exclusive: bool = False
+) -> list[Step]:
+    """The committed zdcp checkpoints among :func:`step_names` of ``directory``, in the same
+    order, each with zdcp's record of it (every root document is read, at once).
+
+    With ``exclusive`` (the caller is the only one saving under the names ``named`` accepts,
+    as a :class:`~zdcp.CheckpointManager` is under its own), what interrupted saves and
+    removals left there on an object store is deleted too: there a marker cannot tell a dead
+    save from a running one.
+    """
 
     def committed(name: str) -> Step | None:
         location = directory.child(name)
@@ -66,5 +82,9 @@ def committed_steps(directory: Location, *, exclusive: bool = False) -> list[Ste
         return Step(name, step_number(name), info) if kind == COMMITTED and info is not None else None
 
     with ThreadPoolExecutor(8) as pool:
-        steps = [step for step in pool.map(committed, names) if step is not None]
-    return sorted(steps, key=lambda step: (-1 if step.number is None else step.number, step.name))
+        return [step for step in pool.map(committed, step_names(directory, named)) if step is not None]
+
+
+def _step_order(name: str) -> tuple[int, str]:
+    number = step_number(name)
+    return (-1 if number is None else number, name)
