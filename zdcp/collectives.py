@@ -9,16 +9,18 @@ or none at all in a single process.
 - **The coordinator's value on every rank** (:meth:`Collectives.from_coordinator`).
 - **A vote**: whether a flag is raised on any rank (:meth:`Collectives.any`: a preemption signal).
 
-One rule decides which error every rank raises (:func:`agreed_error`): the lowest failing
-rank's own when it is zdcp's (so every rank raises the same class with the same message), else
-a :class:`~zdcp.DistributedError` naming the failed ranks. Failures travel between ranks as the
-exceptions themselves (DCP pickles them alike), or, when one does not pickle, as a
-``RuntimeError`` carrying its type and message.
+With several ranks one rule decides which error every rank raises (:func:`agreed_error`): the
+lowest failing rank's own when it is zdcp's (so every rank raises the same class with the same
+message), else a :class:`~zdcp.DistributedError` naming the failed ranks. One payload carries a
+rank's failure to the others and into ``DistributedError.failures``: zdcp's own errors as they
+are (every rank can unpickle them), any other as a :class:`RankFailure` with its type and
+message (a user's exception class may not unpickle on another rank, or not at all). In one
+process a rank-local step's error is raised as it is, and DCP's as described at
+:meth:`Collectives.dcp_call`.
 """
 
 from __future__ import annotations
 
-import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,9 +34,22 @@ from torch.distributed.distributed_c10d import _get_object_coll_device
 
 from .errors import DistributedError, StorageError, ZdcpError
 
-__all__ = ["Collectives", "attempt", "agreed_error", "distributed"]
+__all__ = ["Collectives", "RankFailure", "attempt", "agreed_error", "distributed"]
 
 T = TypeVar("T")
+
+
+class RankFailure(RuntimeError):
+    """An error of a rank that is not zdcp's, as it travels to the other ranks: its type's name
+    and its message (the original is the cause of what the failing rank itself raises)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[RankFailure], tuple[str, str]]:
+        return type(self), (self.kind, self.message)
 
 
 def distributed() -> bool:
@@ -80,8 +95,8 @@ class Collectives:
         # One all-reduce of a flag in the usual case; the errors are gathered only when a rank failed.
         if not self.any(error is not None):
             return
-        failures: list[BaseException | None] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(failures, None if error is None else _portable(error), group=self.group)
+        failures: list[ZdcpError | RankFailure | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(failures, None if error is None else _payload(error), group=self.group)
         raise agreed_error({r: f for r, f in enumerate(failures) if f is not None}, step) from error
 
     def run(self, step: str, fn: Callable[[], T]) -> T:
@@ -132,28 +147,21 @@ class Collectives:
                     if isinstance(first, OSError):
                         raise StorageError(str(first)) from first
                     raise ZdcpError(f"checkpoint failed: {type(first).__name__}: {first}") from first
-                raise agreed_error(failures, "checkpoint") from e
+                raise agreed_error({rank: _payload(exc) for rank, exc in failures.items()}, "checkpoint") from e
 
 
-def agreed_error(failures: dict[int, BaseException], step: str) -> ZdcpError:
+def agreed_error(failures: dict[int, ZdcpError | RankFailure], step: str) -> ZdcpError:
     """The error every rank raises when ``step`` failed on the ranks of ``failures`` (rank ->
-    its error): the lowest failing rank's when it is zdcp's own, else a
-    :class:`~zdcp.DistributedError` naming the failed ranks, with each rank's error."""
+    its failure, as :func:`_payload` carries it): the lowest failing rank's when it is zdcp's
+    own, else a :class:`~zdcp.DistributedError` naming the failed ranks, with each rank's."""
     rank = min(failures)
     first = failures[rank]
     if isinstance(first, ZdcpError):
         return first
-    return DistributedError(
-        f"{step} failed on rank(s) {sorted(failures)}; rank {rank}: {type(first).__name__}: {first}",
-        dict(sorted(failures.items())),
-    )
+    message = f"{step} failed on rank(s) {sorted(failures)}; rank {rank}: {first}"
+    return DistributedError(message, dict(sorted(failures.items())))
 
 
-def _portable(error: Exception) -> BaseException:
-    """``error`` as it travels to the other ranks: itself when it pickles, else a
-    ``RuntimeError`` with its type and message (a user's exception may hold anything)."""
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-    return error
+def _payload(error: BaseException) -> ZdcpError | RankFailure:
+    """A rank's failure as it travels to the other ranks."""
+    return error if isinstance(error, ZdcpError) else RankFailure(type(error).__name__, str(error))
