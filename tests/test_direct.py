@@ -228,12 +228,12 @@ def test_packed_direct_writes_store_what_tensorstore_stores(tmp_path):
         assert_bitwise_equal(tensor, state[name])
 
 
-def test_packed_value_locations_are_where_the_values_are(tmp_path):
+def test_packed_value_extents_are_where_the_values_are(tmp_path):
     """The B-tree walk that finds a packed database's values in its data files, over a
     database of several levels (small nodes), agrees with OCDBT's own reads."""
     import tensorstore as ts
 
-    from zdcp.storage.packed import value_locations
+    from zdcp.storage.packed import value_extents
 
     spec = {"driver": "ocdbt", "base": f"file://{tmp_path}/", "config": {"max_decoded_node_bytes": 1000}}
     kv = ts.KvStore.open(spec).result()
@@ -242,7 +242,7 @@ def test_packed_value_locations_are_where_the_values_are(tmp_path):
         kv[key] = value
     height = ts.ocdbt.dump(kv.base).result()["versions"][-1]["root_height"]
     assert height >= 1, "the test needs interior nodes"
-    found = value_locations(layout_named("packed").hierarchy(Location(tmp_path)))
+    found = value_extents(layout_named("packed").hierarchy(Location(tmp_path)))
     assert sorted(found) == sorted(values)
     for key, (path, offset, length) in found.items():
         with open(path, "rb") as f:

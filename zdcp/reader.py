@@ -43,7 +43,7 @@ from .planner import ZarrLoadPlanner
 from .storage.contents import Committed, open_committed, root_document
 from .storage.failures import reading
 from .storage.inflight import InflightWindow
-from .storage.localfiles import Locate, RowSlabs, row_slabs
+from .storage.localfiles import DirectReader
 from .storage.location import CheckpointId, Location, location_for
 
 __all__ = ["ZarrReader"]
@@ -88,8 +88,7 @@ class ZarrReader(StorageReader):
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_reads = direct_reads
         self._given = committed
-        self._slabs: dict[str, RowSlabs | None] = {}
-        self._locations: tuple[Locate | None] | None = None  # once known (it may be None)
+        self._direct: tuple[DirectReader | None] | None = None  # once known (it may be None)
         self.committed: Committed | None = None
         self.views = CatalogViews(CatalogView(), CatalogView())
 
@@ -108,8 +107,7 @@ class ZarrReader(StorageReader):
         if checkpoint_id is not None:
             self._given = None
         self.location = location_for(checkpoint_id, self.location, type(self).__name__)
-        self._slabs.clear()
-        self._locations = None
+        self._direct = None
         self.committed = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -209,29 +207,20 @@ class ZarrReader(StorageReader):
             return False
         if dest.device.type != "cpu" or dest.dtype != array.dtype.torch or not dest.is_contiguous():
             return False
+        if not array.shape or dest.numel() == 0:  # no rows
+            return False
         if any(item.storage_offsets[1:]) or list(item.lengths[1:]) != list(array.shape[1:]):
             return False
-        if array.node not in self._slabs:
-            self._slabs[array.node] = row_slabs(array.document)
-        slabs = self._slabs[array.node]
-        if slabs is None or dest.numel() == 0:
+        if self._direct is None:  # asked of the checkpoint's layout once per load
+            assert self.committed is not None
+            hierarchy = self.committed.hierarchy
+            self._direct = (hierarchy.layout.direct_reader(hierarchy),)
+        direct = self._direct[0]
+        if direct is None:
             return False
         start, stop = item.storage_offsets[0], item.storage_offsets[0] + item.lengths[0]
-        locate = self._locate()
-        if locate is None or not all(locate(key) for key in slabs.keys(array.node, start, stop).values()):
-            return False  # not in local files, or a chunk the layout keeps elsewhere (inside a B-tree node)
-        rows = dest.reshape(-1).view(torch.uint8).numpy().reshape(item.lengths[0], slabs.row_bytes)
-        slabs.read(locate, array.node, describe(array.entry.path), start, stop, rows)
-        return True
-
-    def _locate(self) -> Locate | None:
-        """Where the chunks of the checkpoint being read lie in local files (asked of its layout
-        once per load); None when they cannot be read directly."""
-        assert self.committed is not None
-        if self._locations is None:
-            hierarchy = self.committed.hierarchy
-            self._locations = (hierarchy.layout.chunk_locations(hierarchy),)
-        return self._locations[0]
+        destination = dest.reshape(-1).view(torch.uint8).numpy()
+        return direct.read_rows(array.node, array.document, describe(array.entry.path), start, stop, destination)
 
     def _value(self, source: ValueSource) -> Any:
         """The value for a BYTE_IO item: a new object, as unpickling would give (the catalog's

@@ -19,7 +19,7 @@ from ..format.constants import ZARR_JSON
 from .hierarchy import Hierarchy
 from .keyvalue import encode_json
 from .layout import ChunkSink, Documents, Layout
-from .localfiles import LocalFiles, Locate, in_directory
+from .localfiles import DirectReader, LocalFiles, in_directory
 from .location import Location
 
 __all__ = ["FilesLayout"]
@@ -62,9 +62,9 @@ class FilesLayout(Layout):
         local = LocalFiles(root, start_writeback=start_writeback) if root is not None else None
         return _FilesSink(self.hierarchy(location), local)
 
-    def chunk_locations(self, hierarchy: Hierarchy) -> Locate | None:
+    def direct_reader(self, hierarchy: Hierarchy) -> DirectReader | None:
         root = hierarchy.location.local_dir
-        return in_directory(root) if root is not None else None
+        return DirectReader(lambda: in_directory(root)) if root is not None else None
 
 
 class _FilesSink(ChunkSink):

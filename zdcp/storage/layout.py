@@ -5,11 +5,12 @@ by name, as fsspec's registry finds filesystems (docs/format.md, section 9).
 A layout is one module and one entry in :data:`_KNOWN`. Nothing outside ``zdcp/storage`` names
 one: the writer asks the layout of its save for a sink per rank and lets the coordinator's sink
 commit; readers get the layout a checkpoint was found in (:func:`zdcp.storage.contents.root_document`
-asks every registered layout) and ask it where chunks lie for direct reads.
+asks every registered layout) and ask it for direct reads of chunks from local files.
 
 What the layouts share, and so do not decide: the commit protocol around a save
 (:mod:`zdcp.storage.saving`: where a save writes, its marker, the atomic move or the root
-written last), which calls the coordinator's :meth:`ChunkSink.commit` as its last step.
+written last), which has the coordinator's :meth:`ChunkSink.commit` write the hierarchy's
+documents, the root one last, as its ``write_root`` step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tensorstore as ts
 
 from ..errors import UsageError
 from .hierarchy import Hierarchy
-from .localfiles import Locate
+from .localfiles import DirectReader
 from .location import Location
 
 __all__ = [
@@ -116,9 +117,10 @@ class Layout(ABC):
         the save syncs its files once written, so large local files may start their write-back
         at once."""
 
-    def chunk_locations(self, hierarchy: Hierarchy) -> Locate | None:
-        """Where each chunk's bytes lie in local files, for reads straight into their
-        destination (:mod:`zdcp.storage.localfiles`); None where they cannot be read so."""
+    def direct_reader(self, hierarchy: Hierarchy) -> DirectReader | None:
+        """Reads of plain chunks straight from local files into their destination
+        (:mod:`zdcp.storage.localfiles`), where this layout knows where they lie; None where
+        they cannot be read so."""
         return None
 
 

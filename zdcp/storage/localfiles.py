@@ -37,14 +37,14 @@ from ..format.documents import chunk_key, chunk_key_separator
 from ..format.dtypes import from_zarr
 from .oscalls import start_writeback
 
-__all__ = ["RowSlabs", "row_slabs", "LocalFiles", "Locate", "in_directory"]
+__all__ = ["DirectReader", "RowSlabs", "row_slabs", "LocalFiles", "FindExtent", "in_directory"]
 
-#: Where a chunk's bytes are: ``locate(key)`` gives the file, the offset of the chunk's first
-#: byte in it and its size (None: the whole file), or None when there is no such chunk.
-Locate = Callable[[str], "tuple[str, int, int | None] | None"]
+#: Where a chunk's bytes are: ``find(key)`` gives the file, the offset of the chunk's first byte
+#: in it and its size (None: the whole file), or None when no file holds the chunk.
+FindExtent = Callable[[str], "tuple[str, int, int | None] | None"]
 
 
-def in_directory(root: str) -> Locate:
+def in_directory(root: str) -> FindExtent:
     """The chunks of a files-layout checkpoint at ``root``: a file each."""
     return lambda key: (os.path.join(root, key), 0, None)
 
@@ -52,6 +52,35 @@ def in_directory(root: str) -> Locate:
 _MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
 #: The most inner chunks one ``preadv`` reads: two buffers each, within Linux's IOV_MAX (1024).
 _RUN_MAX = 512
+
+
+class DirectReader:
+    """Reads of whole rows of plain chunks straight from local files into their destination,
+    for one checkpoint, whose layout knows where its chunks lie (``extents``: called once, when
+    first needed, as working that out may cost reads of its own)."""
+
+    def __init__(self, extents: Callable[[], FindExtent]):
+        self._extents = extents
+        self._find: FindExtent | None = None
+        self._slabs: dict[str, RowSlabs | None] = {}
+
+    def read_rows(
+        self, node: str, document: dict[str, Any], where: str, start: int, stop: int, dest: np.ndarray
+    ) -> bool:
+        """Read rows ``[start, stop)`` of the array at ``node`` (``document`` is its
+        ``zarr.json``, ``where`` names it in errors) into ``dest``, the destination's bytes as a
+        flat uint8 array; False, with nothing read, when its chunks are no row slabs in files."""
+        if node not in self._slabs:
+            self._slabs[node] = row_slabs(document)
+        slabs = self._slabs[node]
+        if slabs is None:
+            return False
+        if self._find is None:
+            self._find = self._extents()
+        if not all(self._find(key) for key in slabs.keys(node, start, stop).values()):
+            return False  # a chunk kept elsewhere (inside a database's B-tree node)
+        slabs.read(self._find, node, where, start, stop, dest.reshape(stop - start, slabs.row_bytes))
+        return True
 
 
 @dataclass(frozen=True)
@@ -72,12 +101,12 @@ class RowSlabs:
         first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
         return {c: chunk_key(node, (c,) + (0,) * self.trailing_chunks, self.separator) for c in range(first, last + 1)}
 
-    def read(self, locate: Locate, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
+    def read(self, find: FindExtent, node: str, where: str, start: int, stop: int, dest: np.ndarray) -> None:
         """Read rows ``[start, stop)`` into ``dest`` (a ``(stop - start, row_bytes)`` uint8 view),
-        finding each chunk's bytes with ``locate`` (:func:`in_directory`, or a packed
-        checkpoint's value locations)."""
+        finding each chunk's bytes with ``find`` (:func:`in_directory`, or where a database
+        keeps its values)."""
         for chunk, key in self.keys(node, start, stop).items():
-            found = locate(key)
+            found = find(key)
             try:
                 if found is None:
                     raise FileNotFoundError(key)

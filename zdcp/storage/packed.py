@@ -13,7 +13,7 @@ takes the documents and commits at the end.
 
 **Reading.** A database records its configuration in its manifest, so readers need none of the
 configurations below. Locally, plain chunks stored out of line are read straight from the data
-files (:func:`value_locations`); on an object store, nearby reads are coalesced.
+files (:func:`value_extents`); on an object store, nearby reads are coalesced.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from .failures import short_message, storage_access
 from .hierarchy import Hierarchy
 from .keyvalue import encode_json
 from .layout import ChunkSink, Documents, Layout
-from .localfiles import Locate
+from .localfiles import DirectReader
 from .location import Location
 
-__all__ = ["PackedLayout", "OCDBT_MANIFEST", "rank_database", "value_locations"]
+__all__ = ["PackedLayout", "OCDBT_MANIFEST", "rank_database", "value_extents"]
 
 #: The file (or object) that holds an OCDBT database's root; its presence at a checkpoint's
 #: root marks the packed layout.
@@ -106,8 +106,8 @@ class PackedLayout(Layout):
             return _SoleSink(self._database(location, config), direct)
         return _RankSink(self._database(location.child(rank_database(rank)), RANK_CONFIG), direct, location)
 
-    def chunk_locations(self, hierarchy: Hierarchy) -> Locate | None:
-        return value_locations(hierarchy).get if hierarchy.location.is_local else None
+    def direct_reader(self, hierarchy: Hierarchy) -> DirectReader | None:
+        return DirectReader(lambda: value_extents(hierarchy).get) if hierarchy.location.is_local else None
 
     def _database(self, location: Location, config: dict[str, Any] | None = None) -> Hierarchy:
         """The database at ``location``; to write a new one, with ``config`` (an existing one
@@ -242,7 +242,7 @@ def _read_manifest(database: ts.KvStore) -> ts.Future:
     return database.read("")
 
 
-def value_locations(hierarchy: Hierarchy) -> dict[str, tuple[str, int, int]]:
+def value_extents(hierarchy: Hierarchy) -> dict[str, tuple[str, int, int]]:
     """Where the values stored out of line in the local packed checkpoint ``hierarchy`` lie: per
     key, the data file, the offset of the value's first byte in it and its length, from the
     root database's B-tree (values kept inside the B-tree nodes are left out). With them a
