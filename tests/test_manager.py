@@ -348,11 +348,12 @@ def test_restore_at_another_world_size(tmp_path):
 def _killed_run(run, die_in, layout):
     """Save steps 1 and 2 (max_to_keep=1, in ``layout``), and die by SIGKILL in ``die_in``: the
     commit of step 2's save, or the deletion of step 1 once it is un-committed."""
+    import zdcp.storage.location as location
     import zdcp.storage.removal as removal
     import zdcp.storage.saving as saving
 
     target = {"save": (saving.LocalSave, "commit"), "removal": (removal.shutil, "rmtree"),
-              "s3 removal": (removal, "delete_all_but_marker")}[die_in]  # fmt: skip
+              "s3 removal": (location.Location, "delete_all_but_marker")}[die_in]  # fmt: skip
     mgr = zdcp.CheckpointManager(run, max_to_keep=1, layout=layout)
     mgr.save(1, _state(1))
     owner, name = target

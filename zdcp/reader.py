@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .errors import MismatchError, UsageError, ZdcpError
+from .errors import CorruptCheckpointError, MismatchError, UsageError
 from .format.catalog import ArrayNode
 from .format.dtypes import numpy_to_tensor, tensor_to_numpy
 from .format.names import describe, dotted
@@ -100,7 +100,7 @@ class ZarrReader(StorageReader):
     def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
         try:
             return root_document(Location(checkpoint_id))[1] is not None
-        except ZdcpError:  # not a location, a failed request, a root that is no JSON
+        except (UsageError, CorruptCheckpointError):  # not a location, a root that is no JSON
             return False
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:

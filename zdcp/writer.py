@@ -232,28 +232,30 @@ class ZarrWriter(StorageWriter):
         else:
             raise UsageError(f"{self.location.url}: this rank's plan is not for the save being prepared")
         # The only process of a save also commits it, with this very sink (a layout may then keep
-        # the writes for the commit's own transaction instead of finishing them apart).
+        # the writes for the commit's own transaction instead of completing them apart).
         sole = self._save is not None and self._world_size == 1
-        sink = self.layout.sink(
-            location, rank=self._rank, sole=sole, direct=self.direct_writes, start_writeback=self.options.sync_files
-        )
         # Each rank's data is durable before it reports success. A single process's becomes
-        # durable with everything else at the commit instead (LocalSave.commit syncs through a
-        # handle opened before any write): one sync of the filesystem per save, not two. With
+        # durable with everything else at the commit instead, where the save syncs through a
+        # handle opened before any write: one sync of the filesystem per save, not two. With
         # several ranks the coordinator syncs here too, alongside the others (on other hosts,
         # its sync at the commit would only start once theirs are done).
-        syncs_at_commit = isinstance(self._save, LocalSave) and self._world_size == 1
+        syncs_at_commit = sole and self._save is not None and self._save.syncs_at_commit
+        # Opened before anything is written, for the sync to report every write's failure.
         durable = location.filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
-        chunks = _ChunkWriter(sink, rank_plan, self)
         try:
-            with storage_access(location.url):
-                written, results = self._write_items(plan, planner, chunks)
-                sink.finish()
-            if durable is not None:
-                durable.sync()
-        except BaseException:
-            chunks.settle()  # no write of this failed save may land after the caller cleans up
-            raise
+            sink = self.layout.sink(
+                location, rank=self._rank, sole=sole, direct=self.direct_writes, start_writeback=self.options.sync_files
+            )
+            chunks = _ChunkWriter(sink, rank_plan, self)
+            try:
+                with storage_access(location.url):
+                    written, results = self._write_items(plan, planner, chunks)
+                    sink.complete()
+                if durable is not None:
+                    durable.sync()
+            except BaseException:
+                chunks.settle()  # no write of this failed save may land after the caller cleans up
+                raise
         finally:
             if durable is not None:
                 durable.close()

@@ -83,6 +83,8 @@ def root_document(location: Location) -> tuple[Hierarchy, Any | None]:
 
 #: What the root document at a location says of it (:func:`root_kind`).
 NO_ROOT, COMMITTED, FOREIGN, UNREADABLE = "no root", "committed", "foreign", "unreadable"
+#: What a local directory holds besides (:func:`local_contents`): nothing, or anything else.
+EMPTY, OTHER = "empty", "other"
 
 
 def root_kind(location: Location) -> tuple[str, dict[str, Any] | None]:
@@ -134,8 +136,8 @@ def pending_name(target: str, session: str | None = None) -> str:
 
 
 def local_contents(directory: str) -> str:
-    """What a local directory holds: ``"empty"``, :data:`COMMITTED` (a zdcp checkpoint, in
-    any layout), :data:`FOREIGN` (a Zarr hierarchy zdcp did not write) or ``"other"``.
+    """What a local directory holds: :data:`EMPTY`, :data:`COMMITTED` (a zdcp checkpoint, in
+    any layout), :data:`FOREIGN` (a Zarr hierarchy zdcp did not write) or :data:`OTHER`.
 
     A packed root is several files (the manifest, then a B-tree node): when another save
     swaps the directory for its own meanwhile (``renameat2(RENAME_EXCHANGE)``), the read may
@@ -158,8 +160,8 @@ def _identity(directory: str) -> tuple[int, int] | None:
 
 def _contents(directory: str) -> str:
     if not os.path.isdir(directory):
-        return "other"
+        return OTHER
     if not os.listdir(directory):
-        return "empty"
+        return EMPTY
     kind, _ = root_kind(Location(directory))
-    return kind if kind in (COMMITTED, FOREIGN) else "other"
+    return kind if kind in (COMMITTED, FOREIGN) else OTHER

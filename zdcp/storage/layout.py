@@ -47,7 +47,7 @@ class ChunkSink(ABC):
     itself (:func:`zdcp.format.codecs.encode_chunk`) through :meth:`write_encoded`, which costs
     a fraction of opening an array per tensor.
 
-    Once the rank's writes are done, :meth:`finish` makes them part of the save. The
+    Once the rank's writes are done, :meth:`complete` makes them part of the save. The
     coordinator's sink then commits the whole save (:meth:`commit`), or a failure aborts it.
     """
 
@@ -66,7 +66,7 @@ class ChunkSink(ABC):
     def open_array(self, node: str, document: dict[str, Any]) -> ts.Future:
         """Open the array at ``node`` (its ``zarr.json`` is ``document``) for writing."""
 
-    def finish(self) -> None:
+    def complete(self) -> None:
         """Make this rank's completed writes part of the save."""
 
     def abort(self) -> None:

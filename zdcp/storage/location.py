@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import tensorstore as ts
 
 from ..errors import UsageError
+from ..format.constants import SAVING_MARKER
 from .keyvalue import KeyValue
 from .oscalls import FilesystemSync
 
@@ -83,6 +84,33 @@ class Location(KeyValue):
             except FileNotFoundError:
                 return []
         return sorted({key.partition("/")[0] for key in self.keys() if "/" in key})
+
+    # -- the saving marker (docs/format.md, section 5) ------------------------------------------
+
+    def read_marker(self) -> ts.Future:
+        """Start reading the saving marker: a read result, with the marker's generation."""
+        return self.kv.read(SAVING_MARKER)
+
+    def marker(self) -> Any | None:
+        """The saving marker, parsed; None when there is none."""
+        return self.read_json(SAVING_MARKER)
+
+    def write_marker(self, marker: bytes, *, if_equal: bytes | None = None) -> bytes:
+        """Write the saving marker (only where its generation is ``if_equal``, when given:
+        tensorstore's generation of no value creates it only if absent); its new generation,
+        empty when the condition did not hold."""
+        conditions = {} if if_equal is None else {"if_equal": if_equal}
+        return self.wait(self.kv.write(SAVING_MARKER, marker, **conditions)).generation
+
+    def delete_marker(self, *, if_equal: bytes | None = None) -> None:
+        """Delete the saving marker (only where its generation is ``if_equal``, when given)."""
+        conditions = {} if if_equal is None else {"if_equal": if_equal}
+        self.wait(self.kv.write(SAVING_MARKER, None, **conditions))
+
+    def delete_all_but_marker(self) -> None:
+        """Delete every key under the place but the saving marker."""
+        self.wait(self.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
+        self.wait(self.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
 
     def filesystem_sync(self) -> FilesystemSync | None:
         """For a local place, a handle that makes writes under it durable; open it before

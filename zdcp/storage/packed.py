@@ -161,7 +161,7 @@ class _RankSink(_DatabaseSink):
         super().__init__(hierarchy, direct)
         self.save_location = save_location
 
-    def finish(self) -> None:
+    def complete(self) -> None:
         self.hierarchy.wait(self.transaction.commit_async())  # the rank's database is whole
 
     def commit(self, documents: Documents, ranks: Sequence[int], confirm: Callable[[], None]) -> None:

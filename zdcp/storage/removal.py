@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 
-import tensorstore as ts
-
 from ..errors import CheckpointNotFoundError
 from ..format.constants import SAVING_MARKER
 from .contents import COMMITTED, NO_ROOT, local_contents, pending_name, root_kind
@@ -54,9 +52,9 @@ def remove_committed(location: Location) -> None:
     if location.local_dir is None:
         if root_kind(location)[0] != COMMITTED:
             raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {url}; nothing removed")
-        written = location.wait(location.kv.write(SAVING_MARKER, marker))
+        generation = location.write_marker(marker)
         uncommit(location)
-        delete_marked(location, written.generation)
+        delete_marked(location, generation)
         return
     target = os.path.realpath(location.local_dir.rstrip("/"))
     if local_contents(target) != COMMITTED:
@@ -74,7 +72,7 @@ def remove_interrupted(location: Location) -> bool:
     (its marker, and no commit record); True if there was such a thing. The caller knows that
     nothing is saving there now: on an object store, a marker cannot tell a dead save from a
     running one."""
-    found = location.wait(location.kv.read(SAVING_MARKER))
+    found = location.wait(location.read_marker())
     if found.state != "value" or root_kind(location)[0] != NO_ROOT:
         return False
     delete_marked(location, found.stamp.generation)
@@ -115,10 +113,5 @@ def uncommit(location: Location) -> None:
 def delete_marked(location: Location, generation: bytes) -> None:
     """Delete everything under an object-store prefix, its marker (of ``generation``) last:
     until it goes, what is left is known for the leftovers of a save or removal."""
-    delete_all_but_marker(location)
-    location.wait(location.kv.write(SAVING_MARKER, None, if_equal=generation))
-
-
-def delete_all_but_marker(location: Location) -> None:
-    location.wait(location.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
-    location.wait(location.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
+    location.delete_all_but_marker()
+    location.delete_marker(if_equal=generation)

@@ -56,11 +56,21 @@ import tensorstore as ts
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, ZdcpError
 from ..format.constants import SAVING_MARKER
-from .contents import COMMITTED, FOREIGN, UNREADABLE, interrupted_saves, local_contents, pending_name, root_kind
+from .contents import (
+    COMMITTED,
+    EMPTY,
+    FOREIGN,
+    OTHER,
+    UNREADABLE,
+    interrupted_saves,
+    local_contents,
+    pending_name,
+    root_kind,
+)
 from .keyvalue import encode_json
 from .location import Location
 from .oscalls import FilesystemSync, exchange, process_identity
-from .removal import SAVES_UNDER_WAY, delete_all_but_marker, delete_marked, remove_dead_saves, uncommit
+from .removal import SAVES_UNDER_WAY, delete_marked, remove_dead_saves, uncommit
 
 __all__ = ["LocalSave", "InPlaceSave", "WriteRoot", "begin_save", "save_location", "check_location"]
 
@@ -76,7 +86,8 @@ def _nothing_to_confirm() -> None:
 
 class LocalSave:
     """A local save in progress: the pending directory ``path`` is written, then committed to
-    ``target``.
+    ``target``. Its commit makes everything written durable, through a handle opened before
+    any write (:attr:`syncs_at_commit`).
 
     A save that does not commit deletes its pending directory: when it is abandoned, and also
     when it is forgotten without either (``dcp.save`` has no hook through which a failed save
@@ -95,6 +106,9 @@ class LocalSave:
         SAVES_UNDER_WAY.add(path)
         self._discard = weakref.finalize(self, _discard_pending, path, self.durable)
 
+    #: The commit syncs the filesystem: a single process need not sync its writes before.
+    syncs_at_commit = True
+
     def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
         """Write the root document (``write_root``) into the pending directory, make
         everything durable (when ``sync``), and move it to the target (see the module
@@ -103,7 +117,7 @@ class LocalSave:
         directory."""
         try:
             write_root(_nothing_to_confirm)
-            self.location.delete(SAVING_MARKER)
+            self.location.delete_marker()
             if sync:
                 self.durable.sync()  # everything written is on disk before the move
             try:
@@ -161,6 +175,9 @@ class InPlaceSave:
     for minutes on an unreachable one; the next save to the prefix finds its marker.
     """
 
+    #: An object store has made a write durable when it acknowledges it.
+    syncs_at_commit = False
+
     def __init__(self, location: Location, generation: bytes, session: str):
         #: Where the ranks write: the prefix itself.
         self.location = location
@@ -173,7 +190,7 @@ class InPlaceSave:
         the root)."""
         # The marker is read while write_root prepares what it commits (a packed save's merge
         # reads the ranks' databases first), one round trip fewer than reading it before.
-        marker = self.location.kv.read(SAVING_MARKER)
+        marker = self.location.read_marker()
         try:
             write_root(lambda: _check_owned(self.location, self.generation, marker))
         except BaseException:
@@ -186,7 +203,7 @@ class InPlaceSave:
 
     def release(self) -> None:
         """Delete the marker, if it is still this save's."""
-        self.location.wait(self.location.kv.write(SAVING_MARKER, None, if_equal=self.generation))
+        self.location.delete_marker(if_equal=self.generation)
 
     def abandon(self) -> None:
         """Delete what a failed save wrote, its marker included, unless another save has taken
@@ -200,7 +217,7 @@ class InPlaceSave:
 
 def _check_owned(location: Location, generation: bytes, marker: ts.Future | None = None) -> None:
     """Raise unless the marker (``marker``, a read of it under way) is still this save's."""
-    found = location.wait(location.kv.read(SAVING_MARKER) if marker is None else marker)
+    found = location.wait(location.read_marker() if marker is None else marker)
     if found.state != "value" or found.stamp.generation != generation:
         raise CheckpointExistsError(
             f"another save to {location.url} took it over while this one ran; this save is not committed"
@@ -239,7 +256,7 @@ def check_location(location: Location, session: str) -> None:
     """Refuse to write where the coordinator did not prepare a save of ``session``: a rank
     must never create a pending directory (or write into an object-store prefix) itself."""
     try:
-        marker = location.read_json(SAVING_MARKER)
+        marker = location.marker()
     except CorruptCheckpointError:
         marker = None
     if not isinstance(marker, dict) or marker.get("session") != session:
@@ -260,7 +277,7 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
         # Replacing or cleaning up would delete every object of the bucket (or memory store).
         raise UsageError(f"{url}: save checkpoints under a prefix (s3://bucket/run/step_100), not at the root")
     # All that decides where the save stands, read at once: one round trip.
-    reading_marker, listing = location.kv.read(SAVING_MARKER), location.kv.list()
+    reading_marker, listing = location.read_marker(), location.kv.list()
     committed = _committed(location, overwrite)
     found = location.wait(reading_marker)
     if not committed and found.state == "value" and not overwrite:
@@ -274,10 +291,10 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
     # (A pending directory's dead saves can be told by their marker's owner; an object store's
     # cannot: there may be no other machine like the one that wrote it.)
     expected = found.stamp.generation if found.state == "value" else _NO_VALUE
-    written = location.wait(location.kv.write(SAVING_MARKER, encode_json({**marker, "target": url}), if_equal=expected))
-    if not written.generation:
+    generation = location.write_marker(encode_json({**marker, "target": url}), if_equal=expected)
+    if not generation:
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
-    in_place = InPlaceSave(location, written.generation, session)
+    in_place = InPlaceSave(location, generation, session)
     if expected == _NO_VALUE and not committed:
         # Another save may have begun and committed (its marker gone again) between the reads
         # above and this marker's creation: what this marker guards starts only now.
@@ -290,7 +307,7 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
         if committed:
             uncommit(location)  # first: no load finds the old root over new chunks
         if committed or found.state == "value":
-            delete_all_but_marker(location)  # what is left of the replaced checkpoint or the interrupted save
+            location.delete_all_but_marker()  # what is left of the replaced checkpoint or the interrupted save
     except BaseException:
         in_place.abandon()  # this save had begun to replace what was there: the rest goes too
         raise
@@ -327,7 +344,7 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
         if not os.path.isdir(target):
             raise CheckpointExistsError(f"{target} exists and is not a directory")
         kind = local_contents(target)
-        if kind == "other":
+        if kind == OTHER:
             raise CheckpointExistsError(f"{target} is not empty and holds no zdcp checkpoint; not replacing it")
         if kind == FOREIGN:
             raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
@@ -352,7 +369,7 @@ def _delete_replaced(directory: str) -> None:
     """Delete the checkpoint a commit replaced. The new one is in place by now, so a failure
     here only leaves the old one behind (under a pending name), with a warning."""
     try:
-        if local_contents(directory) in (COMMITTED, "empty"):
+        if local_contents(directory) in (COMMITTED, EMPTY):
             shutil.rmtree(directory)
     except OSError as e:
         warnings.warn(f"the replaced checkpoint was left at {directory}: {e}", stacklevel=3)
