@@ -43,7 +43,7 @@ from .planner import ZarrLoadPlanner
 from .storage.contents import Committed, open_committed, root_document
 from .storage.failures import reading
 from .storage.inflight import InflightWindow
-from .storage.localfiles import DirectReader
+from .storage.layout import DirectReader
 from .storage.location import CheckpointId, Location, location_for
 
 __all__ = ["ZarrReader"]
@@ -62,7 +62,7 @@ class ZarrReader(StorageReader):
             Each read holds a decoded copy of the chunks it touches until it lands in the
             destination; the window bounds that memory.
         direct_reads: read whole-row slabs of plain local chunks straight into the destination
-            (:mod:`zdcp.storage.localfiles`), where the checkpoint's layout tells where they lie;
+            where the checkpoint's layout can (:meth:`~zdcp.storage.layout.Layout.direct_reader`);
             ``False`` sends every read through tensorstore.
         committed: the checkpoint, already opened, for the next load only (``zdcp.load`` opens
             it before DCP does, so that a missing or damaged checkpoint raises its own error on
@@ -201,7 +201,7 @@ class ZarrReader(StorageReader):
         return done
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
-        """Read ``item`` with :mod:`zdcp.storage.localfiles` when its chunks and destination
+        """Read ``item`` with the layout's direct reader when its chunks and destination
         allow it: plain chunks in local files, where the layout tells where they lie."""
         if not self.direct_reads:
             return False

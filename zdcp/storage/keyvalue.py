@@ -61,9 +61,6 @@ class KeyValue:
     def write_json(self, key: str, doc: Any) -> None:
         self.wait(self.write_json_async(key, doc))
 
-    def delete(self, key: str) -> None:
-        self.wait(self.kv.write(key, None))
-
     def keys(self) -> list[str]:
         """Every key, sorted."""
         return sorted(key.decode() for key in self.wait(self.kv.list()))

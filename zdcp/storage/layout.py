@@ -30,6 +30,7 @@ from .location import Location
 __all__ = [
     "Layout",
     "ChunkSink",
+    "DirectReader",
     "Documents",
     "layout_named",
     "layout_names",

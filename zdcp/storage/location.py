@@ -99,13 +99,11 @@ class Location(KeyValue):
         """Write the saving marker (only where its generation is ``if_equal``, when given:
         tensorstore's generation of no value creates it only if absent); its new generation,
         empty when the condition did not hold."""
-        conditions = {} if if_equal is None else {"if_equal": if_equal}
-        return self.wait(self.kv.write(SAVING_MARKER, marker, **conditions)).generation
+        return self.wait(self.kv.write(SAVING_MARKER, marker, if_equal=if_equal)).generation
 
     def delete_marker(self, *, if_equal: bytes | None = None) -> None:
         """Delete the saving marker (only where its generation is ``if_equal``, when given)."""
-        conditions = {} if if_equal is None else {"if_equal": if_equal}
-        self.wait(self.kv.write(SAVING_MARKER, None, **conditions))
+        self.wait(self.kv.write(SAVING_MARKER, None, if_equal=if_equal))
 
     def delete_all_but_marker(self) -> None:
         """Delete every key under the place but the saving marker."""
