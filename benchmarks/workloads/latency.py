@@ -1,7 +1,8 @@
-"""``latency``: saves and loads on S3 with the round-trip time of a real object store. A TCP
-proxy in front of a moto server on loopback holds every request for 20 ms; zdcp's two layouts
-and DCP's ``FsspecWriter``/``FsspecReader`` (s3fs) save 500 small tensors and 64 MiB of large
-ones, each round under a new prefix, and load the last; and the objects each checkpoint is.
+"""``latency``: saves and loads on S3 with the round-trip time of a real object store. A proxy
+in front of a moto server on loopback (:class:`zdcp.testing.FaultProxy`, with ``latency`` and no
+faults) holds every request for 20 ms; zdcp's two layouts and DCP's ``FsspecWriter``/
+``FsspecReader`` (s3fs) save 500 small tensors and 64 MiB of large ones, each round under a new
+prefix, and load the last; and the objects each checkpoint is.
 
 moto answers in about a millisecond, where an object store takes tens: the proxy puts that
 cost back, as real stores charge it, on whoever makes the most requests in sequence.
@@ -9,8 +10,6 @@ cost back, as real stores charge it, on whoever makes the most requests in seque
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 import zdcp
-from zdcp.testing import moto_server
+from zdcp.testing import FaultProxy, moto_server
 
 from ..common import (
     DCP,
@@ -38,43 +37,6 @@ from ..tables import TimedOp, count_table, timing_table
 BUCKET = "latency"
 DELAY = 0.020  # seconds added to every request
 IMPLS = (ZDCP_FILES, ZDCP_PACKED, DCP)
-
-
-class LatencyProxy:
-    """A TCP proxy on loopback that holds every HTTP request for ``delay`` seconds before
-    passing it on to ``upstream`` (host:port). It serves only this process's benchmark, and
-    stops with it."""
-
-    def __init__(self, upstream: str, delay: float = DELAY) -> None:
-        self.upstream, self.delay = upstream, delay
-        self.loop = asyncio.new_event_loop()
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        host, port = self.upstream.rsplit(":", 1)
-        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: bool) -> None:
-            try:
-                while data := await reader.read(1 << 16):
-                    if hold and data[:4] in (b"GET ", b"PUT ", b"POST", b"HEAD", b"DELE"):
-                        await asyncio.sleep(self.delay)
-                    writer.write(data)
-                    await writer.drain()
-            except ConnectionError:
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(client_reader, upstream_writer, True), pipe(upstream_reader, client_writer, False))
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def states(quick: bool) -> dict[str, dict[str, torch.Tensor]]:
@@ -128,19 +90,15 @@ def measure(rounds: int, quick: bool) -> tuple[list[TimedOp], list[tuple[str, di
 
     ops: list[TimedOp] = []
     objects: list[tuple[str, dict[str, int]]] = []
-    with moto_server() as endpoint:
-        proxy = LatencyProxy(endpoint.removeprefix("http://"))
+    with moto_server() as endpoint, FaultProxy(endpoint, latency=DELAY) as proxy:
         use_s3_endpoint(proxy.endpoint)
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
         fs = {"endpoint_url": proxy.endpoint, "key": "bench", "secret": "bench"}
-        try:
-            for index, (name, state) in enumerate(states(quick).items()):
-                saves, loads, last = measure_state(state, f"state{index}", rounds, fs)
-                ops += [TimedOp(f"{name}: save", saves), TimedOp(f"{name}: load", loads)]
-                objects.append((name, {k: objects_in(s3, BUCKET, last[k]) for k in IMPLS}))
-        finally:
-            proxy.close()
+        for index, (name, state) in enumerate(states(quick).items()):
+            saves, loads, last = measure_state(state, f"state{index}", rounds, fs)
+            ops += [TimedOp(f"{name}: save", saves), TimedOp(f"{name}: load", loads)]
+            objects.append((name, {k: objects_in(s3, BUCKET, last[k]) for k in IMPLS}))
     return ops, objects
 
 
