@@ -13,6 +13,9 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+
+import tensorstore as ts
 
 from .errors import CorruptCheckpointError, StorageError, ZdcpError
 from .format.catalog import ArrayNode
@@ -20,6 +23,7 @@ from .format.constants import ZARR_JSON
 from .storage.contents import Committed, open_committed
 from .storage.failures import short_message, storage_access
 from .storage.hierarchy import Hierarchy
+from .storage.inflight import InflightWindow
 from .storage.location import CheckpointId, Location
 
 __all__ = ["verify", "verify_location", "Fault", "Report"]
@@ -75,9 +79,19 @@ def verify_location(
             return report
     hierarchy, catalog = committed.hierarchy, committed.catalog
     consolidated = catalog.documents
+    # Everything is read at once (chunks within a window of bytes): on an object store a
+    # request costs a round trip, and one retried after throttling waits a backoff.
+    documents = {node: hierarchy.kv.read(f"{node}/{ZARR_JSON}") for node in consolidated}
+    listing = hierarchy.kv.list()
+    expected = {ZARR_JSON} | {f"{node}/{ZARR_JSON}" for node in consolidated}
+    window = InflightWindow(VERIFY_INFLIGHT_BYTES)
+    for array in catalog.arrays.values():
+        report.arrays += 1
+        expected.update(_check_array(hierarchy, array, report, window, progress))
+    window.drain()
     for node, document in consolidated.items():
         try:
-            own = hierarchy.read_json(f"{node}/{ZARR_JSON}")
+            own = hierarchy.json_from(documents[node], f"{node}/{ZARR_JSON}")
         except CorruptCheckpointError as e:  # the message names the document by its URL
             report.faults.append(Fault(node, str(e).removeprefix(f"{hierarchy.url}/{node}/")))
             continue
@@ -85,43 +99,50 @@ def verify_location(
             report.faults.append(Fault(node, "zarr.json is missing"))
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
-    expected = {ZARR_JSON} | {f"{node}/{ZARR_JSON}" for node in consolidated}
-    for array in catalog.arrays.values():
-        report.arrays += 1
-        expected.update(_check_array(hierarchy, array, report, progress))
-    for key in hierarchy.keys():
+    for key in sorted(k.decode() for k in hierarchy.wait(listing, "listing the checkpoint")):
         if key not in expected:
             report.faults.append(Fault(key.rsplit("/", 1)[0], f"unexpected file {key!r} (not part of the checkpoint)"))
     return report
 
 
+#: How many bytes of chunks verify keeps being read at once.
+VERIFY_INFLIGHT_BYTES = 256 << 20
+
+
 def _check_array(
-    hierarchy: Hierarchy, array: ArrayNode, report: Report, progress: Callable[[int], None] | None
+    hierarchy: Hierarchy,
+    array: ArrayNode,
+    report: Report,
+    window: InflightWindow,
+    progress: Callable[[int], None] | None,
 ) -> set[str]:
-    """Read each chunk of one array on its own, so that a fault names its chunk."""
+    """Start reading each chunk of one array on its own, so that a fault names its chunk;
+    ``window`` checks them as they complete. The chunk keys read."""
     node = array.node
     try:
         handle = hierarchy.open_array(node, array.document).result()
     except ValueError as e:  # metadata tensorstore will not open
         report.faults.append(Fault(node, f"cannot open: {short_message(e)}"))
         return set()
-    grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
-    reads = []
-    keys = set()
-    for index in itertools.product(*grid):
-        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape))
-        reads.append((index, handle[region].read() if region else handle.read()))
-        keys.add(array.chunk_key(index))
     itemsize = array.dtype.numpy.itemsize
-    for index, read in reads:
+
+    def check(index: tuple[int, ...], read: ts.Future) -> None:
         try:
-            with storage_access(hierarchy.url):  # a refused request is not a fault of the checkpoint
+            with storage_access(hierarchy.url, f"reading array {node!r}"):  # a refused request is no fault
                 data = read.result()
         except ValueError as e:  # what tensorstore raises for bad or missing data
             report.faults.append(Fault(node, short_message(e), index))
-            continue
+            return
         report.chunks += 1
         report.bytes += data.size * itemsize
         if progress is not None:
             progress(data.size * itemsize)
+
+    grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
+    keys = set()
+    for index in itertools.product(*grid):
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape))
+        nbytes = math.prod(r.stop - r.start for r in region) * itemsize
+        window.add(handle[region].read() if region else handle.read(), nbytes, partial(check, index))
+        keys.add(array.chunk_key(index))
     return keys

@@ -1,7 +1,9 @@
 """What a failed storage request means: a request the storage refused or failed (no access, no
-such bucket, unreachable, a full disk) is a :class:`~zdcp.StorageError`, naming the file or URL;
-bad or missing data read from a checkpoint (a checksum mismatch, a missing or truncated chunk)
-is a :class:`~zdcp.CorruptCheckpointError`, naming the array."""
+such bucket, unreachable, a full disk, an outage that outlasted the retries) is a
+:class:`~zdcp.StorageError`, naming the file or URL, what was done, and for a request that kept
+failing, how often and with what answer (:func:`failure_message`); bad or missing data read
+from a checkpoint (a checksum mismatch, a missing or truncated chunk) is a
+:class:`~zdcp.CorruptCheckpointError`, naming the array."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import CorruptCheckpointError, StorageError, ZdcpError
+from .retries import BUDGET_VARIABLE, request_schedule, retry_budget
 
-__all__ = ["reading", "storage_access", "short_message"]
+__all__ = ["reading", "storage_access", "failure_message", "short_message"]
 
 
 @contextmanager
@@ -20,18 +23,19 @@ def reading(array: str, url: str) -> Iterator[None]:
     missing or truncated chunk) into a :class:`~zdcp.CorruptCheckpointError` naming the array;
     a refused or failed request is a :class:`~zdcp.StorageError` instead."""
     try:
-        with storage_access(url):
+        with storage_access(url, f"reading array {array!r}"):
             yield
     except ValueError as e:
         raise CorruptCheckpointError(f"array {array!r}: {e}") from None
 
 
 @contextmanager
-def storage_access(url: str) -> Iterator[None]:
+def storage_access(url: str, doing: str | None = None) -> Iterator[None]:
     """Turn a request the storage refused or failed into a :class:`~zdcp.StorageError` naming
-    the file or ``url``: an ``OSError`` of a local file (no space, no access, a name too long),
-    or tensorstore's error for one (no such bucket, bad credentials, no access, unreachable).
-    Other errors, zdcp's own included, pass through."""
+    the file or ``url`` and what was being done (``doing``): an ``OSError`` of a local file (no
+    space, no access, a name too long), or tensorstore's error for one (no such bucket, bad
+    credentials, no access, unreachable, failing until the retries ran out). Other errors,
+    zdcp's own included, pass through."""
     try:
         yield
     except ZdcpError:
@@ -40,8 +44,27 @@ def storage_access(url: str) -> Iterator[None]:
         raise StorageError(f"{e.filename or url}: {e.strerror or e}") from e
     except ValueError as e:
         if is_failed_request(e):
-            raise StorageError(f"{url}: {short_message(e)}") from None
+            raise StorageError(failure_message(e, url, doing)) from None
         raise
+
+
+def failure_message(error: Exception, url: str, doing: str | None = None) -> str:
+    """What a failed request of tensorstore's means, for a :class:`~zdcp.StorageError`: the
+    location, what was being done, and for a request that failed until its retries ran out, how
+    many attempts were made and what the last one was answered, with the setting that gives
+    more time."""
+    text = short_message(error)
+    gave_up = _GAVE_UP.match(text)
+    if gave_up is not None:
+        answer = _HTTP_CODE.search(str(error))
+        last = f"HTTP {answer.group(1)} {gave_up['last']}" if answer else gave_up["last"]
+        what = f"{gave_up['operation']} {gave_up['key']}" if gave_up["operation"] else "a request"
+        text = (
+            f"{what} failed {int(gave_up['retries']) + 1} times, the last: {last} (zdcp retries a failing request "
+            f"for up to {request_schedule().longest_wait:.0f} s, within {BUDGET_VARIABLE}={retry_budget():g} s; "
+            "raise it where outages last longer)"
+        )
+    return f"{url}: {doing}: {text}" if doing else f"{url}: {text}"
 
 
 def is_failed_request(error: ValueError) -> bool:
@@ -56,6 +79,16 @@ def short_message(error: Exception) -> str:
     HTTP response it quotes."""
     return _APPENDED.split(str(error), 1)[0]
 
+
+#: tensorstore's error for a request whose retries ran out: "ABORTED: [Error writing "key": ]All N
+#: retry attempts failed: <the last failure>" (GCS names the key by its URL, unquoted).
+_GAVE_UP = re.compile(
+    r'(?:[A-Z_]+: )?(?:Error (?P<operation>[a-z]+) (?P<key>"[^"]*"|\S+): )?All (?P<retries>\d+) retry attempts failed: '
+    r"(?P<last>.*)",
+    re.DOTALL,
+)
+#: The HTTP status tensorstore appends to an error it got as an answer.
+_HTTP_CODE = re.compile(r"\[http_response_code='(\d+)'\]")
 
 #: Where tensorstore's appended details begin: " [source locations=...", " [tensorstore_spec=...",
 #: " [http_response_code=...".

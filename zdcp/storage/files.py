@@ -95,5 +95,5 @@ class _FilesSink(ChunkSink):
                 self.local.write(key, encode_json(doc))
         else:
             for writing in [self.hierarchy.write_json_async(key, doc) for key, doc in nodes.items()]:
-                self.hierarchy.wait(writing)
-        self.hierarchy.write_json(ZARR_JSON, documents[""])
+                self.hierarchy.wait(writing, "writing the nodes' zarr.json")
+        self.hierarchy.wait(self.hierarchy.write_json_async(ZARR_JSON, documents[""]), "committing (writing zarr.json)")

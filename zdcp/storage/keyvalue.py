@@ -13,7 +13,7 @@ from typing import Any
 import tensorstore as ts
 
 from ..errors import CorruptCheckpointError, StorageError
-from .failures import short_message
+from .failures import failure_message
 
 __all__ = ["KeyValue", "encode_json"]
 
@@ -38,18 +38,24 @@ class KeyValue:
             self._kv = self.wait(ts.KvStore.open(self.spec, context=self.context))
         return self._kv
 
-    def wait(self, future: ts.Future) -> Any:
+    def wait(self, future: ts.Future, doing: str | None = None) -> Any:
         """``future.result()`` of a key-value operation (or an open), with any failure raised
-        as a StorageError: these carry no checkpoint data whose damage could be the cause."""
+        as a StorageError naming what was being done (``doing``): these carry no checkpoint
+        data whose damage could be the cause."""
         try:
             return future.result()
         except ValueError as e:
-            raise StorageError(f"{self.url}: {short_message(e)}") from None
+            raise StorageError(failure_message(e, self.url, doing)) from None
 
     def read_json(self, key: str) -> Any | None:
         """The parsed JSON document at ``key``, or None when there is none; a document that is
         no JSON is a :class:`~zdcp.CorruptCheckpointError` naming it."""
-        result = self.wait(self.kv.read(key))
+        return self.json_from(self.kv.read(key), key)
+
+    def json_from(self, reading: ts.Future, key: str) -> Any | None:
+        """:meth:`read_json` of a read of ``key`` already started (several at once cost one
+        round trip on an object store)."""
+        result = self.wait(reading)
         if result.state != "value":
             return None
         return parse_json(result.value, f"{self.url}/{key}")

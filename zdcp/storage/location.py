@@ -31,6 +31,7 @@ from ..errors import UsageError
 from ..format.constants import SAVING_MARKER
 from .keyvalue import KeyValue
 from .oscalls import FilesystemSync
+from .retries import RETRY_WATCH, RetrySchedule, context_spec
 
 __all__ = ["CheckpointId", "Location", "location_for", "kvstore_spec", "url_of"]
 
@@ -47,17 +48,27 @@ class Location(KeyValue):
     file-I/O and copy threads. Its keys are what is stored under the place; how a checkpoint's
     Zarr hierarchy is stored among them is a layout's business (:mod:`zdcp.storage.layout`).
 
+    On an object store, failed requests are retried by zdcp's schedule
+    (:mod:`zdcp.storage.retries`; ``retries`` gives another, as for a failed save's cleanup).
+
     Writes are not synced one by one (tensorstore's ``file_io_sync`` is off): a save that
     needs them on disk syncs the filesystem once its writes are done
     (:meth:`filesystem_sync`), which costs about what a single ``fsync`` does, where a save of
     thousands of small files would otherwise ``fsync`` each one.
     """
 
-    def __init__(self, checkpoint_id: CheckpointId):
+    def __init__(self, checkpoint_id: CheckpointId, *, retries: RetrySchedule | None = None):
         self.checkpoint_id = checkpoint_id
         spec = kvstore_spec(checkpoint_id)
-        memory = spec["driver"] == "memory"
-        super().__init__(spec, _PROCESS_MEMORY if memory else ts.Context({"file_io_sync": False}), url_of(spec))
+        url = url_of(spec)
+        if spec["driver"] == "memory":
+            context = _PROCESS_MEMORY
+        else:
+            retrying = context_spec(spec["driver"], retries)
+            if retrying:
+                RETRY_WATCH.using(url)
+            context = ts.Context({"file_io_sync": False, **retrying})
+        super().__init__(spec, context, url)
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -70,6 +81,10 @@ class Location(KeyValue):
     @property
     def is_local(self) -> bool:
         return self.local_dir is not None
+
+    def with_retries(self, retries: RetrySchedule) -> Location:
+        """This place, with its failed requests retried by ``retries``."""
+        return Location(self.spec, retries=retries)
 
     def child(self, name: str) -> Location:
         """The place ``name`` below this one (a subdirectory, a longer prefix)."""
@@ -99,16 +114,18 @@ class Location(KeyValue):
         """Write the saving marker (only where its generation is ``if_equal``, when given:
         tensorstore's generation of no value creates it only if absent); its new generation,
         empty when the condition did not hold."""
-        return self.wait(self.kv.write(SAVING_MARKER, marker, if_equal=if_equal)).generation
+        return self.wait(
+            self.kv.write(SAVING_MARKER, marker, if_equal=if_equal), "writing the saving marker"
+        ).generation
 
     def delete_marker(self, *, if_equal: bytes | None = None) -> None:
         """Delete the saving marker (only where its generation is ``if_equal``, when given)."""
-        self.wait(self.kv.write(SAVING_MARKER, None, if_equal=if_equal))
+        self.wait(self.kv.write(SAVING_MARKER, None, if_equal=if_equal), "deleting the saving marker")
 
     def delete_all_but_marker(self) -> None:
         """Delete every key under the place but the saving marker."""
-        self.wait(self.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)))
-        self.wait(self.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")))
+        self.wait(self.kv.delete_range(ts.KvStore.KeyRange(exclusive_max=SAVING_MARKER)), "deleting its objects")
+        self.wait(self.kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SAVING_MARKER + "\0")), "deleting its objects")
 
     def filesystem_sync(self) -> FilesystemSync | None:
         """For a local place, a handle that makes writes under it durable; open it before

@@ -162,7 +162,8 @@ class _RankSink(_DatabaseSink):
         self.save_location = save_location
 
     def complete(self) -> None:
-        self.hierarchy.wait(self.transaction.commit_async())  # the rank's database is whole
+        # The rank's database is whole.
+        self.hierarchy.wait(self.transaction.commit_async(), "committing the rank's database")
 
     def commit(self, documents: Documents, ranks: Sequence[int], confirm: Callable[[], None]) -> None:
         _merge(self.hierarchy.layout.hierarchy(self.save_location), ranks, _encoded(documents), confirm)
@@ -200,14 +201,15 @@ def _merge(root: Hierarchy, ranks: Sequence[int], documents: dict[str, bytes], c
     # within one.
     specs = [_database_spec(location.child(rank_database(rank))) for rank in ranks]
     opening = [ts.KvStore.open(spec, context=root.context) for spec in specs]
-    sources = [root.wait(future) for future in opening]
+    merging = "merging the ranks' databases"
+    sources = [root.wait(future, merging) for future in opening]
     listings = [source.list() for source in sources]
     copies = [source.experimental_copy_range_to(target) for source in sources]
     for rank, listing in zip(ranks, listings):
-        if not root.wait(listing):
+        if not root.wait(listing, merging):
             raise StorageError(f"{root.url}: rank {rank}'s database ({rank_database(rank)}) is missing or empty")
     for copy in copies:
-        root.wait(copy)
+        root.wait(copy, merging)
     _commit_with_documents(root, database, transaction, documents, confirm, manifest)
 
 
@@ -229,11 +231,11 @@ def _commit_with_documents(
         for key, value in documents.items():
             hierarchy.wait(database.write(key, value))
         confirm()
-        hierarchy.wait(reading_manifest)
+        hierarchy.wait(reading_manifest, "reading the database's manifest")
     except BaseException:
         transaction.abort()  # what it holds (a whole checkpoint, for one process) is let go
         raise
-    hierarchy.wait(transaction.commit_async())
+    hierarchy.wait(transaction.commit_async(), "committing the database")
 
 
 def _read_manifest(database: ts.KvStore) -> ts.Future:

@@ -1,0 +1,212 @@
+"""How requests to an object store are retried, and for how long a call keeps trying.
+
+Object stores fail requests as a matter of course: they throttle (S3 answers ``503 SlowDown``,
+GCS ``429``), drop connections, and have outages. tensorstore retries such failures (HTTP 408,
+429 and 5xx, and failed connections) by a schedule, the context resources
+``s3_request_retries`` and ``gcs_request_retries``, whose default waits from 1 s up to 32 s
+between attempts, 32 times: about 15 minutes per request. Under 10% throttling that made a save
+10x slower, and an outage stalled a save silently for a quarter of an hour.
+
+zdcp gives every location on an object store its own schedule instead, as the AWS and GCS SDKs
+do: the first retry after 100 ms, each wait twice the last, at most :data:`MAX_DELAY` seconds,
+plus tensorstore's jitter (up to 100 ms, random); and a budget, the environment variable
+``ZDCP_RETRY_BUDGET`` (seconds, default :data:`DEFAULT_BUDGET`): a zdcp call that meets an
+outage raises :class:`~zdcp.StorageError` within it. A request keeps being retried for a third
+of the budget (:func:`request_schedule`): requests waiting for a connection start their retries
+later than the first that fails, and a call waits for every request it started before it raises
+(no write of a failed save may land after its cleanup). The cleanup after a failed save retries
+a request for a few seconds only (:func:`cleanup_schedule`): what it cannot delete stays under
+its marker, and the next save to the same place removes it (:mod:`zdcp.storage.saving`).
+
+tensorstore does not honour ``Retry-After``; neither S3 nor GCS send it with their throttling
+answers.
+
+While requests are retried, the ``zdcp`` logger warns at most every :data:`WARN_INTERVAL`
+seconds, with the count and the object-store locations in use (:class:`RetryWatch`), so that a
+slow save says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import tensorstore as ts
+
+from ..errors import UsageError
+
+__all__ = [
+    "BUDGET_VARIABLE",
+    "DEFAULT_BUDGET",
+    "RetrySchedule",
+    "retry_budget",
+    "request_schedule",
+    "cleanup_schedule",
+    "context_spec",
+    "RETRY_WATCH",
+]
+
+#: The environment variable that holds the budget, in seconds.
+BUDGET_VARIABLE = "ZDCP_RETRY_BUDGET"
+#: The budget when the environment does not set one: the time within which a call that meets an
+#: outage raises (Google's client libraries give a request 120 s in all, too).
+DEFAULT_BUDGET = 120.0
+#: The first wait before a retry, in seconds, as the AWS and GCS SDKs' (tensorstore adds a
+#: random jitter of up to as much).
+INITIAL_DELAY = 0.1
+#: The longest wait between two attempts, in seconds.
+MAX_DELAY = 10.0
+#: How long the cleanup after a failed save retries a request, in seconds.
+CLEANUP_SECONDS = 5.0
+#: The least time between two warnings about retried requests, in seconds.
+WARN_INTERVAL = 5.0
+
+#: The tensorstore context resource that holds each object-store driver's retry schedule.
+_RESOURCES = {"s3": "s3_request_retries", "gcs": "gcs_request_retries"}
+#: The tensorstore metric that counts each driver's retried requests.
+_METRICS = {"s3": "/tensorstore/kvstore/s3/retries", "gcs": "/tensorstore/kvstore/gcs/retries"}
+
+_log = logging.getLogger("zdcp")
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """tensorstore's retry schedule: after the ``k``-th failure of a request it waits
+    ``min(initial_delay * 2**k + jitter, max_delay)`` (jitter: up to ``initial_delay``, at most
+    1 s) and tries again, ``max_retries`` times at most."""
+
+    max_retries: int
+    initial_delay: float = INITIAL_DELAY
+    max_delay: float = MAX_DELAY
+
+    @classmethod
+    def lasting(cls, seconds: float) -> RetrySchedule:
+        """The schedule that retries a failing request for as long as its waits, jitter at its
+        largest included, add up to at most ``seconds`` (at least one retry)."""
+        retries, waited = 0, 0.0
+        while retries < 1 or waited + cls.wait_before(retries + 1) <= seconds:
+            waited += cls.wait_before(retries + 1)
+            retries += 1
+        return cls(retries)
+
+    @staticmethod
+    def wait_before(retry: int) -> float:
+        """The longest wait before the ``retry``-th retry (1-based)."""
+        jitter = min(INITIAL_DELAY, 1.0)
+        return min(INITIAL_DELAY * 2 ** (retry - 1) + jitter, MAX_DELAY)
+
+    @property
+    def longest_wait(self) -> float:
+        """All waits of a request that fails every attempt, at their longest, in seconds."""
+        return sum(self.wait_before(k) for k in range(1, self.max_retries + 1))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "initial_delay": f"{self.initial_delay}s",
+            "max_delay": f"{self.max_delay}s",
+        }
+
+
+def retry_budget() -> float:
+    """The budget in seconds: ``ZDCP_RETRY_BUDGET`` from the environment, else
+    :data:`DEFAULT_BUDGET`."""
+    text = os.environ.get(BUDGET_VARIABLE)
+    if text is None or not text.strip():
+        return DEFAULT_BUDGET
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = float("nan")
+    if not budget > 0 or budget == float("inf"):
+        raise UsageError(f"{BUDGET_VARIABLE}={text!r}: expected a number of seconds greater than 0")
+    return budget
+
+
+def request_schedule() -> RetrySchedule:
+    """How a request is retried: for a third of the budget."""
+    return RetrySchedule.lasting(retry_budget() / 3)
+
+
+def cleanup_schedule() -> RetrySchedule:
+    """How a failed save's cleanup retries a request: for a few seconds (an eighth of the
+    budget where that is less)."""
+    return RetrySchedule.lasting(min(CLEANUP_SECONDS, retry_budget() / 8))
+
+
+def context_spec(driver: str, schedule: RetrySchedule | None = None) -> dict[str, Any]:
+    """What a tensorstore context for a kvstore of ``driver`` needs for zdcp's retries
+    (``schedule``, by default :func:`request_schedule`): nothing for a driver that does not
+    retry (local files, memory). Using one starts the :data:`RETRY_WATCH`."""
+    resource = _RESOURCES.get(driver)
+    if resource is None:
+        return {}
+    RETRY_WATCH.start()
+    return {resource: (schedule or request_schedule()).to_json()}
+
+
+class RetryWatch:
+    """Warns, on the ``zdcp`` logger, while requests to object stores are being retried: at
+    most every :data:`WARN_INTERVAL` seconds, with how many were retried since the last look and
+    the locations in use. tensorstore counts retries per process and driver, not per store,
+    so the warning names every object-store location zdcp used lately (:meth:`using`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._recent: dict[str, float] = {}  # url -> when it was last used (monotonic)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="zdcp-retry-watch", daemon=True)
+                self._thread.start()
+
+    def using(self, url: str) -> None:
+        """Note that ``url`` (an object-store location) is in use."""
+        with self._lock:
+            self._recent[url] = time.monotonic()
+
+    def _watch(self) -> None:
+        seen = _retries()
+        while True:
+            time.sleep(WARN_INTERVAL)
+            count = _retries()
+            if count > seen:
+                self._warn(count - seen)
+            seen = count
+
+    def _warn(self, retried: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            # Locations used within the last minute, the latest first.
+            urls = sorted((u for u, t in self._recent.items() if now - t < 60), key=self._recent.__getitem__)[::-1]
+            self._recent = {u: self._recent[u] for u in urls}
+        where = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "") if urls else "storage"
+        _log.warning(
+            "%d requests to %s were retried in the last %.0f s: the store throttles or fails them. A request that "
+            "keeps failing is retried for up to %.0f s, then raises StorageError (%s=%s s)",
+            retried,
+            where,
+            WARN_INTERVAL,
+            request_schedule().longest_wait,
+            BUDGET_VARIABLE,
+            f"{retry_budget():g}",
+        )
+
+
+def _retries() -> int:
+    """Retried requests so far in this process, of every object-store driver."""
+    total = 0
+    for metric in _METRICS.values():
+        for found in ts.experimental_collect_matching_metrics(metric, include_zero_metrics=True):
+            total += sum(int(value.get("value", 0)) for value in found["values"])
+    return total
+
+
+#: The process's one watch.
+RETRY_WATCH = RetryWatch()
