@@ -558,11 +558,10 @@ def test_a_rank_writes_only_where_the_coordinator_prepared_the_save(tmp_path):
 
 
 def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, monkeypatch):
-    """dcp.save with the ZarrWriter (DCP has no failure hook: the failed save's writer cleans
-    up when it is dropped) and a conversion (which runs zdcp's own save) leave no pending
-    directory when their writes fail."""
-    import gc
-
+    """dcp.save with the ZarrWriter, whose own write failed, removes its pending directory
+    before DCP raises, while the caller still holds the exception and the writer (DCP has no
+    failure hook); a retry then saves. A conversion (which runs zdcp's own save) leaves
+    nothing either."""
     import safetensors.torch
     import torch.distributed.checkpoint as dcp
 
@@ -570,21 +569,63 @@ def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, monkeyp
     from zdcp import format_utils
 
     safetensors.torch.save_file({"w": torch.ones(4)}, tmp_path / "model.safetensors")
+    write = zdcp.storage.localfiles.LocalFiles.write
 
     def disk_full(self, key, *parts):
         raise OSError(28, "No space left on device", key)
 
     monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", disk_full)
+    writer = zdcp.ZarrWriter(tmp_path / "dcp")
     try:
-        dcp.save({"w": torch.ones(3)}, storage_writer=zdcp.ZarrWriter(tmp_path / "dcp"), no_dist=True)
+        dcp.save({"w": torch.ones(3)}, storage_writer=writer, no_dist=True)
     except BaseException as e:  # DCP's CheckpointException
-        assert "No space left" in str(e)
+        failure = e
     else:
         raise AssertionError("the save did not fail")
-    gc.collect()  # what still refers to the failed writer (the exception's frames) is gone
+    assert "No space left" in str(failure)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     with pytest.raises(zdcp.StorageError, match="No space left"):
         format_utils.safetensors_to_zdcp(tmp_path / "model.safetensors", tmp_path / "converted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", write)
+    dcp.save({"w": torch.ones(3)}, storage_writer=zdcp.ZarrWriter(tmp_path / "dcp"), no_dist=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp", "model.safetensors"]
+    del failure, writer
+
+
+def _other_rank_fails_then_retry(rank, world_size, root):
+    """Rank 1's writes fail: the coordinator's writer, still held, never learns why its save
+    ended; the next save of this process to the target removes what the failed one left."""
+    import torch.distributed.checkpoint as dcp
+
+    import zdcp.storage.localfiles
+
+    write = zdcp.storage.localfiles.LocalFiles.write
+    if rank == 1:
+
+        def disk_full(self, key, *parts):
+            raise OSError(28, "No space left on device", key)
+
+        zdcp.storage.localfiles.LocalFiles.write = disk_full
+    state = {f"t{i}": torch.full((64,), float(rank)) for i in range(4)}
+    failed = zdcp.ZarrWriter(root / "step_1")
+    with pytest.raises(BaseException, match="No space left"):
+        dcp.save(state, storage_writer=failed)
+    zdcp.storage.localfiles.LocalFiles.write = write
+    dist.barrier()
+    if rank == 0:
+        assert len(interrupted_saves(root / "step_1")) == 1  # the failed save's, not yet known dead
+    dist.barrier()
+    dcp.save(state, storage_writer=zdcp.ZarrWriter(root / "step_1"))
+    if rank == 0:
+        assert interrupted_saves(root / "step_1") == []
+    del failed
+
+
+def test_a_failed_dcp_save_is_removed_by_the_next_save_of_the_process(tmp_path):
+    run_ranks(2, _other_rank_fails_then_retry, tmp_path, timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    assert zdcp.verify(tmp_path / "step_1").ok
 
 
 def test_what_killed_saves_left_is_removed_once_their_process_is_gone(tmp_path):

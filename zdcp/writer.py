@@ -248,13 +248,20 @@ class ZarrWriter(StorageWriter):
             )
             chunks = _ChunkWriter(sink, rank_plan, self)
             try:
-                with storage_access(location.url):
+                with storage_access(location.url, f"writing rank {self._rank}'s chunks"):
                     written, results = self._write_items(plan, planner, chunks)
                     sink.complete()
                 if durable is not None:
                     durable.sync()
             except BaseException:
                 chunks.settle()  # no write of this failed save may land after the caller cleans up
+                if sole:
+                    # No other rank writes there: what this save wrote goes now, before DCP
+                    # raises (it tells a storage writer nothing of a failure), so that a retry
+                    # finds the space free. With several ranks, some may still be writing;
+                    # the next save of this process to the same target removes it then
+                    # (SavesUnderWay), and zdcp's own saves do once DCP returns.
+                    self.abandon()
                 raise
         finally:
             if durable is not None:

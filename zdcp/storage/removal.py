@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+from typing import Any
 
 from ..errors import CheckpointNotFoundError
 from ..format.constants import SAVING_MARKER
@@ -19,7 +21,9 @@ from .location import Location
 from .oscalls import process_identity, process_running, sync_directory
 
 __all__ = [
+    "SavesUnderWay",
     "SAVES_UNDER_WAY",
+    "save_is_dead",
     "remove_committed",
     "remove_interrupted",
     "remove_dead_saves",
@@ -27,10 +31,58 @@ __all__ = [
     "delete_marked",
 ]
 
-#: The pending directories of this process's saves that have neither committed nor been
-#: abandoned (:class:`~zdcp.storage.saving.LocalSave` adds and removes them whole, so no lock
-#: is needed): the only ones of this process that :func:`remove_dead_saves` leaves alone.
-SAVES_UNDER_WAY: set[str] = set()
+
+class SavesUnderWay:
+    """This process's saves that have neither committed nor been abandoned, by where they write
+    (a pending directory; an object-store location and the save's session), each with the
+    thread that began it.
+
+    What a save of this process left may go unless the save is here and its thread is another
+    one, still running (:meth:`running`). A thread runs one save at a time (DCP's save returns
+    when it is over, and async saves run one after another on one background thread), so a
+    save that a thread begins means that its earlier one is over: failed without a commit and
+    without being abandoned, as a ``dcp.save`` through a ``ZarrWriter`` is when another rank's
+    writes failed (DCP gives a storage writer no failure hook).
+    """
+
+    def __init__(self) -> None:
+        self._saves: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._saves[name] = threading.current_thread()
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._saves.pop(name, None)
+
+    def running(self, name: str) -> bool:
+        """Whether the save ``name`` may still be running."""
+        with self._lock:
+            thread = self._saves.get(name)
+        return thread is not None and thread is not threading.current_thread() and thread.is_alive()
+
+
+#: This process's saves under way.
+SAVES_UNDER_WAY = SavesUnderWay()
+
+
+def save_is_dead(marker: Any, name: str) -> bool:
+    """Whether the save or removal whose saving marker is ``marker`` (parsed) provably ended
+    without a commit, so that what it left may be removed: a removal's always (it un-committed
+    the checkpoint first, whoever removes the rest); a save's when its process no longer runs
+    (same host, boot and PID namespace), or when it is this process's and not running
+    (:class:`SavesUnderWay`, where it is known as ``name``). Anything else may be running on
+    another host."""
+    if not isinstance(marker, dict):
+        return False  # no marker (yet), or not one of ours: nothing proves anything
+    if marker.get("removing") is True:
+        return True
+    owner, me = marker.get("owner"), process_identity()
+    if owner == me and me is not None:
+        return not SAVES_UNDER_WAY.running(name)
+    return process_running(owner) is False
 
 
 def remove_committed(location: Location) -> None:
@@ -80,26 +132,16 @@ def remove_interrupted(location: Location) -> bool:
 
 
 def remove_dead_saves(pending: list[str]) -> None:
-    """Delete those of the ``pending`` directories whose save provably ended without a commit:
-    its process no longer runs (same host, boot and PID namespace), or it is this process and
-    the save is not under way; and every one a removal left (:func:`remove_committed`: it was
-    un-committed, whoever removes it). Any other is left alone: it may be running on another
-    host."""
-    me = process_identity()
+    """Delete those of the ``pending`` directories whose save provably ended without a commit
+    (:func:`save_is_dead`), and every one a removal left (:func:`remove_committed`). Any other
+    is left alone: it may be running on another host."""
     for path in pending:
         try:
             with open(os.path.join(path, SAVING_MARKER), "rb") as f:
                 marker = json.load(f)
-            owner, removing = marker.get("owner"), marker.get("removing") is True
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             continue  # no marker (yet): nothing proves anything
-        if removing:
-            dead = True
-        elif owner == me and me is not None:
-            dead = path not in SAVES_UNDER_WAY
-        else:
-            dead = process_running(owner) is False
-        if dead:
+        if save_is_dead(marker, path):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -28,12 +28,17 @@ place, under the checkpoint's own prefix, and the root document, written last, i
 (:class:`InPlaceSave`). The coordinator first creates the marker ``__zdcp_saving__`` with a
 conditional write that succeeds only if it does not exist yet, so of two saves started at the
 same time one fails cleanly; a later save finds the marker of an interrupted (or running) one
-and refuses unless ``overwrite``. Having found neither a marker nor a checkpoint, a save looks
-for a committed one again once its marker exists: another save may have begun and committed
-between the first look and the marker. Replacing a committed checkpoint deletes its root document
-first, so no load that starts finds the old root over new chunks, and then the old objects: on an
-object store, the old checkpoint is gone before the new one commits (save each step under a
-new prefix to keep the previous one until then).
+and refuses unless ``overwrite``, or unless the marker's save provably ended
+(:func:`~zdcp.storage.removal.save_is_dead`: its process is gone, or it is a finished save of
+this process), whose leftovers it removes. A failed save deletes what it wrote, its marker last,
+retrying each request for a few seconds only (:func:`~zdcp.storage.retries.cleanup_schedule`):
+where the store is still failing, what is left stays under the marker for the next save.
+Having found neither a marker nor a checkpoint, a save looks for a committed one again once its
+marker exists: another save may have begun and committed between the first look and the marker.
+Replacing a committed checkpoint deletes its root document first, so no load that starts finds
+the old root over new chunks, and then the old objects: on an object store, the old checkpoint
+is gone before the new one commits (save each step under a new prefix to keep the previous one
+until then).
 
 Within the protocol, the layout of the save (:mod:`zdcp.storage.layout`) writes the chunks and
 commits the hierarchy (:meth:`~zdcp.storage.layout.ChunkSink.commit`, the ``write_root`` step of
@@ -54,7 +59,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from ..errors import CheckpointExistsError, CorruptCheckpointError, UsageError, ZdcpError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError, UsageError, ZdcpError
 from ..format.constants import SAVING_MARKER
 from .contents import (
     COMMITTED,
@@ -70,7 +75,8 @@ from .contents import (
 from .keyvalue import encode_json
 from .location import Location
 from .oscalls import FilesystemSync, exchange, process_identity
-from .removal import SAVES_UNDER_WAY, delete_marked, remove_dead_saves, uncommit
+from .removal import SAVES_UNDER_WAY, delete_marked, remove_dead_saves, save_is_dead, uncommit
+from .retries import cleanup_schedule
 
 __all__ = ["LocalSave", "InPlaceSave", "WriteRoot", "begin_save", "save_location", "check_location"]
 
@@ -183,6 +189,8 @@ class InPlaceSave:
         self.location = location
         self.generation = generation
         self.session = session
+        self.name = in_place_name(location, session)
+        SAVES_UNDER_WAY.add(self.name)
 
     def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
         """Write the root document (``write_root``), the commit, if the prefix is still this
@@ -203,16 +211,35 @@ class InPlaceSave:
 
     def release(self) -> None:
         """Delete the marker, if it is still this save's."""
+        SAVES_UNDER_WAY.discard(self.name)
         self.location.delete_marker(if_equal=self.generation)
 
     def abandon(self) -> None:
-        """Delete what a failed save wrote, its marker included, unless another save has taken
-        the prefix over (``overwrite``) since: then what is there is that save's."""
+        """Delete what a failed save wrote, its marker last, unless another save has taken the
+        prefix over (``overwrite``) since: then what is there is that save's. Each request is
+        retried for a few seconds only: the save has failed already, maybe for an outage that
+        goes on, and what cannot be deleted now stays under the marker, which the next save to
+        the prefix finds dead (:func:`~zdcp.storage.removal.save_is_dead`) and removes; a
+        warning says so."""
+        SAVES_UNDER_WAY.discard(self.name)
+        location = self.location.with_retries(cleanup_schedule())
         try:
-            _check_owned(self.location, self.generation)
+            _check_owned(location, self.generation)
+            delete_marked(location, self.generation)
         except CheckpointExistsError:
             return
-        delete_marked(self.location, self.generation)
+        except StorageError as e:
+            warnings.warn(
+                f"{location.url}: what the failed save wrote stays under its marker, for the next save to it to "
+                f"remove: {e}",
+                stacklevel=3,
+            )
+
+
+def in_place_name(location: Location, session: str) -> str:
+    """What a save to an object-store ``location`` is known as among
+    :data:`~zdcp.storage.removal.SAVES_UNDER_WAY`."""
+    return f"{location.url}#{session}"
 
 
 def _check_owned(location: Location, generation: bytes, marker: ts.Future | None = None) -> None:
@@ -280,7 +307,7 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
     reading_marker, listing = location.read_marker(), location.kv.list()
     committed = _committed(location, overwrite)
     found = location.wait(reading_marker)
-    if not committed and found.state == "value" and not overwrite:
+    if not committed and found.state == "value" and not overwrite and not _dead_save(location, found.value):
         raise CheckpointExistsError(
             f"{url} holds an interrupted zdcp save, or one still running; pass overwrite=True to replace it "
             "(make sure no other save to it is running)"
@@ -312,6 +339,17 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
         in_place.abandon()  # this save had begun to replace what was there: the rest goes too
         raise
     return in_place
+
+
+def _dead_save(location: Location, marker: bytes) -> bool:
+    """Whether the saving ``marker`` found under ``location`` is a save's (or a removal's)
+    that provably ended without a commit."""
+    try:
+        parsed = json.loads(marker)
+    except ValueError:
+        return False
+    session = parsed.get("session") if isinstance(parsed, dict) else None
+    return save_is_dead(parsed, in_place_name(location, session if isinstance(session, str) else ""))
 
 
 def _committed(location: Location, overwrite: bool) -> bool:
