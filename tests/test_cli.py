@@ -1,6 +1,7 @@
 """The zdcp command: inspect, verify, convert; exit codes; one clear line for user errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,51 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path):
     script = Path(sys.executable).with_name("zdcp")  # the console script installed beside python
     run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "inspect" in run.stdout
+
+
+def _on_a_terminal(argv):
+    """Run ``python -m zdcp argv`` with stderr on a pseudo-terminal; its exit status and what it
+    wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # A terminal 80 columns wide (a new pseudo-terminal has none, and tqdm draws to its width).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "zdcp", *argv], stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        written = b""
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not data:
+                break
+            written += data
+        return run.wait(120), written.decode(errors="replace")
+    finally:
+        os.close(leader)
+
+
+def test_long_commands_show_a_progress_bar_on_a_terminal_and_none_when_piped(tmp_path):
+    zdcp.save({"w": torch.randn(512, 512), "b": torch.randn(8)}, tmp_path / "ck")
+    torch.save({"w": torch.randn(256, 256)}, tmp_path / "model.pt")
+    safetensors.torch.save_file({"w": torch.randn(256, 256)}, tmp_path / "model.safetensors")
+    commands = {  # the bar's label, and what it shows when done
+        "verify": (["verify", str(tmp_path / "ck")], "100%|"),
+        "zdcp -> torch": (["convert", str(tmp_path / "ck"), str(tmp_path / "out.pt")], "100%|"),
+        "zdcp -> safetensors": (["convert", str(tmp_path / "ck"), str(tmp_path / "out.safetensors")], "100%|"),
+        # sizes the source does not tell up front: the bytes written
+        "torch -> zdcp": (["convert", str(tmp_path / "model.pt"), str(tmp_path / "from-torch")], "256kB"),
+        "safetensors -> zdcp": (["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "st")], "256kB"),
+    }
+    for bar, (argv, done) in commands.items():
+        status, written = _on_a_terminal(argv)
+        assert status == 0 and f"{bar}: {done}" in written, (argv, written)
+    for argv in (commands["verify"][0], ["convert", str(tmp_path / "ck"), str(tmp_path / "again.safetensors")]):
+        piped = subprocess.run([sys.executable, "-m", "zdcp", *argv], capture_output=True, timeout=120)
+        assert piped.returncode == 0 and piped.stderr == b"", (argv, piped.stderr)

@@ -216,9 +216,11 @@ def _convert(args: argparse.Namespace) -> int:
 
 _CONVERSIONS: dict[tuple[str, str], Callable[[str, str, argparse.Namespace, Any], None]] = {
     ("torch", "zdcp"): lambda s, d, a, p: format_utils.torch_save_to_zdcp(
-        s, d, overwrite=a.overwrite, allow_pickle=a.allow_pickle, layout=a.layout
+        s, d, overwrite=a.overwrite, allow_pickle=a.allow_pickle, layout=a.layout, progress=p
     ),
-    ("zdcp", "torch"): lambda s, d, a, p: format_utils.zdcp_to_torch_save(s, d, allow_pickle=a.allow_pickle),
+    ("zdcp", "torch"): lambda s, d, a, p: format_utils.zdcp_to_torch_save(
+        s, d, allow_pickle=a.allow_pickle, progress=p
+    ),
     ("dcp", "zdcp"): lambda s, d, a, p: format_utils.dcp_to_zdcp(
         s, d, overwrite=a.overwrite, layout=a.layout, progress=p
     ),

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner,
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from .api import run_save, save
+from .api import run_save
 from .collectives import Collectives
 from .errors import CheckpointNotFoundError, UnsupportedValueError, UsageError
 from .format.names import Key, describe, dotted
@@ -71,7 +71,13 @@ SAFETENSORS_METADATA_KEY = "__metadata__"
 
 
 def torch_save_to_zdcp(
-    src: PathLike, dst: PathLike, *, overwrite: bool = False, allow_pickle: bool = False, layout: str | None = None
+    src: PathLike,
+    dst: PathLike,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    layout: str | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Convert a ``torch.save`` file holding a state dict into a zdcp checkpoint (in ``layout``,
     ``"files"`` or ``"packed"``).
@@ -83,12 +89,29 @@ def torch_save_to_zdcp(
     state = _torch_load(src, allow_pickle)
     if not isinstance(state, dict):
         raise UnsupportedValueError(f"{src} holds a {type(state).__name__}, not a state dict")
-    save(state, dst, overwrite=overwrite, allow_pickle=allow_pickle, layout=layout)
+    _save_fetching(
+        state,
+        lambda path: _get_path(state, path),
+        dst,
+        overwrite=overwrite,
+        layout=layout,
+        progress=progress,
+        allow_pickle=allow_pickle,
+    )
 
 
-def zdcp_to_torch_save(src: PathLike, dst: PathLike, *, allow_pickle: bool = False) -> None:
+def zdcp_to_torch_save(
+    src: PathLike, dst: PathLike, *, allow_pickle: bool = False, progress: Progress | None = None
+) -> None:
     """Write a zdcp checkpoint as one ``torch.save`` file (the whole state is in memory once)."""
-    torch.save(open_checkpoint(src, allow_pickle=allow_pickle).to_state_dict(), dst)
+
+    def read(array: Array) -> torch.Tensor:
+        tensor = array[...]
+        if progress is not None:
+            progress(tensor.numel() * tensor.element_size())
+        return tensor
+
+    torch.save(open_checkpoint(src, allow_pickle=allow_pickle).to_state_dict(read), dst)
 
 
 def _torch_load(src: PathLike, allow_pickle: bool) -> Any:
@@ -402,6 +425,13 @@ def _save_fetching(
 def _placeholder(array: Array) -> torch.Tensor:
     """A meta tensor standing in for an array in a skeleton state dict."""
     return torch.empty(array.shape, dtype=array.dtype, device="meta")
+
+
+def _get_path(root: Any, path: tuple[Key, ...]) -> Any:
+    """The value at ``path`` in nested dicts and lists."""
+    for key in path:
+        root = root[key]
+    return root
 
 
 def _set_path(root: dict[Key, Any], path: tuple[Key, ...], value: Any) -> None:
