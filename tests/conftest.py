@@ -1,4 +1,8 @@
+import subprocess
+import sys
+import uuid
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -80,7 +84,6 @@ def assert_one_of_two_racing_saves_commits(url, layout):
     other fails cleanly, and what is there loads whole."""
     import torch.multiprocessing as mp
 
-
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     savers = [ctx.Process(target=_save_at_once, args=(url, v, barrier, results, layout)) for v in (1, 2)]
@@ -94,3 +97,49 @@ def assert_one_of_two_racing_saves_commits(url, layout):
     out = {"w": torch.zeros(64, 64)}
     zdcp.load(out, url)
     assert torch.all(out["w"] == winners[0]) and zdcp.verify(url).ok
+
+
+def new_bucket(s3, stem):
+    """A new S3 bucket (``s3``: a boto3 client), named ``stem-<random>``."""
+    name = f"{stem}-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def new_gcs_bucket(endpoint, stem):
+    """A new bucket on the GCS emulator at ``endpoint``, named ``stem-<random>``."""
+    import json
+    import urllib.request
+
+    name = f"{stem}-{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(
+        f"{endpoint}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    urllib.request.urlopen(request, timeout=10).close()
+    return name
+
+
+def objects(s3, bucket, prefix=""):
+    """The keys of a bucket's objects (under ``prefix``), sorted."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@contextmanager
+def owners_maybe_running():
+    """Owners a saving marker may name whose save zdcp cannot prove dead, by name: a process
+    of this host that runs, one on another host, one of this host before a reboot."""
+    from zdcp.storage.oscalls import _start_time, process_identity
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        me = process_identity()
+        yield {
+            "alive": {**me, "pid": alive.pid, "started": _start_time(alive.pid)},
+            "elsewhere": {**me, "host": "another-host", "pid": 1},
+            "rebooted": {**me, "boot": "another-boot", "pid": 1},
+        }
+    finally:
+        alive.kill()
+        alive.wait()

@@ -2,14 +2,11 @@
 (fake-gcs-server, with the preconditions GCS enforces): both layouts, one process and several
 ranks, concurrent saves, zarr-python through zdcp.zarr_store."""
 
-import json
-import urllib.request
-import uuid
 
 import pytest
 import torch
 import zarr
-from conftest import assert_bitwise_equal, assert_one_of_two_racing_saves_commits
+from conftest import assert_bitwise_equal, assert_one_of_two_racing_saves_commits, new_gcs_bucket
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -27,13 +24,7 @@ def gcs():
 
 @pytest.fixture
 def bucket(gcs):
-    name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    request = urllib.request.Request(
-        f"{gcs}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(), method="POST",
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    urllib.request.urlopen(request, timeout=10).close()
-    return name
+    return new_gcs_bucket(gcs, "ckpt")
 
 
 def test_both_layouts_on_gcs(bucket, layout):

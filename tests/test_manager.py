@@ -9,7 +9,7 @@ import uuid
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, new_bucket
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -422,9 +422,7 @@ def s3():
 
 @pytest.fixture
 def bucket(s3):
-    name = f"run-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
+    return new_bucket(s3, "run")
 
 
 def _prefixes(s3, bucket):

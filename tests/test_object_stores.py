@@ -12,7 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import zarr
-from conftest import assert_bitwise_equal, assert_one_of_two_racing_saves_commits
+from conftest import (
+    assert_bitwise_equal,
+    assert_one_of_two_racing_saves_commits,
+    new_bucket,
+    objects,
+    owners_maybe_running,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -42,14 +48,7 @@ def _aws(endpoint):
 
 @pytest.fixture
 def bucket(s3):
-    name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
-
-
-def objects(s3, bucket, prefix=""):
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+    return new_bucket(s3, "ckpt")
 
 
 # -- locations ------------------------------------------------------------------------------------
@@ -237,18 +236,7 @@ def test_an_interrupted_save_on_s3_is_never_loadable(s3, bucket):
 def test_a_save_in_flight_elsewhere_on_s3_is_left_alone(s3, bucket):
     """A marker whose save may still run (a live process here, or one on another host, which
     zdcp cannot tell from a dead one) makes a save refuse, unless ``overwrite``."""
-    import subprocess
-    import sys
-
-    from zdcp.storage.oscalls import _start_time, process_identity
-
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        me = process_identity()
-        owners = {
-            "alive": {**me, "pid": alive.pid, "started": _start_time(alive.pid)},
-            "elsewhere": {**me, "host": "another-host", "pid": 1},
-        }
+    with owners_maybe_running() as owners:
         for name, owner in owners.items():
             marker = {"owner": owner, "session": "0" * 32, "target": f"s3://{bucket}/{name}"}
             s3.put_object(Bucket=bucket, Key=f"{name}/__zdcp_saving__", Body=json.dumps(marker).encode())
@@ -256,11 +244,8 @@ def test_a_save_in_flight_elsewhere_on_s3_is_left_alone(s3, bucket):
             with pytest.raises(zdcp.CheckpointExistsError, match="interrupted zdcp save, or one still running"):
                 zdcp.save({"w": torch.ones(2)}, f"s3://{bucket}/{name}")
             assert objects(s3, bucket, f"{name}/") == [f"{name}/__zdcp_saving__", f"{name}/w/c.0"]
-        zdcp.save({"w": torch.ones(2)}, f"s3://{bucket}/elsewhere", overwrite=True, layout="files")
-        assert objects(s3, bucket, "elsewhere/") == [f"elsewhere/{k}" for k in ("w/c.0", "w/zarr.json", "zarr.json")]
-    finally:
-        alive.kill()
-        alive.wait()
+    zdcp.save({"w": torch.ones(2)}, f"s3://{bucket}/elsewhere", overwrite=True, layout="files")
+    assert objects(s3, bucket, "elsewhere/") == [f"elsewhere/{k}" for k in ("w/c.0", "w/zarr.json", "zarr.json")]
 
 
 def test_latest_checkpoint_on_s3_skips_what_never_committed(s3, bucket, layout):

