@@ -78,6 +78,10 @@ KNOWN_WORKLOADS: dict[str, Entry] = {
         "benchmarks.workloads.latency:latency",
         "saves and loads on S3 (moto) with 20 ms added to every request, against DCP's fsspec writer",
     ),
+    "faults": Entry(
+        "benchmarks.workloads.faults:faults",
+        "saves, loads and verifies on S3 (moto) with 10% of requests throttled or 5% dropped, and an outage",
+    ),
     "async": Entry(
         "benchmarks.workloads.async_save:async_save",
         "how long zdcp.async_save blocks, against copying the state to host memory",
