@@ -124,8 +124,10 @@ def _on_a_terminal(argv):
     wrote there."""
     import fcntl
     import pty
+    import select
     import struct
     import termios
+    import time
 
     leader, follower = pty.openpty()
     # A terminal 80 columns wide (a new pseudo-terminal has none, and tqdm draws to its width).
@@ -133,8 +135,10 @@ def _on_a_terminal(argv):
     try:
         run = subprocess.Popen([sys.executable, "-m", "zdcp", *argv], stdout=subprocess.DEVNULL, stderr=follower)
         os.close(follower)
-        written = b""
-        while True:
+        written, deadline = b"", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 1)[0]:
+                continue
             try:
                 data = os.read(leader, 65536)
             except OSError:  # EIO: the terminal's other end is closed
@@ -142,7 +146,7 @@ def _on_a_terminal(argv):
             if not data:
                 break
             written += data
-        return run.wait(120), written.decode(errors="replace")
+        return run.wait(10), written.decode(errors="replace")
     finally:
         os.close(leader)
 

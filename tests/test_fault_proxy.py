@@ -152,6 +152,18 @@ def test_dropped_connections_are_closed_and_retries_get_through(proxy, bucket):
     assert counts.dropped > 5 and counts.forwarded == counts.requests - counts.dropped
 
 
+def test_a_lost_answer_leaves_what_the_store_did(proxy, bucket):
+    """The request reaches the store and is acted on; the client sees its connection closed."""
+    proxy.lose = 1.0
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        raw(proxy, "PUT", f"/{bucket}/landed", body=b"it landed")
+    proxy.lose = 0.0
+    status, _, body = raw(proxy, "GET", f"/{bucket}/landed")
+    assert status == 200 and body == b"it landed"
+    counts = proxy.counts
+    assert counts.lost == 1 and counts.forwarded == counts.requests == 2
+
+
 def test_an_outage_of_writes_from_partway_on_and_the_recovery(proxy, bucket):
     store = s3_store(proxy, bucket, QUICK_RETRIES)
     store.write("before", b"0").result()

@@ -416,9 +416,11 @@ class FaultCounts:
     writes: int = 0
     #: Requests forwarded upstream (the others were answered with a fault).
     forwarded: int = 0
-    #: Faults: throttling answers, connections closed without an answer, outage answers.
+    #: Faults: throttling answers, connections closed without an answer (before forwarding, or
+    #: after: the answer lost), outage answers.
     throttled: int = 0
     dropped: int = 0
+    lost: int = 0
     outage: int = 0
     #: Body bytes of the upstream's answers relayed to clients, and of those to GETs.
     bytes_sent: int = 0
@@ -427,7 +429,7 @@ class FaultCounts:
     @property
     def faults(self) -> int:
         """Requests answered with a fault, or with none."""
-        return self.throttled + self.dropped + self.outage
+        return self.throttled + self.dropped + self.lost + self.outage
 
     def __sub__(self, other: FaultCounts) -> FaultCounts:
         return FaultCounts(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
@@ -481,6 +483,9 @@ class FaultProxy(_Relay):
       ignores it; other clients honour it);
     - ``drop``: the fraction of requests whose connection is closed, once the request is read,
       without an answer (a connection reset by a load balancer, a crashed front end);
+    - ``lose``: the fraction of requests forwarded whose answer is lost: the store acted on the
+      request (a conditional create succeeded, say), the client sees its connection closed and
+      retries it;
     - an outage (:meth:`outage`): every write, every read, or every request answered ``503``
       (S3's ``ServiceUnavailable``, GCS's ``backendError``), from now or from after a number of
       such requests (partway through a save), until :meth:`recover`;
@@ -488,7 +493,7 @@ class FaultProxy(_Relay):
       in about a millisecond where an object store takes tens, which hides the cost of requests
       made one after another; holding each request puts it back.
 
-    Faults are drawn from a random generator seeded with ``seed`` (None: from the OS): two
+    Faults are drawn from a random generator seeded with ``seed`` (None: from the OS): three
     draws per request, in the order requests arrive, so a run with one client thread repeats
     exactly and concurrent runs fail the same fractions. Every setting can be changed while the
     proxy runs (assign the attribute; tests change them between phases); :attr:`counts` says
@@ -503,6 +508,7 @@ class FaultProxy(_Relay):
         throttle: float = 0.0,
         retry_after: int | None = None,
         drop: float = 0.0,
+        lose: float = 0.0,
         latency: float = 0.0,
         seed: int | None = None,
     ) -> None:
@@ -515,6 +521,7 @@ class FaultProxy(_Relay):
         self._outage: OutageOf | None = None
         self._outage_after = 0  # requests the outage still lets through before it starts
         self.throttle, self.retry_after, self.drop, self.latency = throttle, retry_after, drop, latency
+        self.lose = lose
         super().__init__(upstream)
 
     # -- settings ---------------------------------------------------------------------------------
@@ -536,6 +543,15 @@ class FaultProxy(_Relay):
     @drop.setter
     def drop(self, fraction: float) -> None:
         self._drop = _fraction("drop", fraction)
+
+    @property
+    def lose(self) -> float:
+        """The fraction of requests forwarded whose answer is lost (the connection closed)."""
+        return self._lose
+
+    @lose.setter
+    def lose(self, fraction: float) -> None:
+        self._lose = _fraction("lose", fraction)
 
     @property
     def latency(self) -> float:
@@ -609,12 +625,16 @@ class FaultProxy(_Relay):
             time.sleep(latency)
         if fault == "dropped":
             return None
-        if fault:
+        if fault and fault != "lost":
             answer = _FAULT_ANSWERS[self.flavor][fault]
             if fault == "throttled" and retry_after is not None:
                 answer = replace(answer, headers=[*answer.headers, ("Retry-After", str(retry_after))])
             return answer
         answer = self.forward(request)
+        if fault == "lost":
+            with self._lock:
+                self._counts["forwarded"] += 1
+            return None
         with self._lock:
             self._counts["forwarded"] += 1
             self._counts["bytes_sent"] += len(answer.body)
@@ -625,11 +645,12 @@ class FaultProxy(_Relay):
     def _fault(self, kind: str | None) -> str | None:
         """The fault a request of ``kind`` meets, if any (under the lock)."""
         dropped, throttled = self._random.random() < self._drop, self._random.random() < self._throttle
+        lost = self._random.random() < self._lose
         if self._outage is not None and (self._outage == "all" or self._outage == kind):
             if self._outage_after == 0:
                 return "outage"
             self._outage_after -= 1
-        return "dropped" if dropped else "throttled" if throttled else None
+        return "dropped" if dropped else "throttled" if throttled else "lost" if lost else None
 
 
 def _fraction(name: str, value: float) -> float:

@@ -53,6 +53,7 @@ from .storage.failures import storage_access
 from .storage.inflight import InflightWindow
 from .storage.layout import ChunkSink, Layout, default_layout, layout_named
 from .storage.location import CheckpointId, Location, kvstore_spec, location_for
+from .storage.retries import REQUESTS_IN_FLIGHT
 from .storage.saving import InPlaceSave, LocalSave, begin_save, check_location, save_location
 from .tree import tensor_placement
 from .version import __version__
@@ -423,7 +424,8 @@ class _ChunkWriter:
         self.sink = sink
         self.grids = plan.grids
         self.compression = writer.options.compression
-        self.window = InflightWindow(writer.max_inflight_bytes)
+        remote = not sink.hierarchy.location.is_local
+        self.window = InflightWindow(writer.max_inflight_bytes, operations=REQUESTS_IN_FLIGHT if remote else None)
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
 

@@ -7,12 +7,13 @@ from a checkpoint (a checksum mismatch, a missing or truncated chunk) is a
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import CorruptCheckpointError, StorageError, ZdcpError
-from .retries import BUDGET_VARIABLE, request_schedule, retry_budget
+from .retries import BUDGET_VARIABLE, DEFAULT_BUDGET
 
 __all__ = ["reading", "storage_access", "failure_message", "short_message"]
 
@@ -59,10 +60,10 @@ def failure_message(error: Exception, url: str, doing: str | None = None) -> str
         answer = _HTTP_CODE.search(str(error))
         last = f"HTTP {answer.group(1)} {gave_up['last']}" if answer else gave_up["last"]
         what = f"{gave_up['operation']} {gave_up['key']}" if gave_up["operation"] else "a request"
+        budget = os.environ.get(BUDGET_VARIABLE) or f"{DEFAULT_BUDGET:g}"
         text = (
             f"{what} failed {int(gave_up['retries']) + 1} times, the last: {last} (zdcp retries a failing request "
-            f"for up to {request_schedule().longest_wait:.0f} s, within {BUDGET_VARIABLE}={retry_budget():g} s; "
-            "raise it where outages last longer)"
+            f"for a third of {BUDGET_VARIABLE}, now {budget} s: raise it where outages last longer)"
         )
     return f"{url}: {doing}: {text}" if doing else f"{url}: {text}"
 

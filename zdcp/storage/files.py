@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import tensorstore as ts
 
 from ..format.constants import ZARR_JSON
 from .hierarchy import Hierarchy
+from .inflight import InflightWindow
 from .keyvalue import encode_json
 from .layout import ChunkSink, Documents, Layout
 from .localfiles import DirectReader, LocalFiles, in_directory
 from .location import Location
+from .retries import REQUESTS_IN_FLIGHT
 
 __all__ = ["FilesLayout"]
 
@@ -94,6 +97,13 @@ class _FilesSink(ChunkSink):
             for key, doc in nodes.items():
                 self.local.write(key, encode_json(doc))
         else:
-            for writing in [self.hierarchy.write_json_async(key, doc) for key, doc in nodes.items()]:
-                self.hierarchy.wait(writing, "writing the nodes' zarr.json")
+            written = partial(self.hierarchy.wait, doing="writing the nodes' zarr.json")
+            window = InflightWindow(None, operations=REQUESTS_IN_FLIGHT)
+            try:
+                for key, doc in nodes.items():
+                    window.add(self.hierarchy.write_json_async(key, doc), 0, written)
+                window.drain()
+            except BaseException:
+                window.settle()  # no write of a failed save may land after its cleanup
+                raise
         self.hierarchy.wait(self.hierarchy.write_json_async(ZARR_JSON, documents[""]), "committing (writing zarr.json)")

@@ -65,10 +65,10 @@ class Location(KeyValue):
             context = _PROCESS_MEMORY
         else:
             retrying = context_spec(spec["driver"], retries)
-            if retrying:
-                RETRY_WATCH.using(url)
             context = ts.Context({"file_io_sync": False, **retrying})
         super().__init__(spec, context, url)
+        if spec["driver"] in ("s3", "gcs"):
+            RETRY_WATCH.using(self)
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+import weakref
 from typing import Any
 
 from ..errors import CheckpointNotFoundError
@@ -42,46 +43,67 @@ class SavesUnderWay:
     when it is over, and async saves run one after another on one background thread), so a
     save that a thread begins means that its earlier one is over: failed without a commit and
     without being abandoned, as a ``dcp.save`` through a ``ZarrWriter`` is when another rank's
-    writes failed (DCP gives a storage writer no failure hook).
+    writes failed (DCP gives a storage writer no failure hook). Whoever finds such a save dead
+    ends it (:meth:`end`), so that it cleans up nothing later (a new save may write there by
+    then).
     """
 
     def __init__(self) -> None:
-        self._saves: dict[str, threading.Thread] = {}
+        self._saves: dict[str, tuple[threading.Thread, object, weakref.ref[Any]]] = {}
         self._lock = threading.Lock()
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, save: Any, token: object) -> None:
+        """Register ``save`` (with a ``forget()`` method) as under way at ``name``; ``token``
+        identifies it to :meth:`discard`."""
         with self._lock:
-            self._saves[name] = threading.current_thread()
+            self._saves[name] = (threading.current_thread(), token, weakref.ref(save))
 
-    def discard(self, name: str) -> None:
+    def discard(self, name: str, token: object) -> None:
+        """The save ``token`` at ``name`` is over (committed or abandoned); another registered
+        there since stays."""
         with self._lock:
-            self._saves.pop(name, None)
+            if name in self._saves and self._saves[name][1] is token:
+                del self._saves[name]
 
     def running(self, name: str) -> bool:
         """Whether the save ``name`` may still be running."""
         with self._lock:
-            thread = self._saves.get(name)
+            thread = self._saves[name][0] if name in self._saves else None
         return thread is not None and thread is not threading.current_thread() and thread.is_alive()
+
+    def end(self, name: str) -> None:
+        """The save at ``name`` was found dead: it is forgotten, and told to clean up nothing."""
+        with self._lock:
+            _, _, ref = self._saves.pop(name, (None, None, lambda: None))
+        save = ref()
+        if save is not None:
+            save.forget()
 
 
 #: This process's saves under way.
 SAVES_UNDER_WAY = SavesUnderWay()
 
 
-def save_is_dead(marker: Any, name: str) -> bool:
+def save_is_dead(marker: Any, name: str, *, local: bool) -> bool:
     """Whether the save or removal whose saving marker is ``marker`` (parsed) provably ended
-    without a commit, so that what it left may be removed: a removal's always (it un-committed
-    the checkpoint first, whoever removes the rest); a save's when its process no longer runs
-    (same host, boot and PID namespace), or when it is this process's and not running
-    (:class:`SavesUnderWay`, where it is known as ``name``). Anything else may be running on
-    another host."""
+    without a commit, so that what it left may be removed: a save's (or on an object store, a
+    removal's) when its process no longer runs (same host, boot and PID namespace), or when it
+    is a save of this process that is not running (:class:`SavesUnderWay`, where it is known as
+    ``name``: it is then ended). A removal's pending directory (``local``) is always dead: it
+    was un-committed and renamed aside first, and deleting it twice is harmless; on an object
+    store a removal still deleting could delete a new save's objects. Anything else may be
+    running on another host."""
     if not isinstance(marker, dict):
         return False  # no marker (yet), or not one of ours: nothing proves anything
-    if marker.get("removing") is True:
+    removing = marker.get("removing") is True
+    if removing and local:
         return True
     owner, me = marker.get("owner"), process_identity()
     if owner == me and me is not None:
-        return not SAVES_UNDER_WAY.running(name)
+        if removing or SAVES_UNDER_WAY.running(name):
+            return False
+        SAVES_UNDER_WAY.end(name)
+        return True
     return process_running(owner) is False
 
 
@@ -122,8 +144,8 @@ def remove_committed(location: Location) -> None:
 def remove_interrupted(location: Location) -> bool:
     """Delete what a save or a removal that never finished left under an object-store prefix
     (its marker, and no commit record); True if there was such a thing. The caller knows that
-    nothing is saving there now: on an object store, a marker cannot tell a dead save from a
-    running one."""
+    nothing is saving there now (the manager, the one saver of its directory): a marker proves
+    a save dead only where its process ran on this host (:func:`save_is_dead`)."""
     found = location.wait(location.read_marker())
     if found.state != "value" or root_kind(location)[0] != NO_ROOT:
         return False
@@ -141,7 +163,7 @@ def remove_dead_saves(pending: list[str]) -> None:
                 marker = json.load(f)
         except (OSError, ValueError):
             continue  # no marker (yet): nothing proves anything
-        if save_is_dead(marker, path):
+        if save_is_dead(marker, path, local=True):
             shutil.rmtree(path, ignore_errors=True)
 
 

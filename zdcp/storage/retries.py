@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "request_schedule",
     "cleanup_schedule",
     "context_spec",
+    "REQUESTS_IN_FLIGHT",
     "RETRY_WATCH",
 ]
 
@@ -62,6 +64,12 @@ INITIAL_DELAY = 0.1
 MAX_DELAY = 10.0
 #: How long the cleanup after a failed save retries a request, in seconds.
 CLEANUP_SECONDS = 5.0
+#: How many requests to an object store a call keeps in flight: twice tensorstore's request
+#: concurrency (``s3_request_concurrency``, ``gcs_request_concurrency``: 32 by default), enough
+#: to keep it busy. A request keeps its place through its retries, so in an outage they fail a
+#: wave of 32 at a time: a call that waits for what it has in flight after the first failure
+#: (no write of a failed save may land after its cleanup) waits for two waves at most.
+REQUESTS_IN_FLIGHT = 64
 #: The least time between two warnings about retried requests, in seconds.
 WARN_INTERVAL = 5.0
 
@@ -75,9 +83,9 @@ _log = logging.getLogger("zdcp")
 
 @dataclass(frozen=True)
 class RetrySchedule:
-    """tensorstore's retry schedule: after the ``k``-th failure of a request it waits
-    ``min(initial_delay * 2**k + jitter, max_delay)`` (jitter: up to ``initial_delay``, at most
-    1 s) and tries again, ``max_retries`` times at most."""
+    """tensorstore's retry schedule: after the ``k``-th failure of a request (from 1) it waits
+    ``min(initial_delay * 2**(k-1) + jitter, max_delay)`` (jitter: up to ``initial_delay``, at
+    most 1 s) and tries again, ``max_retries`` times at most."""
 
     max_retries: int
     initial_delay: float = INITIAL_DELAY
@@ -85,24 +93,28 @@ class RetrySchedule:
 
     @classmethod
     def lasting(cls, seconds: float) -> RetrySchedule:
-        """The schedule that retries a failing request for as long as its waits, jitter at its
-        largest included, add up to at most ``seconds`` (at least one retry)."""
-        retries, waited = 0, 0.0
-        while retries < 1 or waited + cls.wait_before(retries + 1) <= seconds:
-            waited += cls.wait_before(retries + 1)
+        """zdcp's schedule that retries a failing request for as long as its waits, jitter at
+        its largest included, add up to at most ``seconds`` (at least one retry)."""
+        schedule, waited = cls(0), 0.0
+        retries = 0
+        while schedule.wait_before(retries + 1) < schedule.max_delay:  # the doubling waits
+            if waited + schedule.wait_before(retries + 1) > seconds:
+                return cls(max(retries, 1))
+            waited += schedule.wait_before(retries + 1)
             retries += 1
-        return cls(retries)
+        return cls(max(retries + int((seconds - waited) // schedule.max_delay), 1))  # then the longest
 
-    @staticmethod
-    def wait_before(retry: int) -> float:
-        """The longest wait before the ``retry``-th retry (1-based)."""
-        jitter = min(INITIAL_DELAY, 1.0)
-        return min(INITIAL_DELAY * 2 ** (retry - 1) + jitter, MAX_DELAY)
+    def wait_before(self, retry: int) -> float:
+        """The longest wait before the ``retry``-th retry (from 1)."""
+        jitter = min(self.initial_delay, 1.0)
+        return min(self.initial_delay * 2 ** min(retry - 1, 62) + jitter, self.max_delay)
 
     @property
     def longest_wait(self) -> float:
         """All waits of a request that fails every attempt, at their longest, in seconds."""
-        return sum(self.wait_before(k) for k in range(1, self.max_retries + 1))
+        doubling = next((k for k in range(1, 64) if self.wait_before(k) >= self.max_delay), 64)
+        short = sum(self.wait_before(k) for k in range(1, min(doubling, self.max_retries + 1)))
+        return short + max(self.max_retries - doubling + 1, 0) * self.max_delay
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,14 +163,18 @@ def context_spec(driver: str, schedule: RetrySchedule | None = None) -> dict[str
 
 class RetryWatch:
     """Warns, on the ``zdcp`` logger, while requests to object stores are being retried: at
-    most every :data:`WARN_INTERVAL` seconds, with how many were retried since the last look and
-    the locations in use. tensorstore counts retries per process and driver, not per store,
-    so the warning names every object-store location zdcp used lately (:meth:`using`)."""
+    most every :data:`WARN_INTERVAL` seconds, with how many retries there were since the last
+    look and the object-store locations in use. tensorstore counts retries per process and
+    driver, not per store, so the warning names every such location in use (a
+    :class:`~zdcp.storage.location.Location` still referred to, as during a long save) or used
+    within the last minute, the latest first."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._recent: dict[str, float] = {}  # url -> when it was last used (monotonic)
+        self._in_use: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._used: dict[str, float] = {}  # url -> when it was last in use (monotonic)
+        os.register_at_fork(after_in_child=self._forget_thread)  # a forked child has no watch thread
 
     def start(self) -> None:
         with self._lock:
@@ -166,36 +182,42 @@ class RetryWatch:
                 self._thread = threading.Thread(target=self._watch, name="zdcp-retry-watch", daemon=True)
                 self._thread.start()
 
-    def using(self, url: str) -> None:
-        """Note that ``url`` (an object-store location) is in use."""
+    def using(self, location: Any) -> None:
+        """Note that ``location`` (an object-store Location, with its ``url``) is in use."""
         with self._lock:
-            self._recent[url] = time.monotonic()
+            self._in_use.add(location)
+            self._used[location.url] = time.monotonic()
+
+    def _forget_thread(self) -> None:
+        self._thread = None
 
     def _watch(self) -> None:
         seen = _retries()
         while True:
             time.sleep(WARN_INTERVAL)
-            count = _retries()
-            if count > seen:
-                self._warn(count - seen)
-            seen = count
+            try:
+                count = _retries()
+                if count > seen:
+                    self._warn(count - seen)
+                seen = count
+            except Exception as e:  # the watch must go on: it is only a warning
+                _log.debug("the retry watch failed: %r", e)
 
-    def _warn(self, retried: int) -> None:
+    def _warn(self, retries: int) -> None:
         with self._lock:
             now = time.monotonic()
-            # Locations used within the last minute, the latest first.
-            urls = sorted((u for u, t in self._recent.items() if now - t < 60), key=self._recent.__getitem__)[::-1]
-            self._recent = {u: self._recent[u] for u in urls}
+            self._used.update((location.url, now) for location in list(self._in_use))
+            self._used = {url: t for url, t in self._used.items() if now - t < 60}
+            urls = sorted(self._used, key=self._used.__getitem__, reverse=True)
         where = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "") if urls else "storage"
         _log.warning(
-            "%d requests to %s were retried in the last %.0f s: the store throttles or fails them. A request that "
-            "keeps failing is retried for up to %.0f s, then raises StorageError (%s=%s s)",
-            retried,
+            "%d retries of requests to %s in the last %.0f s: the store throttles or fails them. A request that "
+            "keeps failing is retried for a third of %s (now %s s), then raises StorageError",
+            retries,
             where,
             WARN_INTERVAL,
-            request_schedule().longest_wait,
             BUDGET_VARIABLE,
-            f"{retry_budget():g}",
+            os.environ.get(BUDGET_VARIABLE) or f"{DEFAULT_BUDGET:g}",
         )
 
 

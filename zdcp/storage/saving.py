@@ -109,8 +109,10 @@ class LocalSave:
         self.location = Location(path)
         # Opened before any write of the save, for the syncs to report their failures.
         self.durable = FilesystemSync(path)
-        SAVES_UNDER_WAY.add(path)
-        self._discard = weakref.finalize(self, _discard_pending, path, self.durable)
+        token = object()  # this save, among those that ever used the path
+        SAVES_UNDER_WAY.add(path, self, token)
+        self._discard = weakref.finalize(self, _discard_pending, path, self.durable, token)
+        self._token = token
 
     #: The commit syncs the filesystem: a single process need not sync its writes before.
     syncs_at_commit = True
@@ -136,7 +138,7 @@ class LocalSave:
             self.abandon()
             raise
         self._discard.detach()
-        SAVES_UNDER_WAY.discard(self.path)
+        SAVES_UNDER_WAY.discard(self.path, self._token)
         try:
             if sync:
                 self.durable.sync()  # the new name survives a crash (same filesystem)
@@ -164,11 +166,17 @@ class LocalSave:
         """Delete the pending directory of a failed save."""
         self._discard()
 
+    def forget(self) -> None:
+        """Another save found this one dead and removes what it left: this one deletes
+        nothing any more (a new save may have taken the path)."""
+        self._discard.detach()
+        self.durable.close()
 
-def _discard_pending(path: str, durable: FilesystemSync) -> None:
+
+def _discard_pending(path: str, durable: FilesystemSync, token: object) -> None:
     durable.close()
     shutil.rmtree(path, ignore_errors=True)
-    SAVES_UNDER_WAY.discard(path)
+    SAVES_UNDER_WAY.discard(path, token)
 
 
 class InPlaceSave:
@@ -190,7 +198,7 @@ class InPlaceSave:
         self.generation = generation
         self.session = session
         self.name = in_place_name(location, session)
-        SAVES_UNDER_WAY.add(self.name)
+        SAVES_UNDER_WAY.add(self.name, self, self)
 
     def commit(self, write_root: WriteRoot, *, sync: bool) -> None:
         """Write the root document (``write_root``), the commit, if the prefix is still this
@@ -211,29 +219,43 @@ class InPlaceSave:
 
     def release(self) -> None:
         """Delete the marker, if it is still this save's."""
-        SAVES_UNDER_WAY.discard(self.name)
+        SAVES_UNDER_WAY.discard(self.name, self)
         self.location.delete_marker(if_equal=self.generation)
 
     def abandon(self) -> None:
         """Delete what a failed save wrote, its marker last, unless another save has taken the
-        prefix over (``overwrite``) since: then what is there is that save's. Each request is
-        retried for a few seconds only: the save has failed already, maybe for an outage that
-        goes on, and what cannot be deleted now stays under the marker, which the next save to
-        the prefix finds dead (:func:`~zdcp.storage.removal.save_is_dead`) and removes; a
-        warning says so."""
-        SAVES_UNDER_WAY.discard(self.name)
+        prefix over (``overwrite``) since: then what is there is that save's."""
+
+        def delete_what_it_wrote(location: Location) -> None:
+            try:
+                _check_owned(location, self.generation)
+            except CheckpointExistsError:
+                return
+            delete_marked(location, self.generation)
+
+        self._clean_up(delete_what_it_wrote, "what the failed save wrote stays under its marker")
+
+    def release_after_failure(self) -> None:
+        """:meth:`release`, after a failure."""
+        self._clean_up(lambda location: location.delete_marker(if_equal=self.generation), "its marker stays")
+
+    def _clean_up(self, work: Callable[[Location], None], left: str) -> None:
+        """``work`` on the location, after a failure, each request retried for a few seconds
+        only: the save has failed already, maybe for an outage that goes on. What cannot be
+        deleted now stays under the marker, which the next save to the prefix finds dead
+        (:func:`~zdcp.storage.removal.save_is_dead`) and removes; a warning says so (``left``),
+        and the error raised stays the save's own. The save stays under way until then, so that
+        no other save of this process takes its marker for a dead one's meanwhile."""
         location = self.location.with_retries(cleanup_schedule())
         try:
-            _check_owned(location, self.generation)
-            delete_marked(location, self.generation)
-        except CheckpointExistsError:
-            return
+            work(location)
         except StorageError as e:
-            warnings.warn(
-                f"{location.url}: what the failed save wrote stays under its marker, for the next save to it to "
-                f"remove: {e}",
-                stacklevel=3,
-            )
+            warnings.warn(f"{location.url}: {left}, for the next save to it to remove: {e}", stacklevel=4)
+        finally:
+            SAVES_UNDER_WAY.discard(self.name, self)
+
+    def forget(self) -> None:
+        """Another save found this one dead and removes what it left."""
 
 
 def in_place_name(location: Location, session: str) -> str:
@@ -315,10 +337,9 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
     if not committed and found.state != "value" and location.wait(listing):
         raise CheckpointExistsError(f"{url} holds objects that are not a zdcp checkpoint; not deleting them")
     # Take the prefix: create the marker, or replace the one found, only if nobody else did since.
-    # (A pending directory's dead saves can be told by their marker's owner; an object store's
-    # cannot: there may be no other machine like the one that wrote it.)
     expected = found.stamp.generation if found.state == "value" else _NO_VALUE
-    generation = location.write_marker(encode_json({**marker, "target": url}), if_equal=expected)
+    content = encode_json({**marker, "target": url})
+    generation = location.write_marker(content, if_equal=expected) or _written_before(location, content)
     if not generation:
         raise CheckpointExistsError(f"another save to {url} started at the same time; this one is not written")
     in_place = InPlaceSave(location, generation, session)
@@ -328,7 +349,7 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
         try:
             committed = _committed(location, overwrite)
         except BaseException:
-            in_place.release()  # whatever is there stays as it is
+            in_place.release_after_failure()  # whatever is there stays as it is
             raise
     try:
         if committed:
@@ -341,6 +362,14 @@ def _begin_in_place(location: Location, *, overwrite: bool, session: str, marker
     return in_place
 
 
+def _written_before(location: Location, content: bytes) -> bytes:
+    """The generation of the marker when it holds ``content``, this save's (its session is
+    new): the conditional write that created it succeeded, but its answer was lost, and the
+    retry found the marker there (S3 412, GCS 412); else empty."""
+    found = location.wait(location.read_marker(), "reading the saving marker")
+    return found.stamp.generation if found.state == "value" and found.value == content else b""
+
+
 def _dead_save(location: Location, marker: bytes) -> bool:
     """Whether the saving ``marker`` found under ``location`` is a save's (or a removal's)
     that provably ended without a commit."""
@@ -349,7 +378,7 @@ def _dead_save(location: Location, marker: bytes) -> bool:
     except ValueError:
         return False
     session = parsed.get("session") if isinstance(parsed, dict) else None
-    return save_is_dead(parsed, in_place_name(location, session if isinstance(session, str) else ""))
+    return save_is_dead(parsed, in_place_name(location, session if isinstance(session, str) else ""), local=False)
 
 
 def _committed(location: Location, overwrite: bool) -> bool:
