@@ -59,6 +59,10 @@ FAULTS: dict[str, dict[str, float]] = {
     "5% of connections dropped": {"drop": 0.05},
 }
 SEED = 0  # of the proxy's faults
+#: Seconds every request is held: an object store's round trip (moto on loopback answers in
+#: about a millisecond, against which a throttled request's backoff of 100-200 ms would weigh
+#: as it never does on a real store).
+ROUND_TRIP = 0.02
 #: How long one save, load or verify may take before it is given up on (its process killed).
 DEADLINE, DEADLINE_QUICK = 600.0, 180.0
 #: How long the outage's save may take to raise before it is given up on.
@@ -350,7 +354,7 @@ def faults(settings: Settings) -> str:
 
     state = fault_state(settings.quick)
     described_state = f"{len(state['small'])} small tensors and 4 of {mib(nbytes(state['large']) / 4)}"
-    with moto_server() as endpoint, FaultProxy(endpoint, seed=SEED) as proxy:
+    with moto_server() as endpoint, FaultProxy(endpoint, seed=SEED, latency=ROUND_TRIP) as proxy:
         use_s3_endpoint(proxy.endpoint)  # the worker, started later, inherits it
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
         fs = {"endpoint_url": proxy.endpoint, "key": "bench", "secret": "bench"}
@@ -371,7 +375,8 @@ def faults(settings: Settings) -> str:
         budget = f"zdcp's saves with their default retry budget ({BUDGET_VARIABLE} unset)"
     rounds = settings.rounds
     return "\n\n".join([
-        f"S3 (moto) behind a fault proxy; {described_state} fp32, saved, loaded and verified by one process.",
+        f"S3 (moto) behind a fault proxy, {ROUND_TRIP * 1000:.0f} ms per request; {described_state} fp32, saved, "
+        "loaded and verified by one process.",
         render_faults(runs),
         f"Medians of {rounds} interleaved round{'s' * (rounds != 1)}; / fault-free: the total over the same "
         "implementation's without faults. DCP has no verify. An operation not done in "

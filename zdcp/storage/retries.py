@@ -7,9 +7,10 @@ GCS ``429``), drop connections, and have outages. tensorstore retries such failu
 between attempts, 32 times: about 15 minutes per request. Under 10% throttling that made a save
 10x slower, and an outage stalled a save silently for a quarter of an hour.
 
-zdcp gives every location on an object store its own schedule instead, as the AWS and GCS SDKs
-do: the first retry after 100 ms, each wait twice the last, at most :data:`MAX_DELAY` seconds,
-plus tensorstore's jitter (up to 100 ms, random); and a budget, the environment variable
+zdcp gives every location on an object store its own schedule instead, close to the AWS SDKs'
+(whose first wait is random up to 100 ms): the first retry after 50-100 ms (:data:`INITIAL_DELAY`
+plus tensorstore's random jitter of up to as much), each wait twice the last, at most
+:data:`MAX_DELAY` seconds; and a budget, the environment variable
 ``ZDCP_RETRY_BUDGET`` (seconds, default :data:`DEFAULT_BUDGET`): a zdcp call that meets an
 outage raises :class:`~zdcp.StorageError` within it. A request keeps being retried for a third
 of the budget (:func:`request_schedule`): requests waiting for a connection start their retries
@@ -57,9 +58,10 @@ BUDGET_VARIABLE = "ZDCP_RETRY_BUDGET"
 #: The budget when the environment does not set one: the time within which a call that meets an
 #: outage raises (Google's client libraries give a request 120 s in all, too).
 DEFAULT_BUDGET = 120.0
-#: The first wait before a retry, in seconds, as the AWS and GCS SDKs' (tensorstore adds a
-#: random jitter of up to as much).
-INITIAL_DELAY = 0.1
+#: The first wait before a retry, in seconds (tensorstore adds a random jitter of up to as
+#: much): a throttled request costs its caller 50-100 ms, where one round trip to an object
+#: store takes tens.
+INITIAL_DELAY = 0.05
 #: The longest wait between two attempts, in seconds.
 MAX_DELAY = 10.0
 #: How long the cleanup after a failed save retries a request, in seconds.
