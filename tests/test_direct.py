@@ -264,3 +264,24 @@ def test_packed_loads_read_plain_chunks_straight_into_the_destination(tmp_path, 
     assert calls == ["w"]
     for k in state:
         assert_bitwise_equal(out[k], state[k], k)
+
+
+def test_a_large_packed_save_is_a_few_data_files_written_as_they_fill(tmp_path):
+    """A rank's chunks go into about 16 data files of at least 8 MiB (one data file, written
+    once the whole state was in it, made large saves 3x slower); a small state is one. Loads,
+    straight from the data files, read every file's chunks back exactly."""
+    from zdcp.storage.packed import MIN_DATA_FILE_BYTES, data_file_bytes
+
+    assert data_file_bytes(1000) == MIN_DATA_FILE_BYTES and data_file_bytes(512 << 20) == 32 << 20
+    large = {f"w{i}": torch.randn(1024, 1024) for i in range(40)}  # 160 MiB: 16 files of 10 MiB
+    small = {f"s{i}": torch.randn(64) for i in range(50)}
+    for name, state, files in (("large", large, range(12, 17)), ("small", small, [1])):
+        zdcp.save(state, tmp_path / name, layout="packed")
+        # A file is written once it holds at least its size: a chunk more, at most.
+        assert len(list((tmp_path / name / "d").iterdir())) in files, name
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        zdcp.load(out, tmp_path / name)
+        for k in state:
+            assert_bitwise_equal(out[k], state[k], k)
+    objects = [p for p in (tmp_path / "small").rglob("*") if p.is_file()]
+    assert len(objects) <= 4, objects

@@ -25,6 +25,7 @@ The save protocol, in DCP's call order:
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 import uuid
 from collections.abc import Iterable, Sequence
@@ -245,7 +246,12 @@ class ZarrWriter(StorageWriter):
         durable = location.filesystem_sync() if self.options.sync_files and not syncs_at_commit else None
         try:
             sink = self.layout.sink(
-                location, rank=self._rank, sole=sole, direct=self.direct_writes, start_writeback=self.options.sync_files
+                location,
+                rank=self._rank,
+                sole=sole,
+                nbytes=sum(_nbytes(item) for item in _tensor_items([plan.items])),
+                direct=self.direct_writes,
+                start_writeback=self.options.sync_files,
             )
             chunks = _ChunkWriter(sink, rank_plan, self)
             try:
@@ -528,6 +534,12 @@ def _tensor_items(item_lists: Iterable[Iterable[WriteItem]]) -> Iterable[WriteIt
         for item in items:
             if item.type != WriteItemType.BYTE_IO:
                 yield item
+
+
+def _nbytes(item: WriteItem) -> int:
+    """The bytes of the shard a tensor write item writes."""
+    assert item.tensor_data is not None
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
 
 
 def _whole_chunk(offsets: Sequence[int], sizes: Sequence[int], grid: Sequence[int]) -> tuple[int, ...] | None:

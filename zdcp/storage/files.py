@@ -60,7 +60,9 @@ class FilesLayout(Layout):
             return _OBJECT_KEY_MAX - len(prefix)
         return None
 
-    def sink(self, location: Location, *, rank: int, sole: bool, direct: bool, start_writeback: bool) -> ChunkSink:
+    def sink(
+        self, location: Location, *, rank: int, sole: bool, nbytes: int, direct: bool, start_writeback: bool
+    ) -> ChunkSink:
         root = location.local_dir if direct else None
         local = LocalFiles(root, start_writeback=start_writeback) if root is not None else None
         return _FilesSink(self.hierarchy(location), local)

@@ -111,12 +111,15 @@ class Layout(ABC):
         return None
 
     @abstractmethod
-    def sink(self, location: Location, *, rank: int, sole: bool, direct: bool, start_writeback: bool) -> ChunkSink:
+    def sink(
+        self, location: Location, *, rank: int, sole: bool, nbytes: int, direct: bool, start_writeback: bool
+    ) -> ChunkSink:
         """The sink of rank ``rank`` of a save writing at ``location`` (where the commit
         protocol has the ranks write). ``sole``: this is the only process of the save, which
-        also commits it. ``direct``: the sink may take encoded chunks. ``start_writeback``:
-        the save syncs its files once written, so large local files may start their write-back
-        at once."""
+        also commits it. ``nbytes``: about how many bytes of tensors the rank writes (a layout
+        may size its files by it). ``direct``: the sink may take encoded chunks.
+        ``start_writeback``: the save syncs its files once written, so large local files may
+        start their write-back at once."""
 
     def direct_reader(self, hierarchy: Hierarchy) -> DirectReader | None:
         """Reads of plain chunks straight from local files into their destination

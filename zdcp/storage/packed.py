@@ -32,7 +32,7 @@ from .layout import ChunkSink, Documents, Layout
 from .localfiles import DirectReader
 from .location import Location
 
-__all__ = ["PackedLayout", "OCDBT_MANIFEST", "rank_database", "value_extents"]
+__all__ = ["PackedLayout", "OCDBT_MANIFEST", "data_file_bytes", "rank_database", "value_extents"]
 
 #: The file (or object) that holds an OCDBT database's root; its presence at a checkpoint's
 #: root marks the packed layout.
@@ -100,24 +100,47 @@ class PackedLayout(Layout):
 
         return result
 
-    def sink(self, location: Location, *, rank: int, sole: bool, direct: bool, start_writeback: bool) -> ChunkSink:
+    def sink(
+        self, location: Location, *, rank: int, sole: bool, nbytes: int, direct: bool, start_writeback: bool
+    ) -> ChunkSink:
+        files = data_file_bytes(nbytes)
         if sole:
             config = RANK_CONFIG if location.is_local else SOLE_REMOTE_CONFIG
-            return _SoleSink(self._database(location, config), direct)
-        return _RankSink(self._database(location.child(rank_database(rank)), RANK_CONFIG), direct, location)
+            return _SoleSink(self._database(location, config, files), direct)
+        return _RankSink(self._database(location.child(rank_database(rank)), RANK_CONFIG, files), direct, location)
 
     def direct_reader(self, hierarchy: Hierarchy) -> DirectReader | None:
         return DirectReader(lambda: value_extents(hierarchy).get) if hierarchy.location.is_local else None
 
-    def _database(self, location: Location, config: dict[str, Any] | None = None) -> Hierarchy:
+    def _database(
+        self, location: Location, config: dict[str, Any] | None = None, data_file_bytes: int | None = None
+    ) -> Hierarchy:
         """The database at ``location``; to write a new one, with ``config`` (an existing one
-        is written under the configuration its manifest records). Reads of a remote one
-        coalesce; a writer's do not: each would wait out the interval."""
+        is written under the configuration its manifest records) and data files of about
+        ``data_file_bytes``. Reads of a remote one coalesce; a writer's do not: each would
+        wait out the interval."""
         spec = _database_spec(location, config)
+        if data_file_bytes is not None:
+            spec["target_data_file_size"] = data_file_bytes
         if config is None and location.spec["driver"] not in ("file", "memory"):
             spec |= _REMOTE_READS
         nodes = ts.Context({_NODE_CACHE: {"total_bytes_limit": _NODE_CACHE_BYTES}}, location.context)
         return Hierarchy(location, self, spec, nodes)
+
+
+#: A rank's chunks go into about this many data files, written at once as each fills: one data
+#: file, written by one thread once the whole state is in it, made a large save 3x slower than
+#: the files layout's one file per chunk (512 MiB by one process: 1.6 s against 0.46 s with 16).
+DATA_FILES_PER_RANK = 16
+#: ... each of at least this many bytes, so that a small state is one or a few files.
+MIN_DATA_FILE_BYTES = 8 << 20
+
+
+def data_file_bytes(nbytes: int) -> int:
+    """The size of the data files of a rank that writes ``nbytes``: a sixteenth of them, at
+    least 8 MiB (OCDBT's ``target_data_file_size``: a data file is written once it holds that
+    much)."""
+    return max(MIN_DATA_FILE_BYTES, -(-nbytes // DATA_FILES_PER_RANK))
 
 
 def rank_database(rank: int) -> str:
