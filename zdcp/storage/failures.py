@@ -7,13 +7,12 @@ from a checkpoint (a checksum mismatch, a missing or truncated chunk) is a
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import CorruptCheckpointError, StorageError, ZdcpError
-from .retries import BUDGET_VARIABLE, DEFAULT_BUDGET
+from .retries import BUDGET_VARIABLE, budget_text
 
 __all__ = ["reading", "storage_access", "failure_message", "short_message"]
 
@@ -60,7 +59,7 @@ def failure_message(error: Exception, url: str, doing: str | None = None) -> str
         answer = _HTTP_CODE.search(str(error))
         last = f"HTTP {answer.group(1)} {gave_up['last']}" if answer else gave_up["last"]
         what = f"{gave_up['operation']} {gave_up['key']}" if gave_up["operation"] else "a request"
-        budget = os.environ.get(BUDGET_VARIABLE) or f"{DEFAULT_BUDGET:g}"
+        budget = budget_text()
         text = (
             f"{what} failed {int(gave_up['retries']) + 1} times, the last: {last} (zdcp retries a failing request "
             f"for a third of {BUDGET_VARIABLE}, now {budget} s: raise it where outages last longer)"

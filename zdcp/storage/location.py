@@ -60,14 +60,11 @@ class Location(KeyValue):
     def __init__(self, checkpoint_id: CheckpointId, *, retries: RetrySchedule | None = None):
         self.checkpoint_id = checkpoint_id
         spec = kvstore_spec(checkpoint_id)
-        url = url_of(spec)
-        if spec["driver"] == "memory":
-            context = _PROCESS_MEMORY
-        else:
-            retrying = context_spec(spec["driver"], retries)
-            context = ts.Context({"file_io_sync": False, **retrying})
-        super().__init__(spec, context, url)
-        if spec["driver"] in ("s3", "gcs"):
+        retrying = context_spec(spec["driver"], retries)  # nothing for local files and memory
+        memory = spec["driver"] == "memory"
+        context = _PROCESS_MEMORY if memory else ts.Context({"file_io_sync": False, **retrying})
+        super().__init__(spec, context, url_of(spec))
+        if retrying:
             RETRY_WATCH.using(self)
 
     def __repr__(self) -> str:

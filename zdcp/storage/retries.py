@@ -155,12 +155,17 @@ def cleanup_schedule() -> RetrySchedule:
 def context_spec(driver: str, schedule: RetrySchedule | None = None) -> dict[str, Any]:
     """What a tensorstore context for a kvstore of ``driver`` needs for zdcp's retries
     (``schedule``, by default :func:`request_schedule`): nothing for a driver that does not
-    retry (local files, memory). Using one starts the :data:`RETRY_WATCH`."""
+    retry (local files, memory)."""
     resource = _RESOURCES.get(driver)
     if resource is None:
         return {}
-    RETRY_WATCH.start()
     return {resource: (schedule or request_schedule()).to_json()}
+
+
+def budget_text() -> str:
+    """The budget as the environment sets it, for messages (never raises, unlike
+    :func:`retry_budget`: a message about a failure must not fail)."""
+    return os.environ.get(BUDGET_VARIABLE) or f"{DEFAULT_BUDGET:g}"
 
 
 class RetryWatch:
@@ -185,7 +190,9 @@ class RetryWatch:
                 self._thread.start()
 
     def using(self, location: Any) -> None:
-        """Note that ``location`` (an object-store Location, with its ``url``) is in use."""
+        """Note that ``location`` (an object-store Location, with its ``url``) is in use, and
+        watch from now on."""
+        self.start()
         with self._lock:
             self._in_use.add(location)
             self._used[location.url] = time.monotonic()
@@ -219,7 +226,7 @@ class RetryWatch:
             where,
             WARN_INTERVAL,
             BUDGET_VARIABLE,
-            os.environ.get(BUDGET_VARIABLE) or f"{DEFAULT_BUDGET:g}",
+            budget_text(),
         )
 
 
