@@ -3,7 +3,7 @@
 Trains a toy FSDP2 model for a few steps on N processes and saves model + optimizer state with
 ``zdcp.save``; loads it back on M processes with ``zdcp.load`` and checks the state is exactly
 the same; then loads it in this process without any process group, as an inference job would,
-and reads one tensor with zarr-python, as any tool could.
+and reads one tensor with zarr-python, through ``zdcp.zarr_store``, with no training code.
 
 Runs on CPU with gloo (the default) and on GPUs with nccl when enough are visible:
 
@@ -158,10 +158,11 @@ def main() -> None:
     check(get_state_dict(model, optimizer), torch.load(checkpoint + ".reference.pt", weights_only=False))
     print("loaded without a process group into a plain nn.Module: identical")
 
-    # Any Zarr reader opens it; no training code needed.
+    # zarr-python opens it through zdcp.zarr_store (the default layout keeps the Zarr keys in a
+    # database; one saved with layout="files" is a plain directory it opens as it is).
     import zarr
 
-    weight = zarr.open_group(checkpoint, mode="r")["app/model/net1.weight"]
+    weight = zarr.open_group(zdcp.zarr_store(checkpoint), mode="r")["app/model/net1.weight"]
     print(f"zarr-python: app/model/net1.weight {weight.shape} {weight.dtype}, chunks {weight.chunks}")
 
 

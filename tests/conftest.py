@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zdcp  # noqa: F401  (registers bf16/fp8 with zarr-python for every test)
-from zdcp.storage.layout import layout_names, layouts
+from zdcp.storage.layout import layout_names
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,12 @@ def write_root(path, document):
 def commit_record(path):
     """What un-commits a local checkpoint when deleted: the commit record of its layout (the
     root zarr.json, a database's manifest)."""
-    return next(path / layout.commit_record for layout in layouts() if (path / layout.commit_record).exists())
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
+
+    hierarchy, root = root_document(Location(path))
+    assert root is not None, f"{path} holds no committed checkpoint"
+    return path / hierarchy.layout.commit_record
 
 
 def _save_at_once(url, version, barrier, results, layout):

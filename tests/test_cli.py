@@ -16,15 +16,25 @@ import zdcp
 from zdcp.cli import main
 
 
-@pytest.fixture
-def saved(tmp_path):
+def _save(path, **options):
     sd = {
         "model": {"w": torch.arange(12.0).reshape(4, 3), "b": torch.ones(3).bfloat16()},
         "optim": {"param_groups": [{"lr": 0.1}]},
         "step": 7,
     }
-    zdcp.save(sd, tmp_path / "ck")
-    return sd, tmp_path / "ck"
+    zdcp.save(sd, path, **options)
+    return sd, path
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return _save(tmp_path / "ck")
+
+
+@pytest.fixture
+def saved_files(tmp_path):
+    """``saved`` in the files layout: for tests that damage its files by name."""
+    return _save(tmp_path / "ck", layout="files")
 
 
 def test_inspect_tree_and_json(saved, capsys):
@@ -46,8 +56,8 @@ def test_inspect_tree_and_json(saved, capsys):
     assert nodes["model"]["arrays"] == 2
 
 
-def test_verify_reports_flipped_byte_and_missing_chunk(saved, capsys, tmp_path):
-    _, ck = saved
+def test_verify_reports_flipped_byte_and_missing_chunk(saved_files, capsys, tmp_path):
+    _, ck = saved_files
     assert main(["verify", str(ck)]) == 0
     assert capsys.readouterr().out.startswith("OK: 2 arrays, 2 chunks, 54 B")
     damaged = tmp_path / "damaged"
@@ -64,8 +74,8 @@ def test_verify_reports_flipped_byte_and_missing_chunk(saved, capsys, tmp_path):
     assert "2 FAULT(S)" in out
 
 
-def test_verify_catches_metadata_faults(saved, capsys, tmp_path):
-    _, ck = saved
+def test_verify_catches_metadata_faults(saved_files, capsys, tmp_path):
+    _, ck = saved_files
     (ck / "model/zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
     (ck / "model/w/c.9.0").write_bytes(b"stray")
     assert main(["verify", str(ck)]) == 1

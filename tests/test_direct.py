@@ -97,7 +97,8 @@ def test_load_takes_the_direct_path_and_agrees(ckpt, monkeypatch):
     recording = lambda self, *a: calls.append(a[1]) or real_read(self, *a)  # noqa: E731
     monkeypatch.setattr(zdcp.storage.localfiles.RowSlabs, "read", recording)
     t = torch.randn(3000, 100)  # 1.2 MB: inner chunks
-    zdcp.save({"w": t, "b": torch.randn(7, 3).bfloat16()}, ckpt)
+    # the files layout: every chunk a file (packed, below, keeps small ones in its B-tree)
+    zdcp.save({"w": t, "b": torch.randn(7, 3).bfloat16()}, ckpt, layout="files")
     direct = {"w": torch.zeros_like(t), "b": torch.zeros(7, 3, dtype=torch.bfloat16)}
     via_ts = {"w": torch.zeros_like(t), "b": torch.zeros(7, 3, dtype=torch.bfloat16)}
     import torch.distributed.checkpoint as dcp
@@ -137,7 +138,7 @@ def test_direct_writes_make_the_same_files_as_tensorstore(tmp_path, compression)
     trees = {}
     for direct in (True, False):
         path = tmp_path / str(direct)
-        writer = zdcp.ZarrWriter(path, compression=compression, direct_writes=direct)
+        writer = zdcp.ZarrWriter(path, layout="files", compression=compression, direct_writes=direct)
         dcp.save(state, storage_writer=writer, planner=ZarrSavePlanner(), no_dist=True)
         trees[direct] = _files(path)
     assert trees[True] == trees[False]
@@ -160,7 +161,7 @@ def test_direct_writes_take_small_chunks_and_shards_up_to_4_mib(tmp_path, monkey
 
     monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", recording)
     state = {"small": torch.ones(10), "large": torch.ones(300, 300), "huge": torch.ones(1100, 1024)}
-    zdcp.save(state, tmp_path / "c")
+    zdcp.save(state, tmp_path / "c", layout="files")  # a chunk a file, by its key
     assert sorted(key for key in written if not key.endswith("zarr.json")) == ["large/c.0.0", "small/c.0"]
 
 
@@ -175,7 +176,7 @@ def test_large_direct_writes_start_their_write_back_when_the_save_syncs(tmp_path
 
     monkeypatch.setattr(zdcp.storage.localfiles, "start_writeback", recording)
     state = {"small": torch.ones(10), "large": torch.ones(300, 300)}  # 360 KB: over WRITEBACK_BYTES
-    zdcp.save(state, tmp_path / "c", sync_files=sync_files)
+    zdcp.save(state, tmp_path / "c", layout="files", sync_files=sync_files)  # a chunk a file
     if sync_files:
         assert [p.rsplit("/", 2)[-2:] for p in started] == [["large", "c.0.0"]]
     else:
@@ -285,3 +286,40 @@ def test_a_large_packed_save_is_a_few_data_files_written_as_they_fill(tmp_path):
             assert_bitwise_equal(out[k], state[k], k)
     objects = [p for p in (tmp_path / "small").rglob("*") if p.is_file()]
     assert len(objects) <= 4, objects
+
+
+def test_a_packed_save_holds_at_most_its_window_and_small_chunks_encoded(tmp_path, monkeypatch):
+    """A write into a database's transaction completes at once and holds its source until the
+    commit: a save releases what the sink holds every window's worth (a version of the
+    database no reader sees before the commit), and takes only small chunks encoded (an
+    encoded chunk is a copy; an array's write refers to the tensor)."""
+    import tensorstore as ts
+
+    import zdcp.storage.packed
+    from zdcp.format.constants import INNER_CHUNK_BYTES
+
+    encoded = []
+    original = zdcp.storage.packed._DatabaseSink.write_encoded
+
+    def spy(self, key, parts):
+        encoded.append(sum(len(p) for p in parts))
+        return original(self, key, parts)
+
+    monkeypatch.setattr(zdcp.storage.packed._DatabaseSink, "write_encoded", spy)
+    state = {f"w{i}": torch.randn(512, 512) for i in range(8)}  # 1 MiB each: sharded chunks
+    state |= {f"s{i}": torch.randn(256) for i in range(20)}  # 1 KiB each: plain chunks
+    versions = {}
+    for window in (None, 3 << 20):
+        path = tmp_path / f"window-{window}"
+        torch.distributed.checkpoint.save(state, storage_writer=zdcp.ZarrWriter(path, max_inflight_bytes=window))
+        base = ts.KvStore.open({"driver": "file", "path": f"{path}/"}).result()
+        versions[window] = len(ts.ocdbt.dump(base).result()["versions"])
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        zdcp.load(out, path)
+        for k in state:
+            assert_bitwise_equal(out[k], state[k], k)
+        assert zdcp.verify(path).ok
+    assert versions[None] == 1, "with no window, one commit"
+    assert versions[3 << 20] >= 3, versions  # 8 MiB, a release per 3 MiB written, then the commit
+    assert encoded and max(encoded) <= INNER_CHUNK_BYTES + 4, "only small chunks encoded (and their crc32c)"
+    assert len(encoded) == 2 * 20  # the small ones, in both saves

@@ -101,7 +101,7 @@ def test_fsdp2_save_2_load_3_1_and_no_process_group(tmp_path):
     # The hierarchy follows the state dict, and chunks are the FSDP2 shards.
     import zarr
 
-    root = zarr.open_group(path, mode="r")
+    root = zarr.open_group(zdcp.zarr_store(path), mode="r")
     assert root["app/model/net1.weight"].chunks == (8, 16)
     assert root["app/model/net2.weight"].chunks == (3, 16)  # 5 rows over 2 ranks: 3 + 2
     assert root["app/optim/state/net2.weight/exp_avg"].chunks == (3, 16)

@@ -128,11 +128,47 @@ def test_save_load_open_verify_on_s3(s3, bucket):
         zdcp.load(out, url)
 
 
-def test_object_stores_default_to_packed_and_local_paths_to_files(s3, bucket, tmp_path):
-    zdcp.save({"w": torch.ones(3)}, f"s3://{bucket}/a")
-    zdcp.save({"w": torch.ones(3)}, tmp_path / "a")
-    assert objects(s3, bucket) == ["a/d/" + objects(s3, bucket, "a/d/")[0][4:], "a/manifest.ocdbt"]
-    assert (tmp_path / "a/zarr.json").exists() and (tmp_path / "a/w/c.0").exists()
+def _stored_layout(where):
+    """The layout the checkpoint at ``where`` was saved in, as readers find it."""
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
+
+    hierarchy, root = root_document(Location(where))
+    assert root is not None, f"{where} holds no committed checkpoint"
+    return hierarchy.layout.name
+
+
+def test_saves_default_to_packed_everywhere_and_to_files_on_request(s3, bucket, tmp_path):
+    """Packed by default on an object store and on a local path alike, and so does the manager;
+    the files layout where a save or the manager asks for it."""
+    from zdcp.format.documents import is_guard
+
+    state = {"w": torch.ones(3)}
+    remote, local = f"s3://{bucket}", tmp_path
+    for root in (remote, local):
+        zdcp.save(state, f"{root}/a")
+        zdcp.save(state, f"{root}/b", layout="files")
+        with zdcp.CheckpointManager(f"{root}/run") as manager:
+            manager.save(1, state)
+        with zdcp.CheckpointManager(f"{root}/run_files", layout="files") as manager:
+            manager.save(1, state)
+        for name, layout in [("a", "packed"), ("b", "files"), ("run/step_1", "packed"), ("run_files/step_1", "files")]:
+            assert _stored_layout(f"{root}/{name}") == layout, (root, name)
+            assert torch.equal(zdcp.open(f"{root}/{name}")["w"][:], torch.ones(3)), (root, name)
+    # packed: a database (its manifest, one data file) and the guard zarr.json, no key at its path
+    for name in ("a", "run/step_1"):
+        listed = objects(s3, bucket, f"{name}/")
+        assert len(listed) == 3 and listed[0].startswith(f"{name}/d/"), listed
+        assert listed[1:] == [f"{name}/manifest.ocdbt", f"{name}/zarr.json"], listed
+        stored = sorted(str(p.relative_to(local / name)) for p in (local / name).rglob("*") if p.is_file())
+        assert len(stored) == 3 and stored[0].startswith("d/") and stored[1:] == ["manifest.ocdbt", "zarr.json"]
+        assert is_guard(json.loads((local / name / "zarr.json").read_text()))
+    # files: every key a file (an object) at its path, the root zarr.json the hierarchy's own
+    for name in ("b", "run_files/step_1"):
+        assert objects(s3, bucket, f"{name}/") == [f"{name}/w/c.0", f"{name}/w/zarr.json", f"{name}/zarr.json"]
+        stored = sorted(str(p.relative_to(local / name)) for p in (local / name).rglob("*") if p.is_file())
+        assert stored == ["w/c.0", "w/zarr.json", "zarr.json"], stored
+        assert not is_guard(json.loads((local / name / "zarr.json").read_text()))
 
 
 def test_zarr_python_reads_the_checkpoint_from_the_bucket(s3, bucket):

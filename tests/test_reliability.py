@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import owners_maybe_running
+from conftest import owners_maybe_running, read_root, write_root
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -350,24 +350,28 @@ CRAFTED = {  # what is done to the root document, and the error it must give
 
 
 @pytest.mark.parametrize("craft", CRAFTED)
-def test_crafted_metadata_is_refused_as_corrupt_or_unsafe(tmp_path, craft):
+def test_crafted_metadata_is_refused_as_corrupt_or_unsafe(tmp_path, craft, layout):
     change, error = CRAFTED[craft]
     path = tmp_path / "c"
-    zdcp.save({"w": torch.ones(4), "cfg": {"lr": 0.1}}, path)
-    doc = json.loads((path / "zarr.json").read_text())
+    zdcp.save({"w": torch.ones(4), "cfg": {"lr": 0.1}}, path, layout=layout)
+    doc = read_root(path)
     change(doc)
-    (path / "zarr.json").write_text(json.dumps(doc))
+    write_root(path, doc)
     with pytest.raises(error):
         zdcp.load({"w": torch.zeros(4), "cfg": {"lr": 0.0}}, path)
     with pytest.raises(error):
         zdcp.open(path)
 
 
-def test_deeply_nested_metadata_is_corrupt_not_a_crash(tmp_path):
+def test_deeply_nested_metadata_is_corrupt_not_a_crash(tmp_path, layout):
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
+
     path = tmp_path / "c"
-    zdcp.save({"w": torch.ones(4)}, path)
-    doc = (path / "zarr.json").read_text()
-    (path / "zarr.json").write_text(doc[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}")
+    zdcp.save({"w": torch.ones(4)}, path, layout=layout)
+    doc = json.dumps(read_root(path))
+    hierarchy, _ = root_document(Location(path))  # the root zarr.json's bytes, in either layout
+    hierarchy.wait(hierarchy.kv.write("zarr.json", doc[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}"))
     with pytest.raises(zdcp.CorruptCheckpointError, match="not valid JSON"):
         zdcp.load({"w": torch.zeros(4)}, path)
 
@@ -397,7 +401,7 @@ def test_any_damaged_chunk_fails_load_and_verify_naming_array_and_chunk(tmp_path
 
     path = tmp_path / "c"
     state = {"plain": torch.randn(10, 3), "inner": torch.randn(4, 300, 100)}  # 120 KB: 4 inner chunks
-    zdcp.save(state, path)
+    zdcp.save(state, path, layout="files")  # chunk files to damage (packed: the next test)
     cases = list(_damage_cases(path))
     assert len(cases) == 4
     for what, chunk, damaged in cases:
@@ -461,13 +465,21 @@ def test_damaged_or_missing_data_files_of_a_packed_checkpoint_are_never_loaded(t
         assert committed_version(path) == 3, what
 
 
-def test_missing_or_corrupt_node_documents_are_named_by_verify(tmp_path):
+def test_missing_or_corrupt_node_documents_are_named_by_verify(tmp_path, layout):
     """Loads read every node's metadata from the root document (the commit record); the nodes'
     own zarr.json serve other Zarr readers, and verify checks each one against it."""
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
+
     path = tmp_path / "c"
-    zdcp.save({"model": {"w": torch.ones(3)}, "cfg": {"lr": 0.1}}, path)
-    (path / "model/w/zarr.json").unlink()
-    (path / "cfg/zarr.json").write_text("{")
+    zdcp.save({"model": {"w": torch.ones(3)}, "cfg": {"lr": 0.1}}, path, layout=layout)
+    if layout == "files":  # the nodes' zarr.json files of the directory
+        (path / "model/w/zarr.json").unlink()
+        (path / "cfg/zarr.json").write_text("{")
+    else:  # the same keys where the layout keeps them (packed: in the database)
+        hierarchy, _ = root_document(Location(path))
+        hierarchy.wait(hierarchy.kv.write("model/w/zarr.json", None))
+        hierarchy.wait(hierarchy.kv.write("cfg/zarr.json", b"{"))
     faults = {f.node: f.message for f in zdcp.verify(path).faults}
     assert faults == {"model/w": "zarr.json is missing", "cfg": faults["cfg"]}
     assert "not valid JSON" in faults["cfg"]
@@ -558,7 +570,19 @@ def test_a_rank_writes_only_where_the_coordinator_prepared_the_save(tmp_path):
     assert not (tmp_path / f".d.zdcp-{'0' * 32}").exists()
 
 
-def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, monkeypatch):
+#: Where each layout writes the bytes of a (small, plain) chunk of a local save: made to fail as
+#: on a full disk.
+CHUNK_WRITES = {
+    "files": "zdcp.storage.localfiles.LocalFiles.write",  # a file of the directory
+    "packed": "zdcp.storage.packed._DatabaseSink.write_encoded",  # a value of the rank's database
+}
+
+
+def _disk_full_writing(self, key, *parts):
+    raise OSError(28, "No space left on device", key)
+
+
+def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, layout):
     """dcp.save with the ZarrWriter, whose own write failed, removes its pending directory
     before DCP raises, while the caller still holds the exception and the writer (DCP has no
     failure hook); a retry then saves. A conversion (which runs zdcp's own save) leaves
@@ -566,65 +590,52 @@ def test_failed_saves_through_other_paths_leave_nothing_behind(tmp_path, monkeyp
     import safetensors.torch
     import torch.distributed.checkpoint as dcp
 
-    import zdcp.storage.localfiles
     from zdcp import format_utils
 
     safetensors.torch.save_file({"w": torch.ones(4)}, tmp_path / "model.safetensors")
-    write = zdcp.storage.localfiles.LocalFiles.write
-
-    def disk_full(self, key, *parts):
-        raise OSError(28, "No space left on device", key)
-
-    monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", disk_full)
-    writer = zdcp.ZarrWriter(tmp_path / "dcp")
-    try:
-        dcp.save({"w": torch.ones(3)}, storage_writer=writer, no_dist=True)
-    except BaseException as e:  # DCP's CheckpointException
-        failure = e
-    else:
-        raise AssertionError("the save did not fail")
-    assert "No space left" in str(failure)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    with pytest.raises(zdcp.StorageError, match="No space left"):
-        format_utils.safetensors_to_zdcp(tmp_path / "model.safetensors", tmp_path / "converted")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", write)
-    dcp.save({"w": torch.ones(3)}, storage_writer=zdcp.ZarrWriter(tmp_path / "dcp"), no_dist=True)
+    with pytest.MonkeyPatch.context() as failing:
+        failing.setattr(CHUNK_WRITES[layout], _disk_full_writing)
+        writer = zdcp.ZarrWriter(tmp_path / "dcp", layout=layout)
+        try:
+            dcp.save({"w": torch.ones(3)}, storage_writer=writer, no_dist=True)
+        except BaseException as e:  # DCP's CheckpointException
+            failure = e
+        else:
+            raise AssertionError("the save did not fail")
+        assert "No space left" in str(failure)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+        with pytest.raises(zdcp.StorageError, match="No space left"):
+            format_utils.safetensors_to_zdcp(tmp_path / "model.safetensors", tmp_path / "converted", layout=layout)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    dcp.save({"w": torch.ones(3)}, storage_writer=zdcp.ZarrWriter(tmp_path / "dcp", layout=layout), no_dist=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dcp", "model.safetensors"]
     del failure, writer
 
 
-def _other_rank_fails_then_retry(rank, world_size, root):
+def _other_rank_fails_then_retry(rank, world_size, root, layout):
     """Rank 1's writes fail: the coordinator's writer, still held, never learns why its save
     ended; the next save of this process to the target removes what the failed one left."""
     import torch.distributed.checkpoint as dcp
 
-    import zdcp.storage.localfiles
-
-    write = zdcp.storage.localfiles.LocalFiles.write
-    if rank == 1:
-
-        def disk_full(self, key, *parts):
-            raise OSError(28, "No space left on device", key)
-
-        zdcp.storage.localfiles.LocalFiles.write = disk_full
     state = {f"t{i}": torch.full((64,), float(rank)) for i in range(4)}
-    failed = zdcp.ZarrWriter(root / "step_1")
-    with pytest.raises(BaseException, match="No space left"):
-        dcp.save(state, storage_writer=failed)
-    zdcp.storage.localfiles.LocalFiles.write = write
+    failed = zdcp.ZarrWriter(root / "step_1", layout=layout)
+    with pytest.MonkeyPatch.context() as failing:
+        if rank == 1:
+            failing.setattr(CHUNK_WRITES[layout], _disk_full_writing)
+        with pytest.raises(BaseException, match="No space left"):
+            dcp.save(state, storage_writer=failed)
     dist.barrier()
     if rank == 0:
         assert len(interrupted_saves(root / "step_1")) == 1  # the failed save's, not yet known dead
     dist.barrier()
-    dcp.save(state, storage_writer=zdcp.ZarrWriter(root / "step_1"))
+    dcp.save(state, storage_writer=zdcp.ZarrWriter(root / "step_1", layout=layout))
     if rank == 0:
         assert interrupted_saves(root / "step_1") == []
     del failed
 
 
-def test_a_failed_dcp_save_is_removed_by_the_next_save_of_the_process(tmp_path):
-    run_ranks(2, _other_rank_fails_then_retry, tmp_path, timeout=120)
+def test_a_failed_dcp_save_is_removed_by_the_next_save_of_the_process(tmp_path, layout):
+    run_ranks(2, _other_rank_fails_then_retry, tmp_path, layout, timeout=120)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
     assert zdcp.verify(tmp_path / "step_1").ok
 
@@ -688,7 +699,7 @@ def test_replacing_without_an_atomic_exchange_puts_the_old_one_back_on_failure(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_a_failed_save_leaves_no_write_behind(tmp_path, monkeypatch):
+def test_a_failed_save_leaves_no_write_behind(tmp_path, monkeypatch, layout):
     """Writes still in flight when a save fails complete before its staging directory is
     removed, so none of them recreates it afterwards."""
     import zdcp.writer
@@ -702,10 +713,10 @@ def test_a_failed_save_leaves_no_write_behind(tmp_path, monkeypatch):
         return real(tensor)
 
     state = {f"w{i}": torch.randn(512, 1024) for i in range(10)}  # 2 MiB each: tensorstore writes
-    zdcp.save(versioned(1), tmp_path / "ckpt")
+    zdcp.save(versioned(1), tmp_path / "ckpt", layout=layout)
     monkeypatch.setattr(zdcp.writer, "_host_tensor", failing_late)
     with pytest.raises(zdcp.ZdcpError, match="device lost"):
-        zdcp.save(state, tmp_path / "ckpt", overwrite=True)
+        zdcp.save(state, tmp_path / "ckpt", overwrite=True, layout=layout)
     time.sleep(0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert committed_version(tmp_path / "ckpt") == 1
@@ -743,16 +754,23 @@ def _synced_before_commit(events):
     return events[commit][1] - synced
 
 
-def _rank_syncs_its_writes(rank, world_size, root):
+def _last_own_write(layout, rank):
+    """The file that rank ``rank`` writes last of its share of a save: its chunk (files), the
+    manifest of its database (packed), which that database's commit writes last."""
+    return {"files": f"w/c.{rank}.0", "packed": f"ocdbt.process_{rank}/manifest.ocdbt"}[layout]
+
+
+def _rank_syncs_its_writes(rank, world_size, root, layout):
     events = []
     with pytest.MonkeyPatch.context() as monkeypatch:
         _record_syncs(monkeypatch, events)
         mesh = init_device_mesh("cpu", (world_size,))
         full = torch.arange(4000.0).reshape(100, 40)
-        zdcp.save({"w": DTensor.from_local(full.chunk(world_size)[rank], mesh, [Shard(0)])}, root / "c")
+        w = DTensor.from_local(full.chunk(world_size)[rank], mesh, [Shard(0)])
+        zdcp.save({"w": w}, root / "c", layout=layout)
     # Every rank syncs once its own chunk is in the staging directory, alongside the others; the
     # coordinator then syncs the documents before the commit and the rename after it.
-    assert events[0][0] == "sync" and f"w/c.{rank}.0" in events[0][1]
+    assert events[0][0] == "sync" and _last_own_write(layout, rank) in events[0][1], events[0]
     if rank == 0:
         assert [kind for kind, _ in events] == ["sync", "sync", "commit", "sync"]
         assert _synced_before_commit(events) == set()
@@ -761,5 +779,5 @@ def _rank_syncs_its_writes(rank, world_size, root):
     assert torch.equal(zdcp.open(root / "c")["w"][:], torch.arange(4000.0).reshape(100, 40))
 
 
-def test_every_rank_syncs_its_own_writes_before_the_commit(tmp_path):
-    run_ranks(2, _rank_syncs_its_writes, tmp_path, timeout=120)
+def test_every_rank_syncs_its_own_writes_before_the_commit(tmp_path, layout):
+    run_ranks(2, _rank_syncs_its_writes, tmp_path, layout, timeout=120)

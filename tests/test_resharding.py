@@ -1,6 +1,7 @@
 """DTensor and ShardedTensor checkpoints saved at one world size and placement, loaded at
 another; chunk grids equal the save-time shards; errors reach every rank."""
 
+import json
 import shutil
 import time
 
@@ -16,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import zdcp
+from zdcp.format.documents import is_guard
 from zdcp.testing import run_ranks
 from zdcp.verify import verify
 
@@ -67,7 +69,8 @@ def load_and_check(path, mesh, placements):
 
 def save_1d(rank, world_size, root):
     mesh = init_device_mesh("cpu", (world_size,))
-    zdcp.save({"model": dtensors(mesh, SAVE_1D), "step": 7}, root / f"w{world_size}")
+    # files: the test reads the directories with zarr-python as they are, and deletes chunk files
+    zdcp.save({"model": dtensors(mesh, SAVE_1D), "step": 7}, root / f"w{world_size}", layout="files")
 
 
 def save_at_4(rank, world_size, root, layout):
@@ -157,7 +160,10 @@ def test_packed_checkpoints_reshard_like_files_ones(tmp_path):
         files = [p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file()]
         assert len(files) <= 4 * 4 + 16, files
         top = {f.parts[0] for f in files}
-        assert top - {"manifest.ocdbt", "d"} == {f"ocdbt.process_{r}" for r in range(4)}, top
+        # the root database, its guard zarr.json (which Zarr readers refuse), a database per rank
+        assert {"manifest.ocdbt", "d", "zarr.json"} <= top, top
+        assert top - {"manifest.ocdbt", "d", "zarr.json"} == {f"ocdbt.process_{r}" for r in range(4)}, top
+        assert is_guard(json.loads((tmp_path / name / "zarr.json").read_text()))
     group = zarr.open_group(zdcp.zarr_store(tmp_path / "w4"), mode="r")["model"]
     assert group["rows7"].chunks == (2, 3) and group["big"].shards == (256, 256) and group["cols"].chunks == (4, 3)
     report = verify(tmp_path / "w4_2d")
@@ -243,9 +249,9 @@ def errors_reach_every_rank(rank, world_size, root):
 def test_sharded_tensor_dcp_plugin_and_errors_on_every_rank(tmp_path):
     run_ranks(2, sharded_tensor_save_and_load, tmp_path)
     run_ranks(2, dcp_plugin_path, tmp_path)
-    assert zarr.open_group(tmp_path / "plugin/model", mode="r")["rows7"].chunks == (4, 3)
+    assert zarr.open_group(zdcp.zarr_store(tmp_path / "plugin"), mode="r")["model/rows7"].chunks == (4, 3)
     run_ranks(2, errors_reach_every_rank, tmp_path)
-    assert zarr.open_group(tmp_path / "sharded", mode="r")["st"].chunks == (4, 3)
+    assert zarr.open_group(zdcp.zarr_store(tmp_path / "sharded"), mode="r")["st"].chunks == (4, 3)
     state = {"st": torch.zeros(7, 3)}
     zdcp.load(state, tmp_path / "sharded")
     assert_bitwise_equal(state["st"], reference("rows7"))

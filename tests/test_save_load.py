@@ -16,6 +16,10 @@ from conftest import assert_bitwise_equal, commit_record, read_root, write_root
 import zdcp
 from zdcp.collectives import Collectives
 from zdcp.format.dtypes import _ALL as ALL_DTYPES
+from zdcp.storage.contents import root_document
+from zdcp.storage.layout import layout_named
+from zdcp.storage.location import Location
+from zdcp.storage.packed import value_extents
 
 
 def make_tensor(dtype, shape=(5, 3), seed=0):
@@ -38,6 +42,42 @@ def zeros_like_tree(tree):
     if isinstance(tree, list):
         return [zeros_like_tree(v) for v in tree]
     return None
+
+
+def _hierarchy(path):
+    """The Zarr hierarchy of the local checkpoint at ``path``, in the layout it was found in."""
+    return root_document(Location(path))[0]
+
+
+def _flip_a_bit(path, key, at):
+    """Damage the chunk ``key`` of the local checkpoint at ``path``: flip a bit of its byte
+    ``at``, where the layout stores it (the packed layout: in a data file, for a chunk large
+    enough to be stored out of the B-tree)."""
+    hierarchy = _hierarchy(path)
+    if hierarchy.layout.name == "files":
+        file, offset = path / key, 0
+    else:
+        extents = value_extents(hierarchy)
+        assert key in extents, f"{key} is stored inside the B-tree: make its tensor larger"
+        file, offset, _ = extents[key]
+    with open(file, "r+b") as f:
+        f.seek(offset + at)
+        byte = f.read(1)[0]
+        f.seek(offset + at)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def _delete_key(path, key):
+    """Delete ``key`` (a chunk) from the hierarchy of the local checkpoint at ``path``."""
+    hierarchy = _hierarchy(path)
+    hierarchy.wait(hierarchy.kv.write(key, None))
+    assert hierarchy.wait(hierarchy.kv.read(key)).state == "missing"
+
+
+def _write_root_bytes(path, data):
+    """Replace the root zarr.json of the checkpoint at ``path`` with ``data``, in either layout."""
+    hierarchy = _hierarchy(path)
+    hierarchy.wait(hierarchy.kv.write("zarr.json", data))
 
 
 @pytest.mark.parametrize("d", ALL_DTYPES, ids=lambda d: d.zarr)
@@ -91,7 +131,7 @@ def test_layout_on_disk_is_the_nested_state_dict(ckpt):
             "optim": {"state": {"net1.weight": {"exp_avg": torch.randn(4, 4)}}},
         }
     }
-    zdcp.save(sd, ckpt)
+    zdcp.save(sd, ckpt, layout="files")  # the files layout: every key a file at its path
     assert (ckpt / "app/model/net1.weight/zarr.json").is_file()
     assert (ckpt / "app/optim/state/net1.weight/exp_avg/zarr.json").is_file()
     for group in ["", "app", "app/model", "app/optim", "app/optim/state", "app/optim/state/net1.weight"]:
@@ -227,7 +267,8 @@ def _as_older_format(ckpt, version):
 def test_older_format_versions_still_load(ckpt, direct_reads, version):
     long = "long_" * 40  # 200 bytes: shortened since version 3, whole before
     state = {"w": torch.randn(300, 300), "b": torch.randn(7), long: torch.tensor(3.0), "cfg": {"lr": 0.1}}
-    zdcp.save(state, ckpt)
+    # versions 1 and 2 had no packed layout (docs/format.md): their checkpoints are in the files one
+    zdcp.save(state, ckpt, layout="files")
     _as_older_format(ckpt, version)
     chunk = "w/c/0/0" if version == 1 else "w/c.0.0"
     assert (ckpt / chunk).is_file() and (ckpt / long).is_dir()
@@ -244,15 +285,13 @@ def test_older_format_versions_still_load(ckpt, direct_reads, version):
     assert not zdcp.verify(ckpt).ok
 
 
-def test_corrupt_and_missing_chunks_fail_loudly(ckpt):
-    zdcp.save({"w": torch.arange(8.0), "z": torch.zeros(4)}, ckpt)
-    chunk = ckpt / "w/c.0"
-    data = bytearray(chunk.read_bytes())
-    data[3] ^= 0x01
-    chunk.write_bytes(bytes(data))
+def test_corrupt_and_missing_chunks_fail_loudly(ckpt, layout):
+    # "w": 4 KiB, stored out of the packed layout's B-tree, in a data file
+    zdcp.save({"w": torch.arange(1024.0), "z": torch.zeros(4)}, ckpt, layout=layout)
+    _flip_a_bit(ckpt, "w/c.0", at=3)
     with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
-        zdcp.load({"w": torch.zeros(8)}, ckpt)
-    (ckpt / "z/c.0").unlink()  # an all-zero chunk is written too, so its absence is damage
+        zdcp.load({"w": torch.zeros(1024)}, ckpt)
+    _delete_key(ckpt, "z/c.0")  # an all-zero chunk is written too, so its absence is damage
     with pytest.raises(zdcp.CorruptCheckpointError, match="'z'"):
         zdcp.load({"z": torch.ones(4)}, ckpt)
 
@@ -277,15 +316,17 @@ def test_compression_round_trips_and_opens_in_zarr(ckpt, compression, layout):
     assert np.array_equal(z[:].view(np.int16), t.view(torch.int16).numpy())
 
 
-def test_dcp_plugin_path_is_the_same_format(tmp_path):
+def test_dcp_plugin_path_is_the_same_format(tmp_path, layout):
     sd = {"model": {"w": torch.randn(6, 2), "b": torch.randn(2).bfloat16()}, "step": 4,
           "optim": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
-    dcp.save(sd, storage_writer=zdcp.ZarrWriter(tmp_path / "via_dcp"), no_dist=True)
-    zdcp.save(sd, tmp_path / "via_zdcp")
+    dcp.save(sd, storage_writer=zdcp.ZarrWriter(tmp_path / "via_dcp", layout=layout), no_dist=True)
+    zdcp.save(sd, tmp_path / "via_zdcp", layout=layout)
+    via_dcp, via_zdcp = _hierarchy(tmp_path / "via_dcp"), _hierarchy(tmp_path / "via_zdcp")
+    assert via_dcp.layout.name == via_zdcp.layout.name == layout
     for node in ["model/w", "model/b"]:
-        a = json.loads((tmp_path / "via_dcp" / node / "zarr.json").read_text())
-        b = json.loads((tmp_path / "via_zdcp" / node / "zarr.json").read_text())
-        assert a == b
+        a = via_dcp.read_json(f"{node}/zarr.json")
+        b = via_zdcp.read_json(f"{node}/zarr.json")
+        assert a is not None and a == b
     for src in ["via_dcp", "via_zdcp"]:
         for loader in ["dcp", "zdcp"]:
             out = {"model": {"w": torch.zeros(6, 2), "b": torch.zeros(2).bfloat16()}, "step": 0,
@@ -299,12 +340,12 @@ def test_dcp_plugin_path_is_the_same_format(tmp_path):
             assert out["step"] == 4 and out["optim"] == sd["optim"], (src, loader)
 
 
-def test_hostile_keys_stay_inside_the_checkpoint(tmp_path):
+def test_hostile_keys_stay_inside_the_checkpoint(tmp_path, layout):
     ckpt = tmp_path / "inner" / "ckpt"
     weird = ["..", "../escape", "/etc/passwd", ".", "", "__zarr", "zarr.json", "zdcp", "a/b", "%i1", "é"]
     sd = {k: {"t": torch.full((2,), float(i)), "v": i} for i, k in enumerate(weird)}
     sd["top"] = {k: i for i, k in enumerate(weird + [3])}
-    zdcp.save(sd, ckpt)
+    zdcp.save(sd, ckpt, layout=layout)
     outside = [p for p in tmp_path.rglob("*") if ckpt not in p.parents and p != ckpt and p != ckpt.parent]
     assert outside == []
     out = {k: {"t": torch.zeros(2), "v": None} for k in weird}
@@ -315,9 +356,9 @@ def test_hostile_keys_stay_inside_the_checkpoint(tmp_path):
         assert out[k]["v"] == i and torch.equal(out[k]["t"], sd[k]["t"]), k
     import zarr
 
-    assert zarr.open_group(ckpt, mode="r")["..%2Fescape/t"].shape == (2,)
+    assert zarr.open_group(zdcp.zarr_store(ckpt), mode="r")["..%2Fescape/t"].shape == (2,)
     with pytest.raises(zdcp.UnsupportedValueError, match="top-level.*3"):
-        zdcp.save({3: torch.ones(1)}, tmp_path / "int_top")
+        zdcp.save({3: torch.ones(1)}, tmp_path / "int_top", layout=layout)
 
 
 def test_empty_state_dict(ckpt, layout):
@@ -326,16 +367,14 @@ def test_empty_state_dict(ckpt, layout):
     assert read_root(ckpt)["consolidated_metadata"]["metadata"] == {}
 
 
-def test_damage_is_named_on_the_tensorstore_path_too(ckpt):
-    # direct_reads=False reads through tensorstore; the default reads this array directly
-    zdcp.save({"w": torch.arange(8.0).reshape(2, 4)}, ckpt)
-    chunk = ckpt / "w/c.0.0"
-    data = bytearray(chunk.read_bytes())
-    data[0] ^= 0x01
-    chunk.write_bytes(bytes(data))
+def test_damage_is_named_on_the_tensorstore_path_too(ckpt, layout):
+    # direct_reads=False reads through tensorstore; the default reads this array directly (in
+    # the packed layout from its data file: 4 KiB, stored out of the B-tree)
+    zdcp.save({"w": torch.arange(1024.0).reshape(2, 512)}, ckpt, layout=layout)
+    _flip_a_bit(ckpt, "w/c.0.0", at=0)
     for reader in (zdcp.ZarrReader(ckpt, direct_reads=False), zdcp.ZarrReader(ckpt)):
         with pytest.raises(dcp.api.CheckpointException) as e:
-            dcp.load({"w": torch.zeros(2, 4)}, storage_reader=reader, no_dist=True)
+            dcp.load({"w": torch.zeros(2, 512)}, storage_reader=reader, no_dist=True)
         (failure, _), = e.value.failures.values()
         assert isinstance(failure, zdcp.CorruptCheckpointError) and "'w'" in str(failure)
 
@@ -350,14 +389,14 @@ def test_a_reader_reused_for_another_checkpoint(tmp_path):
         assert torch.equal(out["w"], torch.arange(6.0) * factor), path
 
 
-def test_malformed_metadata_is_corruption_not_a_crash(ckpt):
-    zdcp.save({"w": torch.ones(4)}, ckpt)
-    root = json.loads((ckpt / "zarr.json").read_text())
+def test_malformed_metadata_is_corruption_not_a_crash(ckpt, layout):
+    zdcp.save({"w": torch.ones(4)}, ckpt, layout=layout)
+    root = read_root(ckpt)
     root["consolidated_metadata"]["metadata"]["w"]["chunk_grid"]["configuration"]["chunk_shape"] = [0]
-    (ckpt / "zarr.json").write_text(json.dumps(root))
+    write_root(ckpt, root)
     with pytest.raises(zdcp.CorruptCheckpointError, match="chunk shape"):
         zdcp.load({"w": torch.zeros(4)}, ckpt)
-    (ckpt / "zarr.json").write_text("{not json")
+    _write_root_bytes(ckpt, b"{not json")
     with pytest.raises(zdcp.CorruptCheckpointError, match="not valid JSON"):
         zdcp.load({"w": torch.zeros(4)}, ckpt)
     assert "not valid JSON" in str(zdcp.verify(ckpt).faults[0])
@@ -368,12 +407,14 @@ def test_keys_that_are_not_text_are_refused(ckpt):
         zdcp.save({"m": {"\ud800": torch.ones(1)}}, ckpt)
 
 
-def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
+def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch, layout):
     """sync_files: the chunks and the staged documents reach the disk (one sync of the staging
     directory's filesystem, through a handle opened before any write) before the commit
     renames the staging directory into place, and the rename is synced too. (Other ranks sync
     their own chunks: tests/test_reliability.py.)"""
     from zdcp.storage.oscalls import FilesystemSync
+
+    committed = ckpt / layout_named(layout).commit_record
 
     seen = []
     real_init = FilesystemSync.__init__
@@ -384,19 +425,25 @@ def test_each_save_step_is_made_durable_before_the_next(ckpt, monkeypatch):
 
     def record(self):
         assert pathlib.Path(self.path).name.startswith(".ckpt.zdcp-")
-        seen.append((self.files_at_open, _files(self.path), (ckpt / "zarr.json").exists()))
+        seen.append((self.files_at_open, _files(self.path), committed.exists()))
 
     monkeypatch.setattr(FilesystemSync, "__init__", opened)
     monkeypatch.setattr(FilesystemSync, "sync", record)
-    zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt)
+    zdcp.save({"w": torch.ones(3), "cfg": {"lr": 0.1}, "b": torch.zeros(2, 2)}, ckpt, layout=layout)
     (opened_before_writes, staged, before_move), (_, _, after_move) = seen
     assert opened_before_writes == set()
-    assert staged == {"w/c.0", "b/c.0.0", "w/zarr.json", "b/zarr.json", "cfg/zarr.json", "zarr.json"}
+    if layout == "files":
+        assert staged == {"w/c.0", "b/c.0.0", "w/zarr.json", "b/zarr.json", "cfg/zarr.json", "zarr.json"}
+    else:  # the database (its manifest and data files) and the guard zarr.json
+        data_files = staged - {"manifest.ocdbt", "zarr.json"}
+        assert {"manifest.ocdbt", "zarr.json"} <= staged and data_files
+        assert all(name.startswith("d/") for name in data_files), staged
+    assert staged == _files(ckpt), "everything the checkpoint holds was synced before the move"
     assert not before_move and after_move
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
 
     seen.clear()
-    zdcp.save({"w": torch.ones(3)}, ckpt, overwrite=True, sync_files=False)
+    zdcp.save({"w": torch.ones(3)}, ckpt, overwrite=True, sync_files=False, layout=layout)
     assert seen == []
     assert_bitwise_equal(zdcp.open(ckpt)["w"][:], torch.ones(3))
 
@@ -466,7 +513,8 @@ def test_nesting_deeper_than_a_path_holds_is_refused_before_writing(tmp_path):
         level[f"level{i}" + "x" * 100] = level = {}
     level["w"] = torch.ones(2)
     with pytest.raises(zdcp.UnsupportedValueError, match=r"'level0x+/.*/w' is nested too deep for .*ckpt"):
-        zdcp.save(state | {"ok": torch.ones(1)}, tmp_path / "ckpt")
+        # the files layout: one file per key, each key a path that the filesystem must hold
+        zdcp.save(state | {"ok": torch.ones(1)}, tmp_path / "ckpt", layout="files")
     assert not any(tmp_path.iterdir()), "refused before anything was written"
 
 
@@ -480,7 +528,7 @@ def test_a_single_process_failure_is_reported_as_what_it_is(ckpt, monkeypatch):
 
     monkeypatch.setattr(zdcp.storage.localfiles.LocalFiles, "write", disk_full)
     with pytest.raises(zdcp.StorageError, match=r"w/c\.0: No space left on device") as raised:
-        zdcp.save({"w": torch.ones(3)}, ckpt)
+        zdcp.save({"w": torch.ones(3)}, ckpt, layout="files")  # LocalFiles: the files layout's local writes
     assert not isinstance(raised.value, zdcp.DistributedError) and "rank" not in str(raised.value)
     monkeypatch.undo()
 

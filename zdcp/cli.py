@@ -27,7 +27,7 @@ from . import format_utils
 from .errors import CheckpointNotFoundError, UsageError, ZdcpError
 from .format.names import describe
 from .storage.contents import holds_commit_record
-from .storage.layout import layout_names, layouts
+from .storage.layout import DEFAULT_LAYOUT, layout_names, layouts
 from .storage.location import Location
 from .view import Array, Group
 from .view import open as open_checkpoint
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing zdcp checkpoint at DST")
     layout_help = "; ".join(f"{layout.name}: {layout.description}" for layout in layouts())
     convert.add_argument(
-        "--layout", choices=layout_names(), help=f"how a zdcp DST is stored ({layout_help}); default: by its location"
+        "--layout", choices=layout_names(), help=f"how a zdcp DST is stored ({layout_help}); default: {DEFAULT_LAYOUT}"
     )
     convert.add_argument("--allow-pickle", action="store_true", help="unpickle/pickle values (trusted files only)")
     convert.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -28,8 +28,8 @@ class SaveOptions:
             power loss soon after a save may lose a checkpoint that reads as committed.
         layout: ``"files"`` (every chunk and document its own file or object) or
             ``"packed"`` (the same hierarchy in a few files per rank: tensorstore's OCDBT
-            database); None (default): files on a local path, packed on an object store
-            (:func:`~zdcp.storage.layout.default_layout`). Readers find the layout by
+            database); None (default): packed, on every location
+            (:data:`~zdcp.storage.layout.DEFAULT_LAYOUT`). Readers find the layout by
             themselves.
         metadata: a plain value (JSON, as the state dict's plain values are: numbers, strings,
             lists, tuples, dicts...) stored in the root document beside zdcp's own record and

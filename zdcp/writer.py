@@ -52,7 +52,7 @@ from .options import SaveOptions
 from .payloads import ArrayValue, RankPlan, StoredValue, WrittenTensor
 from .storage.failures import storage_access
 from .storage.inflight import InflightWindow
-from .storage.layout import ChunkSink, Layout, default_layout, layout_named
+from .storage.layout import DEFAULT_LAYOUT, ChunkSink, Layout, layout_named
 from .storage.location import CheckpointId, Location, kvstore_spec, location_for
 from .storage.retries import REQUESTS_IN_FLIGHT
 from .storage.saving import InPlaceSave, LocalSave, begin_save, check_location, save_location
@@ -101,9 +101,8 @@ class ZarrWriter(StorageWriter):
 
     @property
     def layout(self) -> Layout:
-        """The layout this writer saves in: the options', or the location's default."""
-        assert self.location is not None
-        return layout_named(self.options.layout) if self.options.layout else default_layout(self.location)
+        """The layout this writer saves in: the options', or the default."""
+        return layout_named(self.options.layout or DEFAULT_LAYOUT)
 
     def _reset_state(self) -> None:
         # Coordinator-only state, from prepare_global_plan to finish.
@@ -434,6 +433,7 @@ class _ChunkWriter:
         self.window = InflightWindow(writer.max_inflight_bytes, operations=REQUESTS_IN_FLIGHT if remote else None)
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
+        self.held = 0  # bytes written since the sink last released what it holds
 
     def write(self, item: WriteItem, entry: Entry, tensor: torch.Tensor) -> int:
         """Start writing ``tensor``, the shard ``item`` describes; returns its size in bytes."""
@@ -448,20 +448,35 @@ class _ChunkWriter:
         index = _whole_chunk(chunk.offsets, chunk.sizes, self.grids[fqn])
         direct = index is not None and self.sink.supports_encoded_writes
         encoding = plain_encoding(self.documents[fqn]) if direct else None
-        if encoding is not None and nbytes <= (INNER_CHUNK_BYTES if encoding.inner is None else DIRECT_SHARD_BYTES):
+        largest = INNER_CHUNK_BYTES if encoding is None or encoding.inner is None else DIRECT_SHARD_BYTES
+        if self.sink.max_encoded_bytes is not None:
+            largest = min(largest, self.sink.max_encoded_bytes)
+        if encoding is not None and nbytes <= largest:
             assert index is not None
             key, parts = chunk_key(entry.node, index), encode_chunk(tensor_to_numpy(tensor), encoding)
             writing = self.sink.write_encoded(key, parts)
             if writing is not None:
                 self.window.add(writing, nbytes)
-            return nbytes
-        if fqn not in self.arrays:
-            self.arrays[fqn] = self.sink.open_array(entry.node, self.documents[fqn])
-        region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
-        target = self.arrays[fqn].result()[region]
-        # No copy of the source: the save does not return before the write completes.
-        self.window.add(target.write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True), nbytes)
+        else:
+            if fqn not in self.arrays:
+                self.arrays[fqn] = self.sink.open_array(entry.node, self.documents[fqn])
+            region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+            target = self.arrays[fqn].result()[region]
+            # No copy of the source: the save does not return before the write completes.
+            self.window.add(target.write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True), nbytes)
+        self._hold(nbytes)
         return nbytes
+
+    def _hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` written, and have the sink release what it holds once that is
+        the window's worth: a write into a transaction completes at once but holds its source
+        until the commit, so the window alone would bound nothing."""
+        self.held += nbytes
+        if self.window.limit is not None and self.held >= self.window.limit:
+            self.window.drain()
+            if self.sink.release():
+                self.arrays.clear()  # opened in the transaction released
+            self.held = 0
 
     def write_value(self, entry: Entry, data: bytes, attrs: dict[str, Any]) -> ArrayValue:
         """Write a value stored as an array (a large byte string, a pickle: ``attrs`` say
@@ -470,6 +485,7 @@ class _ChunkWriter:
         document = array_document([array.size], _UINT8, [array.size], attrs)
         handle = self.sink.open_array(entry.node, document).result()
         self.window.add(handle.write(array, can_reference_source_data_indefinitely=True), array.size)
+        self._hold(array.size)
         return ArrayValue(array.size, attrs)
 
     def drain(self) -> None:

@@ -20,6 +20,9 @@ __all__ = [
     "array_document",
     "group_document",
     "zdcp_attrs",
+    "GUARD_FIELD",
+    "guard_document",
+    "is_guard",
     "user_metadata_attrs",
     "user_metadata",
 ]
@@ -93,6 +96,35 @@ def zdcp_attrs(document: Any) -> dict[str, Any] | None:
     attrs = document.get("attributes")
     found = attrs.get(ATTR) if isinstance(attrs, dict) else None
     return found if isinstance(found, dict) else None
+
+
+#: The field that makes a :func:`guard_document` one that Zarr readers refuse (an extension
+#: field with ``"must_understand": true``, Zarr v3 core spec). zarr-python names the field in its
+#: error and shows nothing else, so its name says what to do.
+GUARD_FIELD = "zdcp checkpoint in the packed layout: open it with zdcp.zarr_store(path)"
+
+
+def guard_document(layout: str) -> dict[str, Any]:
+    """The ``zarr.json`` a layout that keeps the hierarchy somewhere other than at its keys'
+    paths (``layout``, e.g. packed: in a database) writes at the checkpoint's location, where
+    a Zarr reader looks for the root: a group document that readers must refuse, so that
+    ``zarr.open_group(path)`` fails instead of opening (or, in its default mode, creating) an
+    empty group where the checkpoint is (docs/format.md, section 9)."""
+    return {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {},
+        GUARD_FIELD: {
+            "must_understand": True,
+            "layout": layout,
+            "read_with": "zdcp.zarr_store(path) for zarr-python; tensorstore: docs/format.md, section 9",
+        },
+    }
+
+
+def is_guard(document: Any) -> bool:
+    """Whether ``document`` (a parsed ``zarr.json``) is a :func:`guard_document`."""
+    return isinstance(document, dict) and GUARD_FIELD in document
 
 
 def chunk_key(node: str, index: Sequence[int], separator: str = CHUNK_KEY_SEPARATOR) -> str:

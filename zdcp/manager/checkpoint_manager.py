@@ -33,7 +33,6 @@ from ..errors import CheckpointExistsError, CheckpointNotFoundError, UsageError
 from ..format.documents import user_metadata
 from ..options import SaveOptions
 from ..storage.failures import storage_access
-from ..storage.layout import default_layout
 from ..storage.location import Location
 from ..storage.removal import remove_committed
 from ..storage.steps import committed_steps, is_step_name, step_name
@@ -69,8 +68,8 @@ class CheckpointManager:
             interval, after which :meth:`reached_preemption` is True. Installed in place of the
             current handlers until :meth:`close`; only from the main thread.
         process_group: the ranks that save (the default group when None).
-        **save_options: the fields of :class:`~zdcp.SaveOptions` (``layout``, packed by
-            default here, on local paths too; ``compression``, ``sync_files``...). With
+        **save_options: the fields of :class:`~zdcp.SaveOptions` (``layout``,
+            ``compression``, ``sync_files``...). With
             ``overwrite=True`` a step already committed is saved again over itself; without
             it, only with ``force``.
 
@@ -111,8 +110,6 @@ class CheckpointManager:
             raise UsageError("the manager stores each checkpoint's step and metrics as its metadata itself")
         self.directory = os.fspath(directory).rstrip("/")
         self._location = Location(self.directory)
-        # A run that keeps the last few checkpoints saves, and deletes, many times.
-        save_options.setdefault("layout", default_layout(self._location, retention=True).name)
         SaveOptions(**save_options)  # refused here, not at the first save
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep

@@ -15,7 +15,7 @@ from .. import collector
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.catalog import Catalog
 from ..format.constants import PENDING_INFIX
-from ..format.documents import zdcp_attrs
+from ..format.documents import is_guard, zdcp_attrs
 from .hierarchy import Hierarchy
 from .keyvalue import parse_json
 from .layout import layouts
@@ -68,15 +68,29 @@ def open_committed(location: Location) -> Committed:
 
 def root_document(location: Location) -> tuple[Hierarchy, Any | None]:
     """The hierarchy at ``location``, in the layout found there, and its parsed root
-    ``zarr.json``; None when there is none (the hierarchy is then the first layout's)."""
+    ``zarr.json``; None when there is none (the hierarchy is then the first layout's).
+
+    A guard document (:func:`~zdcp.format.documents.is_guard`) at the location's own
+    ``zarr.json``, which the files layout reads as its root, is no root: the layout that wrote
+    it holds the checkpoint's root elsewhere, and reads it as its own."""
     # Every layout's read at once: on an object store, one round trip whichever it is.
     results = [layout.read_root(location) for layout in layouts()]
     first = None
+    damage: CorruptCheckpointError | None = None  # raised unless another layout finds a root
     for result in results:
         hierarchy, found = result()
         first = first or hierarchy
-        if found is not None:
-            return hierarchy, parse_json(found, f"{location.url}/zarr.json")
+        if found is None:
+            continue
+        try:
+            document = parse_json(found, f"{location.url}/zarr.json")
+        except CorruptCheckpointError as e:  # a damaged guard leaves the database's root readable
+            damage = damage or e
+            continue
+        if not is_guard(document):
+            return hierarchy, document
+    if damage is not None:
+        raise damage
     assert first is not None
     return first, None
 
