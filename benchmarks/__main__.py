@@ -2,7 +2,8 @@
 
 Runs the chosen workloads one after another, in the registry's order, each in a directory of
 its own under a new run directory, and prints each one's markdown as it finishes (its duration
-on stderr). The run directory is deleted only when the run ends (see
+on stderr), then the default layout's ratios to DCP against their targets
+(:mod:`benchmarks.summary`). The run directory is deleted only when the run ends (see
 :class:`benchmarks.common.NewPaths`).
 """
 
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {machine()}. Storage: the filesystem under `{args.dir}`; page cache warm.")
     if args.quick:
         print("\n**Quick run** (`--quick`): small states, 1 round; not comparable with full runs.")
+    from .summary import default_layout_table
+    from .tables import take_ratios
+
+    ratios = {}
     try:
         for name in KNOWN_WORKLOADS:
             if name in chosen:
@@ -69,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
                 settings.directory.mkdir(parents=True)
                 start = time.perf_counter()
                 section = get_workload(name)(settings)
+                ratios[name] = take_ratios()
                 print(f"\n## {name}\n\n{section}", flush=True)
                 print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     finally:
         fresh(run_dir)
+    print(f"\n## The default layout against its targets\n\n{default_layout_table(ratios)}")
 
 
 if __name__ == "__main__":

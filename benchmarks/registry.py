@@ -50,6 +50,10 @@ KNOWN_WORKLOADS: dict[str, Entry] = {
         "benchmarks.workloads.single_process:large",
         "16 fp32 tensors of 32 MiB saved and loaded by one process, against DCP, torch.save and raw I/O",
     ),
+    "huge": Entry(
+        "benchmarks.workloads.memory:huge",
+        "16 fp32 tensors of 256 MiB (4 GiB) saved and loaded by one process, against DCP: time and peak RSS",
+    ),
     "small": Entry(
         "benchmarks.workloads.single_process:small",
         "2,000 tensors of 1-4 KiB saved and loaded by one process, against DCP, torch.save and raw I/O",

@@ -33,6 +33,23 @@ class TimedOp:
         return len(next(iter(self.seconds.values())))
 
 
+#: Every ratio to DCP's time shown by this run's tables so far, as (op, implementation, ratio):
+#: what the run's summary of the default layout is made of (:func:`take_ratios`).
+_RATIOS: list[tuple[str, str, float]] = []
+
+
+def record_ratio(op: str, impl: str, value: float) -> None:
+    """Note ``impl``'s time for ``op`` over DCP's, for the run's summary."""
+    _RATIOS.append((op, impl, value))
+
+
+def take_ratios() -> list[tuple[str, str, float]]:
+    """The ratios recorded since the last call (those of the workload that just ran)."""
+    taken = list(_RATIOS)
+    _RATIOS.clear()
+    return taken
+
+
 def timing_table(ops: Sequence[TimedOp]) -> str:
     """Each operation's median time per implementation, and its ratio to DCP's in the same rounds."""
     rows = []
@@ -42,6 +59,7 @@ def timing_table(ops: Sequence[TimedOp]) -> str:
         for impl in IMPLEMENTATIONS:
             if impl != DCP and impl in medians:
                 value = medians[impl]
+                record_ratio(timed_op.op, impl, value / reference)
                 rows.append([timed_op.op, HEADINGS[impl], f"{value:.3f}", f"{reference:.3f}", ratio(value, reference)])
     table = markdown_table(["op", "implementation", "s", "DCP s", "/ DCP"], rows)
     rounds = ops[0].rounds
