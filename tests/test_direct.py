@@ -288,38 +288,36 @@ def test_a_large_packed_save_is_a_few_data_files_written_as_they_fill(tmp_path):
     assert len(objects) <= 4, objects
 
 
-def test_a_packed_save_holds_at_most_its_window_and_small_chunks_encoded(tmp_path, monkeypatch):
+def test_a_packed_save_holds_at_most_its_window_and_a_bounded_amount_of_copies(tmp_path, monkeypatch):
     """A write into a database's transaction completes at once and holds its source until the
-    commit: a save releases what the sink holds every window's worth (a version of the
-    database no reader sees before the commit), and takes only small chunks encoded (an
-    encoded chunk is a copy; an array's write refers to the tensor)."""
+    commit: a save has the sink release what it holds (a version of the database no reader
+    sees before the commit) every window's worth, and every HELD_COPIES_BYTES of encoded
+    chunks, which are copies of the tensors."""
     import tensorstore as ts
 
-    import zdcp.storage.packed
-    from zdcp.format.constants import INNER_CHUNK_BYTES
+    import zdcp.writer
 
-    encoded = []
-    original = zdcp.storage.packed._DatabaseSink.write_encoded
+    state = {f"w{i}": torch.randn(512, 512) for i in range(8)}  # 1 MiB each: encoded sharded chunks
+    state |= {f"s{i}": torch.randn(256) for i in range(20)}  # 1 KiB each: encoded plain chunks
 
-    def spy(self, key, parts):
-        encoded.append(sum(len(p) for p in parts))
-        return original(self, key, parts)
-
-    monkeypatch.setattr(zdcp.storage.packed._DatabaseSink, "write_encoded", spy)
-    state = {f"w{i}": torch.randn(512, 512) for i in range(8)}  # 1 MiB each: sharded chunks
-    state |= {f"s{i}": torch.randn(256) for i in range(20)}  # 1 KiB each: plain chunks
-    versions = {}
-    for window in (None, 3 << 20):
-        path = tmp_path / f"window-{window}"
+    def versions(window, copies):
+        monkeypatch.setattr(zdcp.writer, "HELD_COPIES_BYTES", copies)
+        path = tmp_path / f"{window}-{copies}"
         torch.distributed.checkpoint.save(state, storage_writer=zdcp.ZarrWriter(path, max_inflight_bytes=window))
-        base = ts.KvStore.open({"driver": "file", "path": f"{path}/"}).result()
-        versions[window] = len(ts.ocdbt.dump(base).result()["versions"])
         out = {k: torch.zeros_like(v) for k, v in state.items()}
         zdcp.load(out, path)
         for k in state:
             assert_bitwise_equal(out[k], state[k], k)
         assert zdcp.verify(path).ok
-    assert versions[None] == 1, "with no window, one commit"
-    assert versions[3 << 20] >= 3, versions  # 8 MiB, a release per 3 MiB written, then the commit
-    assert encoded and max(encoded) <= INNER_CHUNK_BYTES + 4, "only small chunks encoded (and their crc32c)"
-    assert len(encoded) == 2 * 20  # the small ones, in both saves
+        base = ts.KvStore.open({"driver": "file", "path": f"{path}/"}).result()
+        return len(ts.ocdbt.dump(base).result()["versions"])
+
+    assert versions(None, 64 << 20) == 1, "nothing to release: one commit"
+    assert versions(3 << 20, 64 << 20) == 3  # 8 MiB: released at 3 and 6 MiB, then the commit
+    assert versions(None, 3 << 20) == 3  # the same, counted as copies
+    # Through arrays (no encoded chunks), only the window counts.
+    monkeypatch.setattr(zdcp.writer, "HELD_COPIES_BYTES", 1 << 20)
+    path = tmp_path / "arrays"
+    torch.distributed.checkpoint.save(state, storage_writer=zdcp.ZarrWriter(path, direct_writes=False))
+    base = ts.KvStore.open({"driver": "file", "path": f"{path}/"}).result()
+    assert len(ts.ocdbt.dump(base).result()["versions"]) == 1

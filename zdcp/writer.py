@@ -414,6 +414,10 @@ class _Group:
 #: Sharded chunks up to this size are encoded here (:class:`_ChunkWriter`); tensorstore,
 #: which encodes a chunk's inner chunks on several threads, keeps larger ones.
 DIRECT_SHARD_BYTES = 4 << 20
+#: The most bytes of encoded chunks a sink that holds its writes (a packed rank's transaction)
+#: keeps before it releases them: they are copies of the tensors, memory a save takes beyond
+#: the state (unbounded, 32 tensors of 4 MiB took 110% of the state above it).
+HELD_COPIES_BYTES = 64 << 20
 
 
 class _ChunkWriter:
@@ -433,7 +437,7 @@ class _ChunkWriter:
         self.window = InflightWindow(writer.max_inflight_bytes, operations=REQUESTS_IN_FLIGHT if remote else None)
         self.documents: dict[str, dict[str, Any]] = {}
         self.arrays: dict[str, ts.Future] = {}
-        self.held = 0  # bytes written since the sink last released what it holds
+        self.held = self.copied = 0  # bytes written, and copied, since the sink last released them
 
     def write(self, item: WriteItem, entry: Entry, tensor: torch.Tensor) -> int:
         """Start writing ``tensor``, the shard ``item`` describes; returns its size in bytes."""
@@ -448,15 +452,13 @@ class _ChunkWriter:
         index = _whole_chunk(chunk.offsets, chunk.sizes, self.grids[fqn])
         direct = index is not None and self.sink.supports_encoded_writes
         encoding = plain_encoding(self.documents[fqn]) if direct else None
-        largest = INNER_CHUNK_BYTES if encoding is None or encoding.inner is None else DIRECT_SHARD_BYTES
-        if self.sink.max_encoded_bytes is not None:
-            largest = min(largest, self.sink.max_encoded_bytes)
-        if encoding is not None and nbytes <= largest:
+        if encoding is not None and nbytes <= (INNER_CHUNK_BYTES if encoding.inner is None else DIRECT_SHARD_BYTES):
             assert index is not None
             key, parts = chunk_key(entry.node, index), encode_chunk(tensor_to_numpy(tensor), encoding)
             writing = self.sink.write_encoded(key, parts)
             if writing is not None:
                 self.window.add(writing, nbytes)
+            self._hold(nbytes, copied=nbytes)
         else:
             if fqn not in self.arrays:
                 self.arrays[fqn] = self.sink.open_array(entry.node, self.documents[fqn])
@@ -464,19 +466,25 @@ class _ChunkWriter:
             target = self.arrays[fqn].result()[region]
             # No copy of the source: the save does not return before the write completes.
             self.window.add(target.write(tensor_to_numpy(tensor), can_reference_source_data_indefinitely=True), nbytes)
-        self._hold(nbytes)
+            self._hold(nbytes)
         return nbytes
 
-    def _hold(self, nbytes: int) -> None:
-        """Count ``nbytes`` written, and have the sink release what it holds once that is
-        the window's worth: a write into a transaction completes at once but holds its source
-        until the commit, so the window alone would bound nothing."""
+    def _hold(self, nbytes: int, *, copied: int = 0) -> None:
+        """Count ``nbytes`` written into a sink that holds its writes (``copied`` of them as
+        copies: encoded chunks), and have it release what it holds once that is the window's
+        worth, or :data:`HELD_COPIES_BYTES` of copies. A write into a transaction completes at
+        once but holds its source until the commit, so the window alone would bound nothing;
+        and where the tensors stay in memory anyway (a training state), only the copies
+        add to it."""
+        if not self.sink.holds_writes:
+            return
         self.held += nbytes
-        if self.window.limit is not None and self.held >= self.window.limit:
+        self.copied += copied
+        if (self.window.limit is not None and self.held >= self.window.limit) or self.copied >= HELD_COPIES_BYTES:
             self.window.drain()
             if self.sink.release():
                 self.arrays.clear()  # opened in the transaction released
-            self.held = 0
+            self.held = self.copied = 0
 
     def write_value(self, entry: Entry, data: bytes, attrs: dict[str, Any]) -> ArrayValue:
         """Write a value stored as an array (a large byte string, a pickle: ``attrs`` say

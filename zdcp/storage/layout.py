@@ -54,11 +54,9 @@ class ChunkSink(ABC):
 
     #: Whether :meth:`write_encoded` takes chunks.
     supports_encoded_writes: bool = False
-    #: The largest encoded chunk :meth:`write_encoded` takes (None: any); larger ones are
-    #: written through arrays. A sink that holds encoded chunks in memory until its commit
-    #: takes small ones only: an array's write refers to the tensor, where an encoded chunk is
-    #: a copy of it.
-    max_encoded_bytes: int | None = None
+    #: Whether the writes it takes stay in memory until the commit or a :meth:`release`: an
+    #: array's write then holds its tensor, an encoded chunk its copy.
+    holds_writes: bool = False
 
     def __init__(self, hierarchy: Hierarchy):
         self.hierarchy = hierarchy

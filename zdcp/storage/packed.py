@@ -24,7 +24,7 @@ from typing import Any
 import tensorstore as ts
 
 from ..errors import CorruptCheckpointError, StorageError
-from ..format.constants import INNER_CHUNK_BYTES, ZARR_JSON
+from ..format.constants import ZARR_JSON
 from ..format.documents import guard_document
 from .failures import short_message, storage_access
 from .hierarchy import Hierarchy
@@ -165,13 +165,10 @@ class _DatabaseSink(ChunkSink):
     """A rank's writes into a database, in one atomic transaction; encoded chunks (``direct``)
     as values of the database.
 
-    The transaction holds what it is given until the commit writes the data files. An array's
-    write refers to the tensor (no copy); an encoded chunk is a copy, so only small ones
-    (unsharded, at most :data:`~zdcp.format.constants.INNER_CHUNK_BYTES`) are taken encoded:
-    with chunks of up to 4 MiB encoded, saving 32 tensors of 4 MiB peaked at 110% of the
-    state above it, against 11% through arrays."""
+    The transaction holds what it is given until the commit writes the data files; the writer
+    has it :meth:`release` what it holds as that grows."""
 
-    max_encoded_bytes = INNER_CHUNK_BYTES
+    holds_writes = True
 
     def __init__(self, hierarchy: Hierarchy, direct: bool, *, releasable: bool):
         super().__init__(hierarchy)
