@@ -69,9 +69,10 @@ class ZarrWriter(StorageWriter):
 
     Args:
         path: the checkpoint location; may also come later as DCP's ``checkpoint_id``.
-        max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight (``None``:
-            no limit). Bounds the host memory that GPU tensors' copies or lazily produced
-            tensors take while they are written.
+        max_inflight_bytes: how many bytes of chunk writes a rank keeps in flight, or held by
+            a layout that holds its writes until the commit (``None``: no limit). Bounds the
+            host memory that GPU tensors' copies or lazily produced tensors take while they
+            are written.
         direct_writes: encode plain chunks (shards up to :data:`DIRECT_SHARD_BYTES`) here and
             hand them to the layout as bytes where it takes them (plain files of a local
             checkpoint, values of a database); ``False`` writes every chunk through
