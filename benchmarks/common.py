@@ -153,8 +153,9 @@ FSDP_MODEL = FsdpModel(pairs=24, width=512)  # 96 parameters (25 MiB) and their 
 FSDP_MODEL_QUICK = FsdpModel(pairs=2, width=64)
 
 
-def fsdp_state(world_size: int, seed: int, model: FsdpModel) -> dict[str, Any]:
-    """On a rank of a gloo group: the state dict of ``model`` sharded over the group, after a step."""
+def fsdp_state(world_size: int, seed: int, model: FsdpModel, replicas: int = 1) -> dict[str, Any]:
+    """On a rank of a gloo group: the state dict of ``model`` sharded over the group, after a
+    step; with ``replicas`` > 1, HSDP: replicated over that many groups, sharded within each."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -163,7 +164,11 @@ def fsdp_state(world_size: int, seed: int, model: FsdpModel) -> dict[str, Any]:
     layers = [m for _ in range(model.pairs) for m in (torch.nn.Linear(model.width, model.width),
                                                        torch.nn.LayerNorm(model.width))]  # fmt: skip
     net = torch.nn.Sequential(*layers)
-    fully_shard(net, mesh=init_device_mesh("cpu", (world_size,)))
+    if replicas == 1:
+        mesh = init_device_mesh("cpu", (world_size,))
+    else:
+        mesh = init_device_mesh("cpu", (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
+    fully_shard(net, mesh=mesh)
     optim = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(torch.rand(4, model.width)).sum().backward()
     optim.step()

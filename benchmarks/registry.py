@@ -86,6 +86,10 @@ KNOWN_WORKLOADS: dict[str, Entry] = {
         "benchmarks.workloads.faults:faults",
         "saves, loads and verifies on S3 (moto) with 10% of requests throttled or 5% dropped, and an outage",
     ),
+    "replicas": Entry(
+        "benchmarks.workloads.replicas:replicas",
+        "4 ranks loading a DDP (replicated) and an HSDP 2 x 2 state from S3: bytes fetched, time on a shared link",
+    ),
     "async": Entry(
         "benchmarks.workloads.async_save:async_save",
         "how long zdcp.async_save blocks, against copying the state to host memory",

@@ -205,6 +205,25 @@ def test_latency_holds_every_request(proxy, bucket):
     assert time.perf_counter() - start < 0.2
 
 
+def test_answers_share_the_links_bandwidth(proxy, bucket):
+    """Four reads at once of 512 KiB on a 2 MiB/s link take the link's time for all four (a
+    lower bound: a slow machine only adds to it); no limit again, one read takes less."""
+    store = s3_store(proxy, bucket)
+    for i in range(4):
+        store.write(f"k{i}", os.urandom(512 << 10)).result()
+    proxy.bandwidth = 2 << 20
+    start = time.perf_counter()
+    reads = [store.read(f"k{i}") for i in range(4)]
+    assert all(len(r.result().value) == 512 << 10 for r in reads)
+    assert time.perf_counter() - start >= 0.95
+    proxy.bandwidth = None
+    start = time.perf_counter()
+    store.read("k0").result()
+    assert time.perf_counter() - start < 0.25
+    with pytest.raises(ValueError, match="bandwidth"):
+        proxy.bandwidth = 0
+
+
 def test_the_counters_count_what_a_read_relays(proxy, bucket):
     store = s3_store(proxy, bucket)
     store.write("k", os.urandom(12345)).result()

@@ -134,6 +134,7 @@ def load(
     allow_partial_load: bool = False,
     allow_cast: bool = False,
     allow_pickle: bool = False,
+    share_reads: bool = True,
 ) -> None:
     """Load a zdcp checkpoint into ``state_dict``, in place.
 
@@ -147,12 +148,21 @@ def load(
             :class:`~zdcp.MissingKeysError`.
         allow_cast: cast tensors whose stored dtype differs from the destination's.
         allow_pickle: unpickle values saved with ``allow_pickle=True`` (trusted checkpoints only).
+        share_reads: a stored region that several ranks need (replicas) is read by one of them
+            and sent to the others over ``process_group``; ``False``: each reads it from
+            storage (:class:`~zdcp.ZarrReader`).
     """
     collectives = Collectives(process_group, no_dist=no_dist)
     # Read here rather than in DCP's planning, which would replace a missing or damaged
     # checkpoint's error by an AssertionError.
     committed = collectives.run("reading the checkpoint", lambda: open_committed(Location(checkpoint_id)))
-    reader = ZarrReader(allow_cast=allow_cast, allow_pickle=allow_pickle, committed=committed)
+    reader = ZarrReader(
+        allow_cast=allow_cast,
+        allow_pickle=allow_pickle,
+        committed=committed,
+        share_reads=share_reads,
+        process_group=collectives.group,
+    )
     # DCP's load calls the Stateful methods rank by rank; here a failure on one rank reaches all.
     # In sorted key order, as DCP, so that Stateful methods running collectives match up.
     keys = sorted(state_dict)

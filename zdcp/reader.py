@@ -23,6 +23,7 @@ from typing import Any
 
 import tensorstore as ts
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -34,12 +35,14 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from .collectives import Collectives, attempt, distributed
 from .errors import CorruptCheckpointError, MismatchError, UsageError
 from .format.catalog import ArrayNode
 from .format.dtypes import numpy_to_tensor, tensor_to_numpy
 from .format.names import describe, dotted
 from .payloads import CatalogView, CatalogViews, ValueSource
 from .planner import ZarrLoadPlanner
+from .sharing import Region, Sharing, Transfer, plan_sharing, region_of
 from .storage.contents import Committed, open_committed, root_document
 from .storage.failures import reading
 from .storage.inflight import InflightWindow
@@ -67,6 +70,12 @@ class ZarrReader(StorageReader):
         committed: the checkpoint, already opened, for the next load only (``zdcp.load`` opens
             it before DCP does, so that a missing or damaged checkpoint raises its own error on
             every rank; DCP would replace it by an ``AssertionError``).
+        share_reads: where several ranks of the load read the same stored region (replicas),
+            one of them reads it and sends it to the others (:mod:`zdcp.sharing`); ``False``:
+            every rank reads all it needs from storage, which is faster only where storage is
+            faster than the interconnect. Never with ``allow_cast``.
+        process_group: the load's process group (the default group when None), which the
+            shared reads go over; a load over another group shares nothing.
     """
 
     def __init__(
@@ -78,6 +87,8 @@ class ZarrReader(StorageReader):
         max_inflight_bytes: int | None = 64 << 20,
         direct_reads: bool = True,
         committed: Committed | None = None,
+        share_reads: bool = True,
+        process_group: dist.ProcessGroup | None = None,
     ):
         if path is not None:
             self.location: Location | None = Location(path)
@@ -87,6 +98,8 @@ class ZarrReader(StorageReader):
         self.allow_pickle = allow_pickle
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_reads = direct_reads
+        self.share_reads = share_reads
+        self.process_group = process_group
         self._given = committed
         self._direct: tuple[DirectReader | None] | None = None  # once known (it may be None)
         self.committed: Committed | None = None
@@ -144,19 +157,75 @@ class ZarrReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        """Plan which rank reads each region that several ranks need (:mod:`zdcp.sharing`)."""
+        shares = self.share_reads and not self.allow_cast and distributed() and len(plans) > 1
+        if not shares or len(plans) != dist.get_world_size(self.process_group):
+            return plans
+        return plan_sharing(plans, self._itemsize)
+
+    def _itemsize(self, fqn: str) -> int:
+        assert self.committed is not None
+        source = self.views.zdcp.sources.get(fqn) or self.views.dcp.sources.get(fqn)
+        array = self.committed.catalog.arrays.get(source.fqn) if source is not None else None
+        return array.dtype.numpy.itemsize if array is not None else 1
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if isinstance(plan.storage_data, Sharing):
+            self._read_sharing(plan, planner, plan.storage_data)
+        else:
+            self._read(plan.items, planner)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _read_sharing(self, plan: LoadPlan, planner: LoadPlanner, sharing: Sharing) -> None:
+        """Read this rank's regions, agree with every rank that all reads succeeded (so that
+        none waits for a region whose reader failed), then exchange the shared ones."""
+        collectives = Collectives(self.process_group)
+        rank = dist.get_rank(self.process_group)
+        receiving = sharing.received_by(rank)
+        sending = {t.region for t in sharing.transfers if t.reader == rank}
+        kept: dict[Region, torch.Tensor] = {}
+        waiting: dict[Region, list[tuple[ReadItem, torch.Tensor, ArrayNode]]] = {}
+        _, error = attempt(lambda: self._read(plan.items, planner, receiving, sending, kept, waiting))
+        collectives.agree(error, "reading the checkpoint")
+
+        def buffer(transfer: Transfer, device: torch.device) -> torch.Tensor:
+            _, dest, array = waiting[transfer.region][0]
+            if dest.device == device and dest.dtype == array.dtype.torch and dest.is_contiguous():
+                return dest  # received in place
+            return torch.empty(transfer.region[2], dtype=array.dtype.torch, device=device)
+
+        def received(transfer: Transfer, data: torch.Tensor) -> None:
+            for item, dest, _ in waiting[transfer.region]:
+                if data is not dest:
+                    dest.copy_(data.view(dest.shape))
+                planner.commit_tensor(item, dest)
+
+        collectives.share(sharing.transfers, lambda t: kept[t.region], buffer, received, self.max_inflight_bytes)
+
+    def _read(
+        self,
+        items: list[ReadItem],
+        planner: LoadPlanner,
+        receiving: Mapping[Region, Transfer] = {},
+        sending: set[Region] = frozenset(),  # type: ignore[assignment]
+        kept: dict[Region, torch.Tensor] | None = None,
+        waiting: dict[Region, list[tuple[ReadItem, torch.Tensor, ArrayNode]]] | None = None,
+    ) -> None:
+        """Read ``items`` into the planner's destinations, but those of regions in
+        ``receiving`` (another rank reads them): their destinations go into ``waiting``; the
+        destinations of regions in ``sending`` into ``kept`` once read."""
         assert self.committed is not None
         catalog, hierarchy = self.committed.catalog, self.committed.hierarchy
         view = self.views.zdcp if isinstance(planner, ZarrLoadPlanner) else self.views.dcp
-        sources = [view.sources[item.storage_index.fqn] for item in plan.items]
+        sources = [view.sources[item.storage_index.fqn] for item in items]
         for source in sources:
             array = catalog.arrays.get(source.fqn)
             if array is not None:
                 array.check_readable(allow_pickle=self.allow_pickle)
         tensor_items, value_items = [], []
-        for item, source in zip(plan.items, sources):
+        for item, source in zip(items, sources):
             if item.type == LoadItemType.BYTE_IO:
                 value_items.append((item, source))
                 continue
@@ -167,6 +236,14 @@ class ZarrReader(StorageReader):
                     f"key {describe(array.entry.path)!r}: checkpoint has dtype {array.dtype.torch}, "
                     f"destination {dest.dtype} (pass allow_cast=True to convert)"
                 )
+            region = region_of(item)
+            if region in receiving:
+                assert waiting is not None
+                waiting.setdefault(region, []).append((item, dest, array))
+                continue
+            if region in sending:
+                assert kept is not None
+                kept[region] = dest
             tensor_items.append((item, dest, array))
         # Only now that every item is known to fit does the destination change.
         for item, source in value_items:
@@ -196,9 +273,6 @@ class ZarrReader(StorageReader):
             finish = functools.partial(_finish_read, planner, item, dest, array, in_place, hierarchy.url)
             window.add(future, nbytes, finish)
         window.drain()
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
         """Read ``item`` with the layout's direct reader when its chunks and destination

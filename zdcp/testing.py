@@ -491,7 +491,10 @@ class FaultProxy(_Relay):
       such requests (partway through a save), until :meth:`recover`;
     - ``latency``: seconds every request is held before it is answered or forwarded. moto answers
       in about a millisecond where an object store takes tens, which hides the cost of requests
-      made one after another; holding each request puts it back.
+      made one after another; holding each request puts it back;
+    - ``bandwidth``: bytes per second of one link that every answer's body shares, first come
+      first served (None: no limit): the network between a cluster and its store, where what
+      several readers fetch at once takes the sum of their times.
 
     Faults are drawn from a random generator seeded with ``seed`` (None: from the OS): three
     draws per request, in the order requests arrive, so a run with one client thread repeats
@@ -510,6 +513,7 @@ class FaultProxy(_Relay):
         drop: float = 0.0,
         lose: float = 0.0,
         latency: float = 0.0,
+        bandwidth: float | None = None,
         seed: int | None = None,
     ) -> None:
         if flavor not in _FAULT_ANSWERS:
@@ -521,7 +525,8 @@ class FaultProxy(_Relay):
         self._outage: OutageOf | None = None
         self._outage_after = 0  # requests the outage still lets through before it starts
         self.throttle, self.retry_after, self.drop, self.latency = throttle, retry_after, drop, latency
-        self.lose = lose
+        self.lose, self.bandwidth = lose, bandwidth
+        self._link_free_at = 0.0  # when the link has sent every body it took so far (monotonic)
         super().__init__(upstream)
 
     # -- settings ---------------------------------------------------------------------------------
@@ -563,6 +568,17 @@ class FaultProxy(_Relay):
         if not seconds >= 0:
             raise ValueError(f"latency={seconds!r}: expected seconds >= 0")
         self._latency = float(seconds)
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Bytes per second of the link the answers' bodies share (None: no limit)."""
+        return self._bandwidth
+
+    @bandwidth.setter
+    def bandwidth(self, bytes_per_second: float | None) -> None:
+        if bytes_per_second is not None and not bytes_per_second > 0:
+            raise ValueError(f"bandwidth={bytes_per_second!r}: expected bytes per second > 0, or None")
+        self._bandwidth = None if bytes_per_second is None else float(bytes_per_second)
 
     @property
     def retry_after(self) -> int | None:
@@ -640,7 +656,19 @@ class FaultProxy(_Relay):
             self._counts["bytes_sent"] += len(answer.body)
             if request.method == "GET":
                 self._counts["get_bytes"] += len(answer.body)
+            sent_at = self._on_link(len(answer.body))
+        if sent_at is not None:
+            time.sleep(max(0.0, sent_at - time.monotonic()))
         return answer
+
+    def _on_link(self, nbytes: int) -> float | None:
+        """When a body of ``nbytes`` has crossed the shared link, queued behind those before it
+        (under the lock); None with no limit."""
+        if self._bandwidth is None:
+            return None
+        start = max(time.monotonic(), self._link_free_at)
+        self._link_free_at = start + nbytes / self._bandwidth
+        return self._link_free_at
 
     def _fault(self, kind: str | None) -> str | None:
         """The fault a request of ``kind`` meets, if any (under the lock)."""

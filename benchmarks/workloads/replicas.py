@@ -1,0 +1,136 @@
+"""``replicas``: what loads cost an object store when ranks need the same bytes. Four ranks load
+a replicated state (DDP: every rank holds all of it, 32 MiB) and an HSDP FSDP2 + Adam state
+(2 replicas x 2 shards: each shard is needed by two ranks) from S3 (a moto server behind
+:class:`zdcp.testing.FaultProxy`), for zdcp and DCP's ``FsspecReader`` (s3fs): the bytes the
+store sent (GET answers, counted by the proxy) over the bytes the checkpoint holds, the time
+of the load on a shared 16 MiB/s link (the proxy's ``bandwidth``), and the loading ranks' peak
+RSS above the state.
+
+Today every rank reads what it needs from the store itself, so replicas multiply the bytes
+fetched and, on a shared link, the time (issue 20: read once, share).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+import zdcp
+from zdcp.testing import FaultProxy, moto_server, run_ranks
+
+from ..common import (
+    DCP,
+    FSDP_MODEL,
+    FSDP_MODEL_QUICK,
+    HEADINGS,
+    ZDCP_PACKED,
+    MiB,
+    collective_timed,
+    empty_like,
+    fsdp_state,
+    median,
+    use_s3_endpoint,
+)
+from ..registry import Settings
+from ..tables import markdown_table
+
+BUCKET = "replicas"
+RANKS = 4
+LINK = 16 * MiB  # bytes per second of the shared link, in the timed loads
+IMPLS = (ZDCP_PACKED, DCP)
+CASES = {"DDP, 4 replicas": 4, "HSDP, 2 replicas x 2 shards": 2}  # case -> replicas
+
+
+def replicated_state(quick: bool) -> dict[str, torch.Tensor]:
+    """8 fp32 tensors of 4 MiB (32 MiB), the same on every rank; of 256 KiB when ``quick``."""
+    g = torch.Generator().manual_seed(0)
+    rows = 64 if quick else 1024
+    return {f"layer{i}.weight": torch.randn(rows, 1024, generator=g) for i in range(8)}
+
+
+def state_on_rank(replicas: int, quick: bool) -> dict[str, Any]:
+    if replicas == RANKS:
+        return replicated_state(quick)
+    return fsdp_state(RANKS, 0, FSDP_MODEL_QUICK if quick else FSDP_MODEL, replicas=replicas)
+
+
+def peak_rss_above(fn: Any) -> int:
+    """The peak RSS of this process while ``fn()`` runs, above its RSS before."""
+    with open("/proc/self/status") as f:
+        before = int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024 - before
+
+
+def on_rank(rank: int, world_size: int, replicas: int, impl: str, url: str, op: str, quick: bool, out: Path) -> None:
+    """``op``: "save" the case's state at ``url`` in ``impl``, or "load" it (into a fresh copy
+    of the state); rank 0 writes the load's time (the slowest rank's) and the largest peak RSS
+    above the state to ``out``."""
+    state = state_on_rank(replicas, quick)
+    if op == "save":
+        if impl == DCP:
+            dcp.save(state, storage_writer=FsspecWriter(url))
+        else:
+            zdcp.save(state, url)
+        return
+    dest = empty_like(state) if replicas == RANKS else state
+    load = (lambda: dcp.load(dest, storage_reader=FsspecReader(url))) if impl == DCP else (lambda: zdcp.load(dest, url))
+    peak: list[int] = []
+    seconds = collective_timed(lambda: peak.append(peak_rss_above(load)))
+    peaks = torch.tensor(peak, dtype=torch.int64)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        torch.save({"seconds": seconds, "peak": int(peaks.item())}, out)
+
+
+def stored_bytes(s3: Any, prefix: str) -> int:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/")
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
+def replicas(settings: Settings) -> str:
+    import boto3
+
+    quick, rounds = settings.quick, settings.rounds
+    out = settings.directory / "load.pt"
+    rows = []
+    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+        use_s3_endpoint(proxy.endpoint)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        for case, replicas in CASES.items():
+            for impl in IMPLS:
+                prefix = f"{impl}-{replicas}"
+                url = f"s3://{BUCKET}/{prefix}"
+                run_ranks(RANKS, on_rank, replicas, impl, url, "save", quick, out, timeout=600)
+                stored = stored_bytes(s3, prefix)
+                proxy.bandwidth = None
+                before = proxy.counts
+                run_ranks(RANKS, on_rank, replicas, impl, url, "load", quick, out, timeout=600)
+                fetched = (proxy.counts - before).get_bytes
+                proxy.bandwidth = LINK
+                times, peak = [], 0
+                for _ in range(rounds):
+                    run_ranks(RANKS, on_rank, replicas, impl, url, "load", quick, out, timeout=600)
+                    result = torch.load(out)
+                    times.append(result["seconds"])
+                    peak = max(peak, result["peak"])
+                rows.append((case, impl, stored, fetched, median(times), peak))
+        proxy.bandwidth = None
+    dcp_time = {case: t for case, impl, _, _, t, _ in rows if impl == DCP}
+    table = markdown_table(
+        ["4 ranks loading from S3", "implementation", "stored", "fetched / stored", "load s on 16 MiB/s",
+         "/ DCP", "peak RSS above the state"],
+        [[case, HEADINGS[impl], f"{stored / MiB:.1f} MiB", f"{fetched / stored:.2f}x", f"{t:.2f}",
+          f"{t / dcp_time[case]:.2f}x", f"{peak / MiB:.0f} MiB"] for case, impl, stored, fetched, t, peak in rows],
+    )  # fmt: skip
+    link = f"Bytes fetched by one load with no limit; times: the median of {rounds} loads on the capped link."
+    return f"{table}\n\n{link} The peak RSS is the largest rank's."

@@ -1,0 +1,115 @@
+"""Loads that read each shared region once (zdcp.sharing): the plan, and real loads on gloo ranks
+from local directories and from S3 behind a proxy that counts the bytes it sends."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from conftest import assert_bitwise_equal, new_bucket
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+import zdcp
+from zdcp.sharing import Sharing, batches, plan_sharing
+from zdcp.testing import FaultProxy, environment, moto_server, run_ranks
+
+boto3 = pytest.importorskip("boto3")
+
+
+def _item(fqn, offsets, lengths, kind=LoadItemType.TENSOR):
+    index = MetadataIndex(fqn, list(offsets))
+    return ReadItem(kind, index, list(offsets), index, list(offsets), list(lengths))
+
+
+def test_equal_regions_are_read_by_one_rank_each_spread_by_bytes():
+    big, small = _item("big", (0,), (1000,)), _item("small", (0,), (10,))
+    halves = [_item("sharded", (0,), (50,)), _item("sharded", (50,), (50,))]
+    plans = [
+        LoadPlan([big, small, halves[0], _item("v", (), (), LoadItemType.BYTE_IO)]),
+        LoadPlan([big, small, halves[1], _item("v", (), (), LoadItemType.BYTE_IO)]),
+        LoadPlan([big, small, big]),  # a region read twice by a rank is one need
+    ]
+    shared = plan_sharing(plans, lambda fqn: 4)
+    sharing = shared[0].storage_data
+    assert isinstance(sharing, Sharing) and all(p.storage_data is sharing for p in shared)
+    assert [p.items for p in shared] == [p.items for p in plans]
+    transfers = {t.region[0]: t for t in sharing.transfers}
+    assert set(transfers) == {"big", "small"}, "regions one rank needs, and values, are not shared"
+    # rank 0 and 1 each read a half (200 bytes) of their own: the largest region goes to rank 2
+    assert transfers["big"].reader == 2 and transfers["big"].receivers == (0, 1)
+    assert transfers["big"].nbytes == 4000 and transfers["small"].reader == 0
+    assert sharing.received_by(1).keys() == {transfers["big"].region, transfers["small"].region}
+    # nothing shared: the plans as they were
+    assert plan_sharing([LoadPlan([halves[0]]), LoadPlan([halves[1]])], lambda fqn: 4)[0].storage_data is None
+    assert [len(b) for b in batches(sharing.transfers, 4000)] == [1, 1]
+    assert [len(b) for b in batches(sharing.transfers, None)] == [2]
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(256, 1024, generator=g), "b": torch.randn(64, generator=g), "step": 7}
+
+
+def _ddp_save_and_load(rank, world_size, url, layout, share, through_dcp):
+    """Every rank holds the same (replicated) state; saved, then loaded by every rank."""
+    state = _state()
+    zdcp.save(state, url, layout=layout)
+    dist.barrier()
+    out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
+    if through_dcp:  # DCP's own planner, through the storage reader
+        dcp.load(out, storage_reader=zdcp.ZarrReader(url, share_reads=share))
+    else:
+        zdcp.load(out, url, share_reads=share)
+    assert_bitwise_equal(out["w"], state["w"])
+    assert_bitwise_equal(out["b"], state["b"])
+    assert out["step"] == 7
+
+
+def _stored_bytes(s3, bucket, prefix):
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_replicas_fetch_each_stored_byte_about_once_from_s3(layout):
+    """4 DDP ranks load a replicated 1 MiB state: about the stored bytes fetched in all, where
+    each rank reading for itself fetches 4 times them; the values are exact either way."""
+    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
+        with environment(**aws):
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            bucket = new_bucket(s3, "share")
+            fetched = {}
+            for share in (True, False):
+                url = f"s3://{bucket}/{share}"
+                before = proxy.counts.get_bytes
+                run_ranks(4, _ddp_save_and_load, url, layout, share, False)
+                fetched[share] = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, f"{share}/")
+    assert fetched[True] <= 1.1, fetched
+    assert fetched[False] >= 3.5, fetched
+
+
+def test_dcp_load_through_the_reader_shares_too(tmp_path):
+    run_ranks(3, _ddp_save_and_load, str(tmp_path / "ckpt"), "packed", True, True)
+
+
+def _load_damaged(rank, world_size, path):
+    out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
+    with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
+        zdcp.load(out, path)
+
+
+def test_a_damaged_region_fails_every_rank_with_the_readers_error(tmp_path):
+    """Only the rank that reads the damaged chunk sees it; every rank raises its error (none
+    waits for data that never comes)."""
+    path = tmp_path / "ckpt"
+    zdcp.save(_state(), path, layout="files")
+    chunk = path / "w" / "c.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    run_ranks(2, _load_damaged, str(path))
+    assert os.path.exists(chunk)
