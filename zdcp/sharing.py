@@ -5,8 +5,8 @@ When ranks need the same stored bytes (every DDP replica the whole state, every 
 group each shard, every TP rank the replicated norms), each would read them from storage. At
 planning the coordinator sees every rank's read items (DCP's global plan): an item whose stored
 region (array, offsets, lengths) several ranks read is a :class:`Transfer`, assigned to one of
-those ranks, the one with the fewest bytes to read so far, largest regions first; the reader
-reads it and sends it to the others over the load's process group
+those ranks in runs of neighbouring regions, each run to the rank with the fewest bytes to
+read so far; the reader reads it and sends it to the others over the load's process group
 (:meth:`zdcp.collectives.Collectives.share`). Regions that overlap without being equal (a load
 that reshards) are read by each rank, as before: only equal regions are shared.
 
@@ -66,22 +66,31 @@ def plan_sharing(plans: Sequence[LoadPlan], itemsize: Callable[[str], int]) -> l
                 ranks = needed_by.setdefault(region_of(item), [])
                 if not ranks or ranks[-1] != rank:  # a rank that reads a region twice reads it once
                     ranks.append(rank)
-    shared = {region: ranks for region, ranks in needed_by.items() if len(ranks) > 1}
+    shared = {region: tuple(ranks) for region, ranks in needed_by.items() if len(ranks) > 1}
     if not shared:
         return list(plans)
-    # Every rank's own reads count towards its load; the shared regions go, largest first, to
-    # whichever of their ranks has read the least so far.
+    # Every rank's own reads count towards its load. The regions a set of ranks shares are cut,
+    # in the order of their arrays' names and offsets, into one run per rank of about equal
+    # bytes, and the runs go to the ranks that have read least so far: neighbouring regions
+    # tend to lie together in storage, where a reader's request for one may bring the next
+    # (a packed layout coalesces reads), so that interleaving them would fetch both twice.
     load = [0] * len(plans)
     for region, ranks in needed_by.items():
         if len(ranks) == 1:
             load[ranks[0]] += _nbytes(region, itemsize)
+    by_ranks: dict[tuple[int, ...], list[Region]] = {}
+    for region, ranks in shared.items():
+        by_ranks.setdefault(ranks, []).append(region)
     transfers = []
-    for region in sorted(shared, key=lambda r: (-_nbytes(r, itemsize), r)):
-        ranks = shared[region]
-        nbytes = _nbytes(region, itemsize)
-        reader = min(ranks, key=lambda r: (load[r], r))
-        load[reader] += nbytes
-        transfers.append(Transfer(region, reader, tuple(r for r in ranks if r != reader), nbytes))
+    for ranks, regions in sorted(by_ranks.items()):
+        regions.sort()
+        runs = _runs(regions, [_nbytes(r, itemsize) for r in regions], len(ranks))
+        for run in sorted(runs, key=lambda run: -sum(_nbytes(r, itemsize) for r in run)):
+            reader = min(ranks, key=lambda r: (load[r], r))
+            for region in run:
+                nbytes = _nbytes(region, itemsize)
+                load[reader] += nbytes
+                transfers.append(Transfer(region, reader, tuple(r for r in ranks if r != reader), nbytes))
     sharing = Sharing(tuple(transfers))
     return [LoadPlan(plan.items, sharing, plan.planner_data) for plan in plans]
 
@@ -98,6 +107,19 @@ def batches(transfers: Sequence[Transfer], limit: int | None) -> Iterator[Sequen
             start, size = i + 1, 0
     if start < len(transfers):
         yield transfers[start:]
+
+
+def _runs(regions: list[Region], sizes: list[int], count: int) -> list[list[Region]]:
+    """``regions`` cut, in order, into at most ``count`` runs of about equal total size."""
+    share = sum(sizes) / count
+    runs: list[list[Region]] = [[]]
+    filled = 0
+    for region, size in zip(regions, sizes):
+        if runs[-1] and filled + size / 2 > share * len(runs) and len(runs) < count:
+            runs.append([])
+        runs[-1].append(region)
+        filled += size
+    return runs
 
 
 def _nbytes(region: Region, itemsize: Callable[[str], int]) -> int:
