@@ -208,8 +208,8 @@ class ZarrReader(StorageReader):
         self,
         items: list[ReadItem],
         planner: LoadPlanner,
-        receiving: Mapping[Region, Transfer] = {},
-        sending: set[Region] = frozenset(),  # type: ignore[assignment]
+        receiving: Mapping[Region, Transfer] | None = None,
+        sending: set[Region] | None = None,
         kept: dict[Region, torch.Tensor] | None = None,
         waiting: dict[Region, list[tuple[ReadItem, torch.Tensor, ArrayNode]]] | None = None,
     ) -> None:
@@ -237,11 +237,11 @@ class ZarrReader(StorageReader):
                     f"destination {dest.dtype} (pass allow_cast=True to convert)"
                 )
             region = region_of(item)
-            if region in receiving:
+            if receiving and region in receiving:
                 assert waiting is not None
                 waiting.setdefault(region, []).append((item, dest, array))
                 continue
-            if region in sending:
+            if sending and region in sending:
                 assert kept is not None
                 kept[region] = dest
             tensor_items.append((item, dest, array))

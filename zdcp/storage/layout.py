@@ -166,9 +166,9 @@ def layouts() -> list[Layout]:
     return [layout_named(name) for name in _KNOWN]
 
 
-#: The layout a save uses unless told otherwise, on every location: packed. It saves as fast as
-#: the files layout or faster everywhere (a few files per rank instead of one per chunk: 2x
-#: faster for an FSDP job, 7x in a loop that deletes old checkpoints, one request instead of
-#: hundreds on an object store), and loads as fast (docs/benchmarks.md). The files layout
-#: stays, on request, for a plain Zarr directory.
+#: The layout a save uses unless told otherwise, on every location: packed. A few files per
+#: rank instead of one per chunk saves faster than the files layout for FSDP states, many small
+#: tensors, loops that delete old checkpoints and object stores, and as fast for large tensors
+#: (docs/benchmarks.md has today's ratios). The files layout stays, on request, for a plain
+#: Zarr directory.
 DEFAULT_LAYOUT = "packed"

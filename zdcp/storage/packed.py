@@ -3,13 +3,15 @@ database at the checkpoint's root (``manifest.ocdbt`` and data files under ``d/`
 checkpoint is a few files per rank instead of one per chunk (docs/format.md, section 9).
 
 **Writing.** Each rank writes its chunks into a database of its own, ``ocdbt.process_<rank>/``
-under the save's location, in one atomic transaction, so that it is whole or absent; no data
-passes between ranks. At the commit the coordinator, in one atomic transaction of the root
+under the save's location, in atomic transactions (the writer has it commit one whenever it
+holds a window's worth: :meth:`_DatabaseSink.release`); no data passes between ranks. At the
+commit the coordinator, in one atomic transaction of the root
 database, copies the ranks' key ranges (B-tree entries that refer to the ranks' data files,
 which are not copied) and writes every node's ``zarr.json`` and the root one; the root
 manifest, which OCDBT writes last, makes them visible together. A save by a single process
-needs no merge: it writes its chunks into the root database itself, and the same transaction
-takes the documents and commits at the end.
+needs no merge: it writes its chunks into the root database itself, and its last
+transaction takes the documents and commits at the end. The root's guard ``zarr.json``
+(:data:`GUARD`) is written just before that commit.
 
 **Reading.** A database records its configuration in its manifest, so readers need none of the
 configurations below. Locally, plain chunks stored out of line are read straight from the data
