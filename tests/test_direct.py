@@ -243,7 +243,7 @@ def test_packed_value_extents_are_where_the_values_are(tmp_path):
         kv[key] = value
     height = ts.ocdbt.dump(kv.base).result()["versions"][-1]["root_height"]
     assert height >= 1, "the test needs interior nodes"
-    found = value_extents(layout_named("packed").hierarchy(Location(tmp_path)))
+    found = value_extents(layout_named("packed").hierarchy(Location(tmp_path)), f"{tmp_path}/")
     assert sorted(found) == sorted(values)
     for key, (path, offset, length) in found.items():
         with open(path, "rb") as f:

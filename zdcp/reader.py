@@ -161,12 +161,27 @@ class ZarrReader(StorageReader):
         shares = self.share_reads and not self.allow_cast and distributed() and len(plans) > 1
         if not shares or len(plans) != dist.get_world_size(self.process_group):
             return plans
-        return plan_sharing(plans, self._itemsize)
+        assert self.committed is not None
+        hierarchy = self.committed.hierarchy
+        order = functools.cache(lambda: hierarchy.layout.storage_order(hierarchy))  # asked once, if at all
 
-    def _itemsize(self, fqn: str) -> int:
+        def position(region: Region) -> tuple[str, int]:
+            """Where the stored chunk holding the region's first element lies."""
+            array, chunk_at = self._array(region[0]), order()
+            if chunk_at is None or array is None or not array.shape:
+                return "", 0
+            return chunk_at(array.chunk_key(tuple(o // n for o, n in zip(region[1], array.chunks))))
+
+        return plan_sharing(plans, self._itemsize, position)
+
+    def _array(self, fqn: str) -> ArrayNode | None:
+        """The stored array a plan's ``fqn`` reads from, by either view of the checkpoint."""
         assert self.committed is not None
         source = self.views.zdcp.sources.get(fqn) or self.views.dcp.sources.get(fqn)
-        array = self.committed.catalog.arrays.get(source.fqn) if source is not None else None
+        return self.committed.catalog.arrays.get(source.fqn) if source is not None else None
+
+    def _itemsize(self, fqn: str) -> int:
+        array = self._array(fqn)
         return array.dtype.numpy.itemsize if array is not None else 1
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:

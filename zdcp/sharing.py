@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
@@ -55,10 +56,16 @@ class Sharing:
         return {t.region: t for t in self.transfers if rank in t.receivers}
 
 
-def plan_sharing(plans: Sequence[LoadPlan], itemsize: Callable[[str], int]) -> list[LoadPlan]:
+def plan_sharing(
+    plans: Sequence[LoadPlan],
+    itemsize: Callable[[str], int],
+    position: Callable[[Region], Any] | None = None,
+) -> list[LoadPlan]:
     """``plans`` (one per rank of the load's group, in rank order) with a :class:`Sharing` as
     their ``storage_data`` when ranks read equal regions, else as they are. ``itemsize(fqn)``:
-    the bytes of one element of the array ``fqn``."""
+    the bytes of one element of the array ``fqn``; ``position(region)``: where the region lies
+    in storage, comparable between regions (None: in the order of names and offsets). Called
+    only when some region is shared, once per region."""
     needed_by: dict[Region, list[int]] = {}
     for rank, plan in enumerate(plans):
         for item in plan.items:
@@ -70,10 +77,11 @@ def plan_sharing(plans: Sequence[LoadPlan], itemsize: Callable[[str], int]) -> l
     if not shared:
         return list(plans)
     # Every rank's own reads count towards its load. The regions a set of ranks shares are cut,
-    # in the order of their arrays' names and offsets, into one run per rank of about equal
-    # bytes, and the runs go to the ranks that have read least so far: neighbouring regions
-    # tend to lie together in storage, where a reader's request for one may bring the next
-    # (a packed layout coalesces reads), so that interleaving them would fetch both twice.
+    # in the order they lie in storage, into one run per rank of about equal bytes, and the
+    # runs go to the ranks that have read least so far: a reader's request for one region may
+    # bring its neighbours (a packed layout coalesces reads of one data file), so that
+    # neighbours given to different readers would be fetched twice. Name order is not enough:
+    # the ranks of the save that wrote the regions interleave them.
     load = [0] * len(plans)
     for region, ranks in needed_by.items():
         if len(ranks) == 1:
@@ -81,9 +89,10 @@ def plan_sharing(plans: Sequence[LoadPlan], itemsize: Callable[[str], int]) -> l
     by_ranks: dict[tuple[int, ...], list[Region]] = {}
     for region, ranks in shared.items():
         by_ranks.setdefault(ranks, []).append(region)
+    where = {region: position(region) for region in shared} if position is not None else None
     transfers = []
     for ranks, regions in sorted(by_ranks.items()):
-        regions.sort()
+        regions.sort(key=(lambda r: (where[r], r)) if where is not None else None)
         runs = _runs(regions, [_nbytes(r, itemsize) for r in regions], len(ranks))
         for run in sorted(runs, key=lambda run: -sum(_nbytes(r, itemsize) for r in run)):
             reader = min(ranks, key=lambda r: (load[r], r))

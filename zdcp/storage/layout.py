@@ -137,6 +137,15 @@ class Layout(ABC):
         they cannot be read so."""
         return None
 
+    def storage_order(self, hierarchy: Hierarchy) -> Callable[[str], tuple[str, int]] | None:
+        """Where the chunks of ``hierarchy`` lie, where this layout stores several in one file:
+        for a chunk key, its file and the offset of its first byte there (``("", 0)`` for one
+        it keeps elsewhere). A load that splits reads between ranks keeps neighbours together
+        by it, since a reader's request for one chunk may bring its neighbours (reads of one
+        file coalesce on an object store). None: each chunk is a file (object) of its own, and
+        no order is better than the keys'. May cost reads (of an index): ask once per load."""
+        return None
+
 
 #: Every layout, by name, as ``"module:class"``: imported on first use. The order is the order in
 #: which readers look for a checkpoint, and the first is the layout of a missing one.

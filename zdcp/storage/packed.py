@@ -64,9 +64,12 @@ SOLE_REMOTE_CONFIG: dict[str, Any] = {
     "manifest_kind": "single",
 }
 #: On an object store, a reader's reads of nearby data (a B-tree node, several chunks of one
-#: data file) are coalesced into one request; locally this only reads more.
+#: data file) are coalesced into one request; locally this only reads more. Reads issued
+#: within 10 ms of each other are merged across gaps of up to 64 KiB, which the request then
+#: fetches too: a wider bridge (it was 1 MB) fetched chunks that the same reader's earlier
+#: requests were fetching already, 1.17x the stored bytes for an HSDP load (now 1.00x).
 _REMOTE_READS: dict[str, Any] = {
-    "experimental_read_coalescing_threshold_bytes": 1_000_000,
+    "experimental_read_coalescing_threshold_bytes": 64 << 10,
     "experimental_read_coalescing_merged_bytes": 500_000_000_000,
     "experimental_read_coalescing_interval": "10ms",
 }
@@ -118,7 +121,12 @@ class PackedLayout(Layout):
         return _RankSink(self._database(location.child(rank_database(rank)), RANK_CONFIG, files), direct, location)
 
     def direct_reader(self, hierarchy: Hierarchy) -> DirectReader | None:
-        return DirectReader(lambda: value_extents(hierarchy).get) if hierarchy.location.is_local else None
+        root = hierarchy.location.local_dir
+        return DirectReader(lambda: value_extents(hierarchy, root).get) if root is not None else None
+
+    def storage_order(self, hierarchy: Hierarchy) -> Callable[[str], tuple[str, int]]:
+        extents = value_extents(hierarchy)
+        return lambda key: extents.get(key, ("", 0, 0))[:2]
 
     def _database(
         self, location: Location, config: dict[str, Any] | None = None, data_file_bytes: int | None = None
@@ -304,13 +312,14 @@ def _read_manifest(database: ts.KvStore) -> ts.Future:
     return database.read("")
 
 
-def value_extents(hierarchy: Hierarchy) -> dict[str, tuple[str, int, int]]:
-    """Where the values stored out of line in the local packed checkpoint ``hierarchy`` lie: per
-    key, the data file, the offset of the value's first byte in it and its length, from the
-    root database's B-tree (values kept inside the B-tree nodes are left out). With them a
-    reader reads plain chunks straight into their destination, as from the files layout."""
+def value_extents(hierarchy: Hierarchy, directory: str = "") -> dict[str, tuple[str, int, int]]:
+    """Where the values stored out of line in the packed checkpoint ``hierarchy`` lie: per key,
+    the data file (its path under the location, after ``directory``), the offset of the
+    value's first byte in it and its length, from the root database's B-tree (values kept
+    inside the B-tree nodes are left out). With them a reader reads plain chunks of a local
+    checkpoint (``directory``: its local directory) straight into their destination, as from
+    the files layout, and a load orders its reads by where they lie."""
     location = hierarchy.location
-    assert location.local_dir is not None
     base = hierarchy.wait(ts.KvStore.open(location.spec, context=hierarchy.context))
     manifest = hierarchy.wait(ts.ocdbt.dump(base, context=hierarchy.context))
     root = manifest["versions"][-1]["root"].get("location") if manifest["versions"] else None
@@ -325,6 +334,6 @@ def value_extents(hierarchy: Hierarchy) -> dict[str, tuple[str, int, int]]:
             elif "indirect_value" in entry:
                 # "value:<database path>:<data file>:<offset>:<length>", paths relative to the root
                 _, database, data_file, offset, length = entry["indirect_value"].split(":")
-                path = f"{location.local_dir}{database}{data_file}"
+                path = f"{directory}{database}{data_file}"
                 found[(prefix + entry["key"]).decode()] = (path, int(offset), int(length))
     return found
