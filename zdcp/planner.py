@@ -16,12 +16,13 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem
 from torch.distributed.checkpoint.planner_helpers import _init_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from .dedup import spread_replicated
 from .errors import MismatchError, MissingKeysError, UnsupportedValueError
 from .format.dtypes import check_storable
 from .format.names import describe
@@ -94,6 +95,33 @@ class ZarrSavePlanner(DefaultSavePlanner):
                         f"rank {first_rank}, shape {this[0]} and dtype {this[1]} on rank {rank}"
                     )
         return super().create_global_plan(all_plans)
+
+    def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
+        """Each replicated tensor written once, the writes spread across its holders by bytes
+        (:mod:`zdcp.dedup`); what is left replicated (values) deduplicated DCP's way."""
+        return super()._dedup_save_plans(spread_replicated(all_plans))
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        """DCP finds a plain tensor only by offset zero; a piece of a replicated one
+        (:mod:`zdcp.dedup`) has others: its data is in the whole tensor (:meth:`resolve_data`)."""
+        value = self.state_dict.get(index.fqn)
+        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            return value
+        return super().lookup_object(index)
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        """The item's data: for a piece of a replicated tensor (:mod:`zdcp.dedup`), the part of
+        this rank's local tensor the piece covers."""
+        data = super().resolve_data(write_item)
+        if write_item.tensor_data is None or not isinstance(data, torch.Tensor):
+            return data
+        chunk = write_item.tensor_data.chunk
+        if tuple(data.shape) == tuple(chunk.sizes):
+            return data
+        origin = _local_offsets(self.state_dict[write_item.index.fqn])
+        for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            data = data.narrow(dim, offset - origin[dim], size)
+        return data
 
 
 class ZarrLoadPlanner(DefaultLoadPlanner):
@@ -172,6 +200,13 @@ def _local_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     if isinstance(tensor, ShardedTensor):
         return [shard.tensor for shard in tensor.local_shards()]
     return [tensor]
+
+
+def _local_offsets(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Where this rank's local data of a plain tensor or a ``DTensor`` starts in the whole."""
+    if isinstance(tensor, DTensor):
+        return tuple(compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)[1])
+    return (0,) * tensor.dim()
 
 
 def _check_dtensor_shard(tensor: DTensor, key: str) -> None:
