@@ -1,13 +1,12 @@
 """Loads that read each shared region once (zdcp.sharing): the plan, and real loads on gloo ranks
 from local directories and from S3 behind a proxy that counts the bytes it sends."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from conftest import assert_bitwise_equal, new_bucket
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
@@ -109,23 +108,122 @@ def test_dcp_load_through_the_reader_shares_too(tmp_path):
     run_ranks(3, _ddp_save_and_load, str(tmp_path / "ckpt"), "packed", True, True)
 
 
+def _many_tensors():
+    g = torch.Generator().manual_seed(2)
+    return {f"t{i}": torch.randn(128, 256, generator=g) for i in range(8)}  # 128 KiB each
+
+
+def _load_in_batches(rank, world_size, path, damaged):
+    """Through DCP's own load, with a window of 256 KiB: 8 batches of one shared tensor each.
+    Damage in the last batch, found by the one rank that reads it, fails every rank."""
+    out = {name: torch.zeros_like(t) for name, t in _many_tensors().items()}
+    reader = zdcp.ZarrReader(path, max_inflight_bytes=256 << 10)
+    if damaged:
+        with pytest.raises(CheckpointException, match=r"CorruptCheckpointError.*'t7'"):
+            dcp.load(out, storage_reader=reader)
+        return
+    dcp.load(out, storage_reader=reader)
+    for name, tensor in _many_tensors().items():
+        assert_bitwise_equal(out[name], tensor, name)
+
+
+def _flip_a_byte_of(path, key):
+    """Damage the stored chunk ``key`` of the checkpoint at ``path``, in either layout."""
+    if (path / "manifest.ocdbt").exists():
+        from zdcp.storage.contents import open_committed
+        from zdcp.storage.location import Location
+        from zdcp.storage.packed import value_extents
+
+        file, offset, length = value_extents(open_committed(Location(path)).hierarchy, f"{path}/")[key]
+    else:
+        file, offset, length = path / key, 0, (path / key).stat().st_size
+    with open(file, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + length // 2)
+        f.write(bytes([byte ^ 0x01]))
+
+
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_batches_of_shared_reads_load_exactly_and_damage_in_a_late_one_fails_every_rank(tmp_path, layout):
+    path = tmp_path / "ckpt"
+    zdcp.save(_many_tensors(), path, layout=layout)
+    run_ranks(3, _load_in_batches, str(path), False)
+    _flip_a_byte_of(path, "t7/c.0.0")
+    run_ranks(3, _load_in_batches, str(path), True)
+
+
 def _load_damaged(rank, world_size, path):
     out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
-    with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
+    with pytest.raises(zdcp.CorruptCheckpointError, match="array 'w': chunk 0 fails its crc32c"):
         zdcp.load(out, path)
 
 
-def test_a_damaged_region_fails_every_rank_with_the_readers_error(tmp_path):
-    """Only the rank that reads the damaged chunk sees it; every rank raises its error (none
-    waits for data that never comes)."""
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_a_damaged_region_fails_every_rank_with_the_readers_error(tmp_path, layout):
+    """Only the rank that reads the damaged chunk sees it; every rank raises its error, naming
+    the array and the chunk (none waits for data that never comes)."""
     path = tmp_path / "ckpt"
-    zdcp.save(_state(), path, layout="files")
-    chunk = path / "w" / "c.0.0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    chunk.write_bytes(bytes(data))
+    zdcp.save(_state(), path, layout=layout)
+    _flip_a_byte_of(path, "w/c.0.0")
     run_ranks(2, _load_damaged, str(path))
-    assert os.path.exists(chunk)
+
+
+def _load_failing(rank, world_size, url):
+    out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
+    with pytest.raises(zdcp.StorageError):
+        zdcp.load(out, url)
+
+
+def _load_replicas(rank, world_size, url):
+    out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
+    zdcp.load(out, url)
+
+
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_a_reader_failing_in_an_outage_fails_every_rank(layout):
+    """The last read of a shared load meets an outage: the rank that made it raises its
+    StorageError once its retries run out, and so does every other rank (none waits for the
+    region that never comes)."""
+    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
+        with environment(ZDCP_RETRY_BUDGET="6", **aws):
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            url = f"s3://{new_bucket(s3, 'outage')}/ckpt"
+            zdcp.save(_state(), url, layout=layout)
+            before = proxy.counts.reads
+            run_ranks(4, _load_replicas, url)
+            proxy.outage("reads", after=proxy.counts.reads - before - 1)
+            outage = proxy.counts.outage
+            run_ranks(4, _load_failing, url, timeout=120)
+            assert proxy.counts.outage > outage, "a read met the outage"
+
+
+def _restore_through_the_manager(rank, world_size, directory):
+    with zdcp.CheckpointManager(directory) as manager:
+        out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
+        assert manager.restore(out) == 5
+    state = _state()
+    assert_bitwise_equal(out["w"], state["w"])
+    assert out["step"] == 7
+
+
+def test_the_managers_restore_shares_reads_too():
+    """4 replicas restore the newest step from S3 through the manager: the stored bytes fetched
+    about once between them."""
+    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
+        with environment(**aws):
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            bucket = new_bucket(s3, "manager")
+            with zdcp.CheckpointManager(f"s3://{bucket}/run") as manager:
+                manager.save(5, _state())
+            before = proxy.counts.get_bytes
+            run_ranks(4, _restore_through_the_manager, f"s3://{bucket}/run")
+            fetched = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, "run/")
+    assert fetched <= 1.1, fetched
 
 
 def _hsdp_state(seed, pairs, width):

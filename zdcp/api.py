@@ -22,7 +22,8 @@ from . import collector
 from .collectives import Collectives, attempt
 from .planner import ZarrLoadPlanner, ZarrSavePlanner
 from .reader import ZarrReader
-from .storage.contents import open_committed
+from .storage.contents import Committed, open_committed
+from .storage.layout import layout_named
 from .storage.location import CheckpointId, Location
 from .writer import ZarrWriter
 
@@ -155,7 +156,7 @@ def load(
     collectives = Collectives(process_group, no_dist=no_dist)
     # Read here rather than in DCP's planning, which would replace a missing or damaged
     # checkpoint's error by an AssertionError.
-    committed = collectives.run("reading the checkpoint", lambda: open_committed(Location(checkpoint_id)))
+    committed = _open_once(collectives, Location(checkpoint_id))
     reader = ZarrReader(
         allow_cast=allow_cast,
         allow_pickle=allow_pickle,
@@ -193,3 +194,17 @@ def _plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     in sorted key order: :func:`load` passes them sorted). DCP's own helper logs two records
     per key, and DCP's save calls it again."""
     return {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state_dict.items()}
+
+
+def _open_once(collectives: Collectives, location: Location) -> Committed:
+    """The committed checkpoint at ``location``, its root document (the catalog, with every
+    plain value) read by the coordinator alone and sent to the other ranks, which open its
+    hierarchy in the layout the coordinator found without reading anything."""
+    committed = collectives.run(
+        "reading the checkpoint", lambda: open_committed(location) if collectives.is_coordinator else None
+    )
+    if collectives.no_dist:
+        return committed
+    found = (committed.hierarchy.layout.name, committed.catalog) if committed is not None else None
+    name, catalog = collectives.from_coordinator(found)
+    return committed or Committed(layout_named(name).hierarchy(location), catalog)

@@ -8,7 +8,7 @@ or none at all in a single process.
   rank waits in the next collective for a rank that left, nor returns as if all went well.
 - **The coordinator's value on every rank** (:meth:`Collectives.from_coordinator`).
 - **A vote**: whether a flag is raised on any rank (:meth:`Collectives.any`: a preemption signal).
-- **The exchange of a load's shared reads**, point to point (:meth:`Collectives.share`).
+- **The exchange of a load's shared reads**, point to point (:meth:`Collectives.exchange`).
 
 With several ranks one rule decides which error every rank raises (:func:`agreed_error`): the
 lowest failing rank's own when it is zdcp's (so every rank raises the same class with the same
@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.distributed_c10d import _get_object_coll_device
 
 from .errors import DistributedError, StorageError, ZdcpError
-from .sharing import Transfer, batches
+from .sharing import Transfer
 
 __all__ = ["Collectives", "RankFailure", "attempt", "agreed_error", "distributed"]
 
@@ -107,40 +107,40 @@ class Collectives:
         self.agree(error, step)
         return result
 
-    def share(
+    def exchange(
         self,
         transfers: Sequence[Transfer],
         source: Callable[[Transfer], torch.Tensor],
         buffer: Callable[[Transfer, torch.device], torch.Tensor],
-        received: Callable[[Transfer, torch.Tensor], None],
-        limit: int | None,
-    ) -> None:
-        """Exchange a load's shared reads (:mod:`zdcp.sharing`) over the group: for each
-        transfer this rank reads, send ``source(transfer)`` to its receivers; for each it
-        receives, receive into ``buffer(transfer, device)`` and hand it to
-        ``received(transfer, tensor)``. Point-to-point, in batches of about ``limit`` bytes
-        that every rank cuts alike (it posts a whole batch, then waits for it), on the device
-        the group's backend sends from (the CPU for gloo, the GPU for NCCL). Every rank calls
-        it with the same ``transfers``; each takes part in its own."""
+        first_tag: int,
+    ) -> Callable[[], list[tuple[Transfer, torch.Tensor]]]:
+        """Post one batch of a load's shared reads (:mod:`zdcp.sharing`) over the group: for
+        each transfer this rank reads, send ``source(transfer)`` to its receivers; for each it
+        receives, receive into ``buffer(transfer, device)``. Point to point, on the device the
+        group's backend sends from (the CPU for gloo, the GPU for NCCL), transfer ``i`` of the
+        batch under tag ``first_tag + i``. Returns a function that waits for the batch and
+        gives what this rank received, per transfer. Every rank posts the same batches in the
+        same order; each takes part in its own transfers."""
         rank, device = dist.get_rank(self.group), self.device
-        tag = 0
-        for batch in batches(transfers, limit):
-            ops, landing = [], []
-            for transfer in batch:
-                tag += 1
-                if transfer.reader == rank:
-                    data = source(transfer).to(device).contiguous()
-                    for peer in transfer.receivers:
-                        ops.append(dist.P2POp(dist.isend, data, group=self.group, group_peer=peer, tag=tag))
-                elif rank in transfer.receivers:
-                    into = buffer(transfer, device)
-                    ops.append(dist.P2POp(dist.irecv, into, group=self.group, group_peer=transfer.reader, tag=tag))
-                    landing.append((transfer, into))
-            if ops:
-                for work in dist.batch_isend_irecv(ops):
-                    work.wait()
-            for transfer, into in landing:
-                received(transfer, into)
+        ops, landing = [], []
+        for tag, transfer in enumerate(transfers, first_tag):
+            if transfer.reader == rank:
+                data = source(transfer).to(device).contiguous()
+                for peer in transfer.receivers:
+                    ops.append(dist.P2POp(dist.isend, data, group=self.group, group_peer=peer, tag=tag))
+            elif rank in transfer.receivers:
+                into = buffer(transfer, device)
+                ops.append(dist.P2POp(dist.irecv, into, group=self.group, group_peer=transfer.reader, tag=tag))
+                landing.append((transfer, into))
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def wait() -> list[tuple[Transfer, torch.Tensor]]:
+            for work in works:
+                work.wait()
+            ops.clear()  # the tensors sent stay referenced until here
+            return landing
+
+        return wait
 
     def from_coordinator(self, value: T) -> T:
         """The coordinator's ``value``, on every rank."""

@@ -19,6 +19,7 @@ import copy
 import functools
 import io
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import tensorstore as ts
@@ -42,7 +43,7 @@ from .format.dtypes import numpy_to_tensor, tensor_to_numpy
 from .format.names import describe, dotted
 from .payloads import CatalogView, CatalogViews, ValueSource
 from .planner import ZarrLoadPlanner
-from .sharing import Region, Sharing, Transfer, plan_sharing, region_of
+from .sharing import Region, Sharing, Transfer, batches, plan_sharing, region_of
 from .storage.contents import Committed, open_committed, root_document
 from .storage.failures import reading
 from .storage.inflight import InflightWindow
@@ -188,58 +189,84 @@ class ZarrReader(StorageReader):
         if isinstance(plan.storage_data, Sharing):
             self._read_sharing(plan, planner, plan.storage_data)
         else:
-            self._read(plan.items, planner)
+            window = InflightWindow(self.max_inflight_bytes)
+            self._read(self._prepare(plan.items, planner).own, planner, window)
+            window.drain()
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
     def _read_sharing(self, plan: LoadPlan, planner: LoadPlanner, sharing: Sharing) -> None:
-        """Read this rank's regions, agree with every rank that all reads succeeded (so that
-        none waits for a region whose reader failed), then exchange the shared ones."""
+        """Read the regions this rank reads for others and exchange them, batch by batch: a
+        batch's sends and receives are in flight while this rank reads its regions of the next
+        batch, and before each exchange every rank agrees that its reads of that batch
+        succeeded (so that none waits for a region whose reader failed). Then this rank's own
+        regions. Each batch holds half the window, so that two of them in flight hold one."""
         collectives = Collectives(self.process_group)
         rank = dist.get_rank(self.process_group)
-        receiving = sharing.received_by(rank)
-        sending = {t.region for t in sharing.transfers if t.reader == rank}
-        kept: dict[Region, torch.Tensor] = {}
-        waiting: dict[Region, list[tuple[ReadItem, torch.Tensor, ArrayNode]]] = {}
-        _, error = attempt(lambda: self._read(plan.items, planner, receiving, sending, kept, waiting))
-        collectives.agree(error, "reading the checkpoint")
+        half = self.max_inflight_bytes // 2 if self.max_inflight_bytes is not None else None
+        steps = list(batches(sharing.transfers, half))
+        windows: dict[int, InflightWindow] = {}  # the reads of a batch, in flight
+
+        def start(step: int) -> None:
+            windows[step] = InflightWindow(None)
+            regions = [t.region for t in steps[step] if t.reader == rank]
+            self._read([read for region in regions for read in reads.sent[region]], planner, windows[step])
+
+        def read_own() -> None:
+            window = InflightWindow(self.max_inflight_bytes)
+            self._read(reads.own, planner, window)
+            window.drain()
 
         def buffer(transfer: Transfer, device: torch.device) -> torch.Tensor:
-            _, dest, array = waiting[transfer.region][0]
+            _, dest, array = reads.received[transfer.region][0]
             if dest.device == device and dest.dtype == array.dtype.torch and dest.is_contiguous():
                 return dest  # received in place
             return torch.empty(transfer.region[2], dtype=array.dtype.torch, device=device)
 
-        def received(transfer: Transfer, data: torch.Tensor) -> None:
-            for item, dest, _ in waiting[transfer.region]:
-                if data is not dest:
-                    dest.copy_(data.view(dest.shape))
-                planner.commit_tensor(item, dest)
+        sent = {t.region for t in sharing.transfers if t.reader == rank}
+        reads, error = attempt(lambda: self._prepare(plan.items, planner, sharing.received_by(rank), sent))
+        tag = 0  # of the batch's first transfer: each has its own
+        try:
+            if error is None:
+                _, error = attempt(lambda: start(0))
+            for step, batch in enumerate(steps):
+                if error is None:
+                    _, error = attempt(windows[step].drain)
+                collectives.agree(error, "reading the checkpoint")
+                landing = collectives.exchange(batch, lambda t: reads.sent[t.region][0][1], buffer, tag)
+                tag += len(batch)
+                if step + 1 < len(steps):
+                    _, error = attempt(lambda: start(step + 1))
+                for transfer, data in landing():
+                    for item, dest, _ in reads.received[transfer.region]:
+                        if data is not dest:
+                            dest.copy_(data.view(dest.shape))
+                        planner.commit_tensor(item, dest)
+        finally:  # after a failure: no read is left writing into a destination
+            for window in windows.values():
+                window.settle()
+        collectives.run("reading the checkpoint", read_own)
 
-        collectives.share(sharing.transfers, lambda t: kept[t.region], buffer, received, self.max_inflight_bytes)
-
-    def _read(
+    def _prepare(
         self,
         items: list[ReadItem],
         planner: LoadPlanner,
-        receiving: Mapping[Region, Transfer] | None = None,
-        sending: set[Region] | None = None,
-        kept: dict[Region, torch.Tensor] | None = None,
-        waiting: dict[Region, list[tuple[ReadItem, torch.Tensor, ArrayNode]]] | None = None,
-    ) -> None:
-        """Read ``items`` into the planner's destinations, but those of regions in
-        ``receiving`` (another rank reads them): their destinations go into ``waiting``; the
-        destinations of regions in ``sending`` into ``kept`` once read."""
+        received: Mapping[Region, Transfer] | None = None,
+        sent: set[Region] | None = None,
+    ) -> _Reads:
+        """Check that ``items`` can be read into the planner's destinations, load the values
+        among them, and sort the tensor reads: of regions in ``received`` (another rank reads
+        them), of regions in ``sent`` (this rank reads them for others too), and the rest."""
         assert self.committed is not None
-        catalog, hierarchy = self.committed.catalog, self.committed.hierarchy
+        catalog = self.committed.catalog
         view = self.views.zdcp if isinstance(planner, ZarrLoadPlanner) else self.views.dcp
         sources = [view.sources[item.storage_index.fqn] for item in items]
         for source in sources:
             array = catalog.arrays.get(source.fqn)
             if array is not None:
                 array.check_readable(allow_pickle=self.allow_pickle)
-        tensor_items, value_items = [], []
+        reads, value_items = _Reads(), []
         for item, source in zip(items, sources):
             if item.type == LoadItemType.BYTE_IO:
                 value_items.append((item, source))
@@ -252,14 +279,12 @@ class ZarrReader(StorageReader):
                     f"destination {dest.dtype} (pass allow_cast=True to convert)"
                 )
             region = region_of(item)
-            if receiving and region in receiving:
-                assert waiting is not None
-                waiting.setdefault(region, []).append((item, dest, array))
-                continue
-            if sending and region in sending:
-                assert kept is not None
-                kept[region] = dest
-            tensor_items.append((item, dest, array))
+            if received and region in received:
+                reads.received.setdefault(region, []).append((item, dest, array))
+            elif sent and region in sent:
+                reads.sent.setdefault(region, []).append((item, dest, array))
+            else:
+                reads.own.append((item, dest, array))
         # Only now that every item is known to fit does the destination change.
         for item, source in value_items:
             value = self._value(source)
@@ -267,11 +292,16 @@ class ZarrReader(StorageReader):
                 planner.load_value(item, value)
             else:  # DCP's planners take torch.save bytes
                 planner.load_bytes(item, _torch_saved(value))
-        # One tensorstore call per destination slice, as many in flight as the window allows;
-        # whole-row slabs of plain local chunks are read straight into the destination instead.
+        return reads
+
+    def _read(self, reads: list[_Read], planner: LoadPlanner, window: InflightWindow) -> None:
+        """Start reading ``reads`` into their destinations: one tensorstore call per
+        destination slice, in ``window`` (the caller drains it), or straight from local files
+        for whole-row slabs of plain chunks, at once. Each is committed to the planner once read."""
+        assert self.committed is not None
+        hierarchy = self.committed.hierarchy
         stores: dict[str, ts.TensorStore] = {}
-        window = InflightWindow(self.max_inflight_bytes)
-        for item, dest, array in tensor_items:
+        for item, dest, array in reads:
             node = array.node
             if self._read_direct(item, dest, array):
                 planner.commit_tensor(item, dest)
@@ -287,7 +317,6 @@ class ZarrReader(StorageReader):
             nbytes = dest.numel() * dest.element_size()
             finish = functools.partial(_finish_read, planner, item, dest, array, in_place, hierarchy.url)
             window.add(future, nbytes, finish)
-        window.drain()
 
     def _read_direct(self, item: ReadItem, dest: torch.Tensor, array: ArrayNode) -> bool:
         """Read ``item`` with the layout's direct reader when its chunks and destination
@@ -327,6 +356,19 @@ class ZarrReader(StorageReader):
                 value = value[key]
             value = copy.deepcopy(value)
         return value
+
+
+#: One tensor read: the plan's item, its destination, the stored array.
+_Read = tuple[ReadItem, torch.Tensor, ArrayNode]
+
+
+@dataclass
+class _Reads:
+    """A rank's tensor reads, sorted for a load that shares reads (:mod:`zdcp.sharing`)."""
+
+    own: list[_Read] = field(default_factory=list)  # of regions no other rank gets from this one
+    sent: dict[Region, list[_Read]] = field(default_factory=dict)  # read here, sent to others too
+    received: dict[Region, list[_Read]] = field(default_factory=dict)  # read by another rank
 
 
 def _torch_saved(value: Any) -> io.BytesIO:

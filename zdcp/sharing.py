@@ -7,7 +7,7 @@ planning the coordinator sees every rank's read items (DCP's global plan): an it
 region (array, offsets, lengths) several ranks read is a :class:`Transfer`, assigned to one of
 those ranks in runs of neighbouring regions, each run to the rank with the fewest bytes to
 read so far; the reader reads it and sends it to the others over the load's process group
-(:meth:`zdcp.collectives.Collectives.share`). Regions that overlap without being equal (a load
+(:meth:`zdcp.collectives.Collectives.exchange`). Regions that overlap without being equal (a load
 that reshards) are read by each rank, as before: only equal regions are shared.
 
 Every rank gets the whole list of transfers in one order, so that all post their sends and

@@ -6,18 +6,26 @@ store sent (GET answers, counted by the proxy) over the bytes the checkpoint hol
 of the load on a shared 16 MiB/s link (the proxy's ``bandwidth``), and the loading ranks' peak
 RSS above the state.
 
-Today every rank reads what it needs from the store itself, so replicas multiply the bytes
-fetched and, on a shared link, the time (issue 20: read once, share).
+zdcp's load has one rank read each region that several need and send it to the others
+(``zdcp.sharing``); DCP's has every rank read what it needs itself.
+
+Saves: four DDP ranks save a replicated state whose largest tensor is half of it (32 MiB) to a
+local directory; the bytes each rank writes (its data files, DCP's ``__<rank>_0.distcp``) show
+how DCP's dedup and zdcp's (``zdcp.dedup``) spread the writes, and the save's time follows the
+rank that writes most.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 import zdcp
@@ -133,4 +141,52 @@ def replicas(settings: Settings) -> str:
           f"{t / dcp_time[case]:.2f}x", f"{peak / MiB:.0f} MiB"] for case, impl, stored, fetched, t, peak in rows],
     )  # fmt: skip
     link = f"Bytes fetched by one load with no limit; times: the median of {rounds} loads on the capped link."
-    return f"{table}\n\n{link} The peak RSS is the largest rank's."
+    return f"{table}\n\n{link} The peak RSS is the largest rank's.\n\n{spread_saves(settings)}"
+
+
+def half_in_one_tensor(quick: bool) -> dict[str, torch.Tensor]:
+    """A replicated state whose largest tensor is half of it: 16 + 8 x 2 MiB (1 MiB when ``quick``)."""
+    g = torch.Generator().manual_seed(0)
+    rows = 64 if quick else 1024
+    state = {"embedding": torch.randn(rows * 4, 1024, generator=g)}
+    state.update({f"layer{i}.weight": torch.randn(rows // 2, 1024, generator=g) for i in range(8)})
+    return state
+
+
+def save_on_rank(rank: int, world_size: int, impl: str, path: str, quick: bool, out: Path) -> None:
+    """Save the state of :func:`half_in_one_tensor` at ``path``; rank 0 writes the time to ``out``."""
+    state = half_in_one_tensor(quick)
+    if impl == DCP:
+        seconds = collective_timed(lambda: dcp.save(state, storage_writer=FileSystemWriter(path)))
+    else:
+        seconds = collective_timed(lambda: zdcp.save(state, path))
+    if rank == 0:
+        torch.save({"seconds": seconds}, out)
+
+
+def written_by_rank(impl: str, path: str) -> list[int]:
+    """The bytes of the files each rank wrote into the checkpoint at ``path``."""
+    pattern = "{path}/__{rank}_*.distcp" if impl == DCP else "{path}/ocdbt.process_{rank}/d/*"
+    return [sum(map(os.path.getsize, glob.glob(pattern.format(path=path, rank=r)))) for r in range(RANKS)]
+
+
+def spread_saves(settings: Settings) -> str:
+    out = settings.directory / "save.pt"
+    rows = []
+    for impl in IMPLS:
+        times, written = [], []
+        for attempt in range(settings.rounds):
+            path = str(settings.directory / f"spread-{impl}-{attempt}")
+            run_ranks(RANKS, save_on_rank, impl, path, settings.quick, out, timeout=600)
+            times.append(torch.load(out)["seconds"])
+            written = written_by_rank(impl, path)
+        rows.append((impl, written, median(times)))
+    dcp_time = next(t for impl, _, t in rows if impl == DCP)
+    table = markdown_table(
+        ["4 DDP ranks saving, one tensor half the state", "implementation", "MiB written per rank",
+         "largest / mean", "save s", "/ DCP"],
+        [["local directory", HEADINGS[impl], ", ".join(f"{w / MiB:.1f}" for w in written),
+          f"{max(written) / (sum(written) / RANKS):.2f}x", f"{t:.3f}", f"{t / dcp_time:.2f}x"]
+         for impl, written, t in rows],
+    )  # fmt: skip
+    return f"{table}\n\nSave times: the median of {settings.rounds} rounds, the slowest rank's."
