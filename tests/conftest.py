@@ -74,6 +74,28 @@ def commit_record(path):
     return path / hierarchy.layout.commit_record
 
 
+def flip_a_bit(path, key, at):
+    """Damage the chunk ``key`` of the local checkpoint at ``path``: flip a bit of its byte
+    ``at``, where the layout stores it (the packed layout: in a data file, for a chunk large
+    enough to be stored out of the B-tree)."""
+    from zdcp.storage.contents import root_document
+    from zdcp.storage.location import Location
+    from zdcp.storage.packed import value_extents
+
+    hierarchy, _ = root_document(Location(path))
+    if hierarchy.layout.name == "files":
+        file, offset = path / key, 0
+    else:
+        extents = value_extents(hierarchy, f"{path}/")
+        assert key in extents, f"{key} is stored inside the B-tree: make its tensor larger"
+        file, offset, _ = extents[key]
+    with open(file, "r+b") as f:
+        f.seek(offset + at)
+        byte = f.read(1)[0]
+        f.seek(offset + at)
+        f.write(bytes([byte ^ 0x01]))
+
+
 def _save_at_once(url, version, barrier, results, layout):
 
     barrier.wait()

@@ -71,23 +71,23 @@ def test_pieces_of_shards_keep_the_chunk_grid_regular_and_coarse(rows, pieces):
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import SavePlan, TensorProperties, TensorWriteData, WriteItem
 
-    half = (rows + 1) // 2
+    half, cols = (rows + 1) // 2, 4096  # 16 MiB
 
     def shard(start, length):
-        chunk = ChunkStorageMetadata(torch.Size([start, 0]), torch.Size([length, 64]))
+        chunk = ChunkStorageMetadata(torch.Size([start, 0]), torch.Size([length, cols]))
         data = TensorWriteData(
-            chunk=chunk, properties=TensorProperties(dtype=torch.float32), size=torch.Size([rows, 64])
+            chunk=chunk, properties=TensorProperties(dtype=torch.float32), size=torch.Size([rows, cols])
         )
         return WriteItem(index=MetadataIndex("w", torch.Size([start, 0])), type=WriteItemType.SHARD, tensor_data=data)
 
     first, second = shard(0, half), shard(half, rows - half)
     spread = spread_replicated([SavePlan([first]), SavePlan([second]), SavePlan([first]), SavePlan([second])])
     chunks = [(tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes)) for p in spread for i in p.items]
-    assert sum(math.prod(sizes) for _, sizes in chunks) == rows * 64, "they tile the tensor"
+    assert sum(math.prod(sizes) for _, sizes in chunks) == rows * cols, "they tile the tensor"
     if pieces is None:
-        assert sorted(chunks) == [((0, 0), (half, 64)), ((half, 0), (rows - half, 64))]
+        assert sorted(chunks) == [((0, 0), (half, cols)), ((half, 0), (rows - half, cols))]
     else:
-        assert chunk_shape((rows, 64), chunks) == (pieces, 64)
+        assert chunk_shape((rows, cols), chunks) == (pieces, cols)
         assert [len(p.items) for p in spread] == [2, 2, 2, 2], "every rank writes a quarter"
 
 
@@ -136,14 +136,14 @@ def _save_tp_replicated(rank, world_size, path):
 
     mesh = init_device_mesh("cpu", (world_size,))
     g = torch.Generator().manual_seed(1)
-    norm, proj = torch.randn(512, 256, generator=g), torch.randn(64, 256, generator=g)
+    norm, proj = torch.randn(2048, 256, generator=g), torch.randn(64, 256, generator=g)  # 2 MiB, 64 KiB
     state = {"norm": distribute_tensor(norm, mesh, [Replicate()]), "proj": distribute_tensor(proj, mesh, [Shard(0)])}
     zdcp.save(state, path)
     written = sum(map(os.path.getsize, glob.glob(f"{path}/ocdbt.process_{rank}/d/*")))
     sizes = [None] * world_size
     dist.all_gather_object(sizes, written)
     assert max(sizes) <= 1.2 * sum(sizes) / world_size, sizes
-    out = {"norm": distribute_tensor(torch.zeros(512, 256), mesh, [Shard(1)]), "proj": torch.zeros(64, 256)}
+    out = {"norm": distribute_tensor(torch.zeros(2048, 256), mesh, [Shard(1)]), "proj": torch.zeros(64, 256)}
     zdcp.load(out, path)
     assert_bitwise_equal(out["norm"].full_tensor(), norm)
     assert_bitwise_equal(out["proj"], proj)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import zarr
-from conftest import assert_bitwise_equal, commit_record, read_root, write_root
+from conftest import assert_bitwise_equal, commit_record, flip_a_bit, read_root, write_root
 
 import zdcp
 from zdcp.collectives import Collectives
@@ -19,7 +19,6 @@ from zdcp.format.dtypes import _ALL as ALL_DTYPES
 from zdcp.storage.contents import root_document
 from zdcp.storage.layout import layout_named
 from zdcp.storage.location import Location
-from zdcp.storage.packed import value_extents
 
 
 def make_tensor(dtype, shape=(5, 3), seed=0):
@@ -47,24 +46,6 @@ def zeros_like_tree(tree):
 def _hierarchy(path):
     """The Zarr hierarchy of the local checkpoint at ``path``, in the layout it was found in."""
     return root_document(Location(path))[0]
-
-
-def _flip_a_bit(path, key, at):
-    """Damage the chunk ``key`` of the local checkpoint at ``path``: flip a bit of its byte
-    ``at``, where the layout stores it (the packed layout: in a data file, for a chunk large
-    enough to be stored out of the B-tree)."""
-    hierarchy = _hierarchy(path)
-    if hierarchy.layout.name == "files":
-        file, offset = path / key, 0
-    else:
-        extents = value_extents(hierarchy)
-        assert key in extents, f"{key} is stored inside the B-tree: make its tensor larger"
-        file, offset, _ = extents[key]
-    with open(file, "r+b") as f:
-        f.seek(offset + at)
-        byte = f.read(1)[0]
-        f.seek(offset + at)
-        f.write(bytes([byte ^ 0x01]))
 
 
 def _delete_key(path, key):
@@ -288,7 +269,7 @@ def test_older_format_versions_still_load(ckpt, direct_reads, version):
 def test_corrupt_and_missing_chunks_fail_loudly(ckpt, layout):
     # "w": 4 KiB, stored out of the packed layout's B-tree, in a data file
     zdcp.save({"w": torch.arange(1024.0), "z": torch.zeros(4)}, ckpt, layout=layout)
-    _flip_a_bit(ckpt, "w/c.0", at=3)
+    flip_a_bit(ckpt, "w/c.0", at=3)
     with pytest.raises(zdcp.CorruptCheckpointError, match="'w'"):
         zdcp.load({"w": torch.zeros(1024)}, ckpt)
     _delete_key(ckpt, "z/c.0")  # an all-zero chunk is written too, so its absence is damage
@@ -371,7 +352,7 @@ def test_damage_is_named_on_the_tensorstore_path_too(ckpt, layout):
     # direct_reads=False reads through tensorstore; the default reads this array directly (in
     # the packed layout from its data file: 4 KiB, stored out of the B-tree)
     zdcp.save({"w": torch.arange(1024.0).reshape(2, 512)}, ckpt, layout=layout)
-    _flip_a_bit(ckpt, "w/c.0.0", at=0)
+    flip_a_bit(ckpt, "w/c.0.0", at=0)
     for reader in (zdcp.ZarrReader(ckpt, direct_reads=False), zdcp.ZarrReader(ckpt)):
         with pytest.raises(dcp.api.CheckpointException) as e:
             dcp.load({"w": torch.zeros(2, 512)}, storage_reader=reader, no_dist=True)

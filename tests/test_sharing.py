@@ -1,11 +1,13 @@
 """Loads that read each shared region once (zdcp.sharing): the plan, and real loads on gloo ranks
 from local directories and from S3 behind a proxy that counts the bytes it sends."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import assert_bitwise_equal, new_bucket, new_gcs_bucket
+from conftest import assert_bitwise_equal, flip_a_bit, new_bucket, new_gcs_bucket
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
@@ -79,6 +81,18 @@ def _ddp_save_and_load(rank, world_size, url, layout, share, through_dcp):
     assert out["step"] == 7
 
 
+@contextmanager
+def _s3_behind_a_proxy(stem, **variables):
+    """moto behind a proxy that counts what it sends, the AWS environment (and ``variables``)
+    pointing at the proxy, which ranks inherit: the proxy, an S3 client of moto's, a new bucket."""
+    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
+        with environment(**aws, **variables):
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            yield proxy, s3, new_bucket(s3, stem)
+
+
 def _stored_bytes(s3, bucket, prefix):
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sum(o["Size"] for page in pages for o in page.get("Contents", []))
@@ -88,18 +102,13 @@ def _stored_bytes(s3, bucket, prefix):
 def test_replicas_fetch_each_stored_byte_about_once_from_s3(layout):
     """4 DDP ranks load a replicated 1 MiB state: about the stored bytes fetched in all, where
     each rank reading for itself fetches 4 times them; the values are exact either way."""
-    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
-        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
-        with environment(**aws):
-            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            bucket = new_bucket(s3, "share")
-            fetched = {}
-            for share in (True, False):
-                url = f"s3://{bucket}/{share}"
-                before = proxy.counts.get_bytes
-                run_ranks(4, _ddp_save_and_load, url, layout, share, False)
-                fetched[share] = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, f"{share}/")
+    with _s3_behind_a_proxy("share") as (proxy, s3, bucket):
+        fetched = {}
+        for share in (True, False):
+            url = f"s3://{bucket}/{share}"
+            before = proxy.counts.get_bytes
+            run_ranks(4, _ddp_save_and_load, url, layout, share, False)
+            fetched[share] = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, f"{share}/")
     assert fetched[True] <= 1.1, fetched
     assert fetched[False] >= 3.5, fetched
 
@@ -127,29 +136,12 @@ def _load_in_batches(rank, world_size, path, damaged):
         assert_bitwise_equal(out[name], tensor, name)
 
 
-def _flip_a_byte_of(path, key):
-    """Damage the stored chunk ``key`` of the checkpoint at ``path``, in either layout."""
-    if (path / "manifest.ocdbt").exists():
-        from zdcp.storage.contents import open_committed
-        from zdcp.storage.location import Location
-        from zdcp.storage.packed import value_extents
-
-        file, offset, length = value_extents(open_committed(Location(path)).hierarchy, f"{path}/")[key]
-    else:
-        file, offset, length = path / key, 0, (path / key).stat().st_size
-    with open(file, "r+b") as f:
-        f.seek(offset + length // 2)
-        byte = f.read(1)[0]
-        f.seek(offset + length // 2)
-        f.write(bytes([byte ^ 0x01]))
-
-
 @pytest.mark.parametrize("layout", ["packed", "files"])
 def test_batches_of_shared_reads_load_exactly_and_damage_in_a_late_one_fails_every_rank(tmp_path, layout):
     path = tmp_path / "ckpt"
     zdcp.save(_many_tensors(), path, layout=layout)
     run_ranks(3, _load_in_batches, str(path), False)
-    _flip_a_byte_of(path, "t7/c.0.0")
+    flip_a_bit(path, "t7/c.0.0", at=1000)
     run_ranks(3, _load_in_batches, str(path), True)
 
 
@@ -165,7 +157,7 @@ def test_a_damaged_region_fails_every_rank_with_the_readers_error(tmp_path, layo
     the array and the chunk (none waits for data that never comes)."""
     path = tmp_path / "ckpt"
     zdcp.save(_state(), path, layout=layout)
-    _flip_a_byte_of(path, "w/c.0.0")
+    flip_a_bit(path, "w/c.0.0", at=1000)
     run_ranks(2, _load_damaged, str(path))
 
 
@@ -208,19 +200,15 @@ def test_a_reader_failing_in_an_outage_fails_every_rank(layout):
     """The last read of a shared load meets an outage: the rank that made it raises its
     StorageError once its retries run out, and so does every other rank (none waits for the
     region that never comes)."""
-    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
-        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
-        with environment(ZDCP_RETRY_BUDGET="6", **aws):
-            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            url = f"s3://{new_bucket(s3, 'outage')}/ckpt"
-            zdcp.save(_state(), url, layout=layout)
-            before = proxy.counts.reads
-            run_ranks(4, _load_replicas, url)
-            proxy.outage("reads", after=proxy.counts.reads - before - 1)
-            outage = proxy.counts.outage
-            run_ranks(4, _load_failing, url, timeout=120)
-            assert proxy.counts.outage > outage, "a read met the outage"
+    with _s3_behind_a_proxy("outage", ZDCP_RETRY_BUDGET="6") as (proxy, s3, bucket):
+        url = f"s3://{bucket}/ckpt"
+        zdcp.save(_state(), url, layout=layout)
+        before = proxy.counts.reads
+        run_ranks(4, _load_replicas, url)
+        proxy.outage("reads", after=proxy.counts.reads - before - 1)
+        outage = proxy.counts.outage
+        run_ranks(4, _load_failing, url, timeout=120)
+        assert proxy.counts.outage > outage, "a read met the outage"
 
 
 def _restore_through_the_manager(rank, world_size, directory):
@@ -235,17 +223,12 @@ def _restore_through_the_manager(rank, world_size, directory):
 def test_the_managers_restore_shares_reads_too():
     """4 replicas restore the newest step from S3 through the manager: the stored bytes fetched
     about once between them."""
-    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
-        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
-        with environment(**aws):
-            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            bucket = new_bucket(s3, "manager")
-            with zdcp.CheckpointManager(f"s3://{bucket}/run") as manager:
-                manager.save(5, _state())
-            before = proxy.counts.get_bytes
-            run_ranks(4, _restore_through_the_manager, f"s3://{bucket}/run")
-            fetched = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, "run/")
+    with _s3_behind_a_proxy("manager") as (proxy, s3, bucket):
+        with zdcp.CheckpointManager(f"s3://{bucket}/run") as manager:
+            manager.save(5, _state())
+        before = proxy.counts.get_bytes
+        run_ranks(4, _restore_through_the_manager, f"s3://{bucket}/run")
+        fetched = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, "run/")
     assert fetched <= 1.1, fetched
 
 
@@ -292,13 +275,8 @@ def test_hsdp_replicas_fetch_each_stored_byte_about_once_from_s3():
     """A 2 x 2 HSDP FSDP2 + Adam state (48 MiB) saved to S3 and loaded: each shard's two ranks
     fetch it once between them. Reads of one data file coalesce on S3: a reader's request must
     not bridge chunks that its other requests fetch (a 1 MB bridge fetched 1.21x the bytes)."""
-    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
-        aws = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
-        with environment(**aws):
-            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            bucket = new_bucket(s3, "hsdp")
-            before = proxy.counts.get_bytes
-            run_ranks(4, _hsdp_save_and_load, f"s3://{bucket}/ckpt", 16, 512)
-            fetched = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, "ckpt/")
+    with _s3_behind_a_proxy("hsdp") as (proxy, s3, bucket):
+        before = proxy.counts.get_bytes
+        run_ranks(4, _hsdp_save_and_load, f"s3://{bucket}/ckpt", 16, 512)
+        fetched = (proxy.counts.get_bytes - before) / _stored_bytes(s3, bucket, "ckpt/")
     assert fetched <= 1.1, fetched

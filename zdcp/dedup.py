@@ -9,8 +9,8 @@ waits for that rank. Here the coordinator:
 
 - counts what each rank writes alone (items no other rank holds);
 - cuts each replicated tensor larger than its fair share (the replicated bytes over the number
-  of ranks) into pieces of about half that share, along its first dimension, so that several
-  ranks write it, each piece a chunk of the stored array;
+  of ranks) into pieces of about half that share (and at least 1 MiB), along its first
+  dimension, so that several ranks write it, each piece a chunk of the stored array;
 - hands the pieces and the other replicated items out largest first, each to the holder that
   writes least so far.
 
@@ -29,12 +29,16 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-__all__ = ["spread_replicated", "PIECES_PER_SHARE"]
+__all__ = ["spread_replicated", "PIECES_PER_SHARE", "MIN_PIECE_BYTES"]
 
 #: A replicated tensor larger than its fair share is cut into pieces of about the share over
 #: this: with pieces that small, handing out largest first leaves the rank that writes most
 #: within about half a share of the mean.
 PIECES_PER_SHARE = 2
+#: ... but of no fewer bytes than this: each piece is a chunk (a request on an object store, a
+#: key of a packed database, a file of the files layout), and for small tensors those cost
+#: more than an even spread saves. A replicated tensor under twice this is written whole.
+MIN_PIECE_BYTES = 1 << 20
 
 
 def spread_replicated(plans: Sequence[SavePlan]) -> list[SavePlan]:
@@ -72,13 +76,15 @@ def spread_replicated(plans: Sequence[SavePlan]) -> list[SavePlan]:
 
 def _pieces(item: WriteItem, share: float) -> list[WriteItem]:
     """``item`` cut along its first dimension into pieces of about ``share /
-    PIECES_PER_SHARE`` bytes when it is larger than ``share``; else ``[item]``."""
+    PIECES_PER_SHARE`` bytes, and at least :data:`MIN_PIECE_BYTES`, when it is larger than
+    ``share``; else ``[item]``."""
     assert item.tensor_data is not None
     chunk = item.tensor_data.chunk
     nbytes = _nbytes(item)
-    if nbytes <= share or not chunk.sizes or chunk.sizes[0] < 2:
+    count = math.ceil(nbytes / max(share / PIECES_PER_SHARE, MIN_PIECE_BYTES))
+    if nbytes <= share or not chunk.sizes or chunk.sizes[0] < 2 or count < 2:
         return [item]
-    step = _rows_per_piece(chunk, item.tensor_data.size[0], math.ceil(nbytes / (share / PIECES_PER_SHARE)))
+    step = _rows_per_piece(chunk, item.tensor_data.size[0], count)
     if step is None:
         return [item]
     pieces = []

@@ -105,7 +105,7 @@ class ZarrSavePlanner(DefaultSavePlanner):
         """DCP finds a plain tensor only by offset zero; a piece of a replicated one
         (:mod:`zdcp.dedup`) has others: its data is in the whole tensor (:meth:`resolve_data`)."""
         value = self.state_dict.get(index.fqn)
-        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+        if isinstance(value, torch.Tensor) and not isinstance(value, (DTensor, ShardedTensor)):
             return value
         return super().lookup_object(index)
 
