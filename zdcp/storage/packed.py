@@ -124,7 +124,11 @@ class PackedLayout(Layout):
         root = hierarchy.location.local_dir
         return DirectReader(lambda: value_extents(hierarchy, root).get) if root is not None else None
 
-    def storage_order(self, hierarchy: Hierarchy) -> Callable[[str], tuple[str, int]]:
+    def storage_order(self, hierarchy: Hierarchy) -> Callable[[str], tuple[str, int]] | None:
+        # Only reads of a remote database coalesce (_REMOTE_READS); locally the walk of the
+        # B-tree would cost the coordinator time and save no reads.
+        if hierarchy.location.is_local:
+            return None
         extents = value_extents(hierarchy)
         return lambda key: extents.get(key, ("", 0, 0))[:2]
 
