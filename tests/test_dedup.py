@@ -62,12 +62,12 @@ def test_a_replicated_tensor_larger_than_its_share_is_written_in_pieces_by_sever
     assert spread_replicated(alone) == alone
 
 
-@pytest.mark.parametrize(("rows", "pieces"), [(1000, 125), (1003, None)])
+@pytest.mark.parametrize(("rows", "pieces"), [(1000, 125), (1003, 251)])
 def test_pieces_of_shards_keep_the_chunk_grid_regular_and_coarse(rows, pieces):
     """HSDP: two shards, each held by two ranks and larger than its share (a quarter of the
-    tensor), so about 4 pieces each. A shard is cut only into equal pieces whose length its
+    tensor), so up to 4 pieces each. A shard is cut only into equal pieces whose length its
     offset is a multiple of: 1000 rows, shards of 500, pieces of 125 rows; 1003 rows, shards of
-    502 and 501 rows, none between 4 and 16 pieces: each shard is written whole."""
+    502 rows (2 pieces of 251) and 501 rows at 502 (no such pieces: written whole)."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import SavePlan, TensorProperties, TensorWriteData, WriteItem
 
@@ -84,11 +84,11 @@ def test_pieces_of_shards_keep_the_chunk_grid_regular_and_coarse(rows, pieces):
     spread = spread_replicated([SavePlan([first]), SavePlan([second]), SavePlan([first]), SavePlan([second])])
     chunks = [(tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes)) for p in spread for i in p.items]
     assert sum(math.prod(sizes) for _, sizes in chunks) == rows * cols, "they tile the tensor"
-    if pieces is None:
-        assert sorted(chunks) == [((0, 0), (half, cols)), ((half, 0), (rows - half, cols))]
-    else:
-        assert chunk_shape((rows, cols), chunks) == (pieces, cols)
+    assert chunk_shape((rows, cols), chunks) == (pieces, cols)
+    if rows == 1000:
         assert [len(p.items) for p in spread] == [2, 2, 2, 2], "every rank writes a quarter"
+    else:
+        assert sorted(chunks) == [((0, 0), (251, cols)), ((251, 0), (251, cols)), ((502, 0), (501, cols))]
 
 
 def _save_replicated(rank, world_size, path, layout):

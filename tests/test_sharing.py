@@ -113,6 +113,27 @@ def test_replicas_fetch_each_stored_byte_about_once_from_s3(layout):
     assert fetched[False] >= 3.5, fetched
 
 
+def _count_root_reads(rank, world_size, path):
+    import zdcp.api
+
+    opened = []
+    real = zdcp.api.open_committed
+    zdcp.api.open_committed = lambda location: opened.append(location) or real(location)
+    out = {"w": torch.zeros(256, 1024), "b": torch.zeros(64), "step": 0}
+    zdcp.load(out, path)
+    assert out["step"] == 7, "the coordinator's values reach every rank"
+    assert_bitwise_equal(out["w"], _state()["w"])
+    counts = [None] * world_size
+    dist.all_gather_object(counts, len(opened))
+    assert counts == [1] + [0] * (world_size - 1), counts
+
+
+@pytest.mark.parametrize("layout", ["packed", "files"])
+def test_the_root_document_is_read_by_the_coordinator_alone(tmp_path, layout):
+    zdcp.save(_state(), tmp_path / "ckpt", layout=layout)
+    run_ranks(3, _count_root_reads, str(tmp_path / "ckpt"))
+
+
 def test_dcp_load_through_the_reader_shares_too(tmp_path):
     run_ranks(3, _ddp_save_and_load, str(tmp_path / "ckpt"), "packed", True, True)
 

@@ -1,5 +1,5 @@
-"""Which rank of a save writes each replicated tensor: DCP's dedup, spread by bytes (issue 20;
-docs/format.md keeps no trace of it: a split tensor is chunked like any sharded one).
+"""Which rank of a save writes each replicated tensor: DCP's dedup, spread by bytes
+(docs/format.md, "Chunk grid", says how a tensor cut into pieces is chunked).
 
 Several ranks hold the same data when a state is replicated: every DDP rank the whole model,
 every HSDP replica group each shard, every TP rank the replicated norms. DCP's dedup keeps each
@@ -35,7 +35,7 @@ __all__ = ["spread_replicated", "PIECES_PER_SHARE", "MIN_PIECE_BYTES"]
 #: this: with pieces that small, handing out largest first leaves the rank that writes most
 #: within about half a share of the mean.
 PIECES_PER_SHARE = 2
-#: ... but of no fewer bytes than this: each piece is a chunk (a request on an object store, a
+#: ... and of no fewer bytes than this: each piece is a chunk (a request on an object store, a
 #: key of a packed database, a file of the files layout), and for small tensors those cost
 #: more than an even spread saves. A replicated tensor under twice this is written whole.
 MIN_PIECE_BYTES = 1 << 20
@@ -81,7 +81,7 @@ def _pieces(item: WriteItem, share: float) -> list[WriteItem]:
     assert item.tensor_data is not None
     chunk = item.tensor_data.chunk
     nbytes = _nbytes(item)
-    count = math.ceil(nbytes / max(share / PIECES_PER_SHARE, MIN_PIECE_BYTES))
+    count = math.floor(nbytes / max(share / PIECES_PER_SHARE, MIN_PIECE_BYTES))  # none smaller
     if nbytes <= share or not chunk.sizes or chunk.sizes[0] < 2 or count < 2:
         return [item]
     step = _rows_per_piece(chunk, item.tensor_data.size[0], count)
@@ -100,17 +100,17 @@ def _pieces(item: WriteItem, share: float) -> list[WriteItem]:
 
 
 def _rows_per_piece(chunk: ChunkStorageMetadata, length: int, count: int) -> int | None:
-    """The rows of each of about ``count`` pieces of ``chunk`` (of a tensor ``length`` rows
+    """The rows of each of at most ``count`` pieces of ``chunk`` (of a tensor ``length`` rows
     long), such that the pieces keep the array's chunk grid regular and coarse: the grid's
     chunk length is the greatest common divisor of all shard boundaries
     (:func:`~zdcp.format.documents.chunk_shape`). A chunk that spans the whole first dimension
     is cut into equal pieces and a shorter last one; a shard of it only into equal pieces
-    that its offset is a multiple of, at most four times ``count`` of them (None: none such)."""
+    whose length its offset is a multiple of, as many as there can be (None: not even two)."""
     rows, start = chunk.sizes[0], chunk.offsets[0]
     count = min(count, rows)
     if start == 0 and rows == length:
         return math.ceil(rows / count)
-    counts = range(count, min(rows, 4 * count) + 1)
+    counts = range(count, 1, -1)
     return next((rows // n for n in counts if rows % n == 0 and start % (rows // n) == 0), None)
 
 
