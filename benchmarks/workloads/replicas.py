@@ -9,6 +9,10 @@ RSS above the state.
 zdcp's load has one rank read each region that several need and send it to the others
 (``zdcp.sharing``); DCP's has every rank read what it needs itself.
 
+Where nothing but Adam's step scalars is shared (the FSDP state of ``sharded``, saved by 8 ranks
+and loaded by 3, resharding), sharing should cost nothing: zdcp's load with and without
+``share_reads``, interleaved, from a local directory.
+
 Saves: four DDP ranks save a replicated state whose largest tensor is half of it (32 MiB) to a
 local directory; the bytes each rank writes (its data files, DCP's ``__<rank>_0.distcp``) show
 how DCP's dedup and zdcp's (``zdcp.dedup``) spread the writes, and the save's time follows the
@@ -141,7 +145,9 @@ def replicas(settings: Settings) -> str:
           f"{t / dcp_time[case]:.2f}x", f"{peak / MiB:.0f} MiB"] for case, impl, stored, fetched, t, peak in rows],
     )  # fmt: skip
     link = f"Bytes fetched by one load with no limit; times: the median of {rounds} loads on the capped link."
-    return f"{table}\n\n{link} The peak RSS is the largest rank's.\n\n{spread_saves(settings)}"
+    return "\n\n".join(
+        [table, f"{link} The peak RSS is the largest rank's.", sharing_nothing(settings), spread_saves(settings)]
+    )
 
 
 def half_in_one_tensor(quick: bool) -> dict[str, torch.Tensor]:
@@ -190,3 +196,33 @@ def spread_saves(settings: Settings) -> str:
          for impl, written, t in rows],
     )  # fmt: skip
     return f"{table}\n\nSave times: the median of {settings.rounds} rounds, the slowest rank's."
+
+
+def save_fsdp(rank: int, world_size: int, path: str, quick: bool) -> None:
+    zdcp.save(fsdp_state(world_size, 0, FSDP_MODEL_QUICK if quick else FSDP_MODEL), path)
+
+
+def load_fsdp_sharing_or_not(rank: int, world_size: int, path: str, rounds: int, quick: bool, out: Path) -> None:
+    """Load the checkpoint at ``path`` with ``share_reads`` on and off in turn, ``rounds`` times
+    each; rank 0 writes the medians of the slowest rank's times to ``out``."""
+    state = fsdp_state(world_size, 1, FSDP_MODEL_QUICK if quick else FSDP_MODEL)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for share in (True, False):
+            times[share].append(collective_timed(lambda: zdcp.load(state, path, share_reads=share)))
+    if rank == 0:
+        torch.save({share: median(t) for share, t in times.items()}, out)
+
+
+def sharing_nothing(settings: Settings) -> str:
+    path, out = str(settings.directory / "resharded"), settings.directory / "resharded.pt"
+    run_ranks(8, save_fsdp, path, settings.quick, timeout=600)
+    rounds = max(settings.rounds, 5)
+    run_ranks(3, load_fsdp_sharing_or_not, path, rounds, settings.quick, out, timeout=600)
+    seconds = torch.load(out)
+    on, off = seconds[True], seconds[False]
+    table = markdown_table(
+        ["FSDP2 + Adam saved by 8, loaded by 3", "share_reads=True s", "share_reads=False s", "on / off"],
+        [["local directory", f"{on:.3f}", f"{off:.3f}", f"{on / off:.2f}x"]],
+    )
+    return f"{table}\n\nMedians of {rounds} interleaved loads each, the slowest rank's."
