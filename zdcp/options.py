@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import UsageError
@@ -42,6 +43,16 @@ class SaveOptions:
     sync_files: bool = True
     layout: str | None = None
     metadata: Any = None
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> SaveOptions:
+        """The options named in ``options`` (keyword arguments a save function was given);
+        :class:`~zdcp.UsageError` naming any that is no save option."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise UsageError(f"unknown save option(s) {', '.join(map(repr, unknown))}; the options are {names}")
+        return cls(**options)
 
     def __post_init__(self) -> None:
         if self.compression is not None and self.compression not in COMPRESSIONS:

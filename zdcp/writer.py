@@ -90,7 +90,7 @@ class ZarrWriter(StorageWriter):
         **options: Any,
     ):
         self.location: Location | None = Location(path) if path is not None else None
-        self.options = SaveOptions(**options)
+        self.options = SaveOptions.of(options)
         self.max_inflight_bytes = max_inflight_bytes
         self.direct_writes = direct_writes
         self._rank = 0  # this rank, as the layout's sink needs it (set_up_storage_writer)

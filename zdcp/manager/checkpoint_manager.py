@@ -110,7 +110,7 @@ class CheckpointManager:
             raise UsageError("the manager stores each checkpoint's step and metrics as its metadata itself")
         self.directory = os.fspath(directory).rstrip("/")
         self._location = Location(self.directory)
-        SaveOptions(**save_options)  # refused here, not at the first save
+        SaveOptions.of(save_options)  # refused here, not at the first save
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
         self.keep_every_n_steps = keep_every_n_steps
