@@ -159,6 +159,8 @@ def _verify(args: argparse.Namespace) -> int:
         report = verify(path, progress=progress)
     for fault in report.faults:
         print(f"FAULT {fault}")
+    for name in report.foreign:
+        print(f"foreign, ignored: {name} (not part of the checkpoint)")
     status = "OK" if report.ok else f"{len(report.faults)} FAULT(S)"
     read = f"{report.arrays} arrays, {report.chunks} chunks, {_human(report.bytes)}"
     print(f"{status}: {read} read from {report.checkpoint}")

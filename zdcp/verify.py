@@ -2,7 +2,9 @@
 
 Checks, in order: the commit record (root ``zarr.json``) and format version; that every node's
 own ``zarr.json`` exists and matches the copy consolidated in the root; every chunk of every
-array (present, checksum correct, right size); and files that belong to no node. Each fault
+array (present, checksum correct, right size); and files that belong to no node. Entries at the
+top of the checkpoint's directory that are not the checkpoint's (a framework's files beside it,
+:mod:`zdcp.storage.foreign`) are listed apart, and are no fault. Each fault
 names the node and, for chunks, the chunk index, so a damaged checkpoint can be judged (and an
 older one chosen) without guessing.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +25,7 @@ from .format.catalog import ArrayNode
 from .format.constants import ZARR_JSON
 from .storage.contents import Committed, open_committed
 from .storage.failures import short_message, storage_access
+from .storage.foreign import foreign_names
 from .storage.hierarchy import Hierarchy
 from .storage.inflight import InflightWindow
 from .storage.location import CheckpointId, Location
@@ -53,6 +57,9 @@ class Report:
     chunks: int = 0
     bytes: int = 0
     faults: list[Fault] = field(default_factory=list)
+    #: Entries at the top of the checkpoint's directory (or prefix) that are not part of it:
+    #: files a framework put beside the checkpoint. Ignored: they are no fault.
+    foreign: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -99,10 +106,19 @@ def verify_location(
             report.faults.append(Fault(node, "zarr.json is missing"))
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
+    report.foreign = foreign_names(_top_level_names(location), hierarchy.layout, catalog)
     for key in sorted(k.decode() for k in hierarchy.wait(listing, "listing the checkpoint")):
-        if key not in expected:
+        if key not in expected and key.partition("/")[0] not in report.foreign:
             report.faults.append(Fault(key.rsplit("/", 1)[0], f"unexpected file {key!r} (not part of the checkpoint)"))
     return report
+
+
+def _top_level_names(location: Location) -> set[str]:
+    """The entries at the top of a location: a local directory's, an object store prefix's
+    (objects, and the first segment of longer keys)."""
+    if location.local_dir is not None:
+        return set(os.listdir(location.local_dir))
+    return {key.partition("/")[0] for key in location.keys()}
 
 
 #: How many bytes of chunks verify keeps being read at once.

@@ -31,6 +31,7 @@ __all__ = [
     "pending_directories",
     "pending_name",
     "local_contents",
+    "is_dcp_file",
 ]
 
 
@@ -96,15 +97,25 @@ def root_document(location: Location) -> tuple[Hierarchy, Any | None]:
 
 
 #: What the root document at a location says of it (:func:`root_kind`).
-NO_ROOT, COMMITTED, FOREIGN, UNREADABLE = "no root", "committed", "foreign", "unreadable"
-#: What a local directory holds besides (:func:`local_contents`): nothing, or anything else.
-EMPTY, OTHER = "empty", "other"
+NO_ROOT, COMMITTED, NOT_ZDCP, UNREADABLE = "no root", "committed", "not zdcp", "unreadable"
+#: What a local directory holds besides (:func:`local_contents`): nothing, a DCP checkpoint
+#: (``FileSystemWriter``'s), or anything else.
+EMPTY, DCP, OTHER = "empty", "dcp", "other"
+#: The file that marks a directory as a DCP checkpoint (``FileSystemWriter``'s pickled metadata).
+DCP_METADATA = ".metadata"
+#: The suffix of the data files of a DCP checkpoint.
+_DCP_DATA_SUFFIX = ".distcp"
+
+
+def is_dcp_file(name: str) -> bool:
+    """Whether ``name``, at the top of a directory, is a file of a DCP checkpoint."""
+    return name == DCP_METADATA or name.endswith(_DCP_DATA_SUFFIX)
 
 
 def root_kind(location: Location) -> tuple[str, dict[str, Any] | None]:
     """Whether ``location`` holds a committed zdcp checkpoint, the one answer every caller
     asks for: :data:`COMMITTED` and zdcp's record (the root's ``attributes.zdcp``); else
-    :data:`NO_ROOT` (nothing committed), :data:`FOREIGN` (a Zarr root zdcp did not write) or
+    :data:`NO_ROOT` (nothing committed), :data:`NOT_ZDCP` (a Zarr root zdcp did not write) or
     :data:`UNREADABLE` (a root that is no JSON, or a database that cannot be read), with None."""
     try:
         _, root = root_document(location)
@@ -113,7 +124,7 @@ def root_kind(location: Location) -> tuple[str, dict[str, Any] | None]:
     if root is None:
         return NO_ROOT, None
     info = zdcp_attrs(root)
-    return (COMMITTED, info) if info is not None else (FOREIGN, None)
+    return (COMMITTED, info) if info is not None else (NOT_ZDCP, None)
 
 
 def holds_commit_record(directory: str | os.PathLike[str]) -> bool:
@@ -151,7 +162,8 @@ def pending_name(target: str, session: str | None = None) -> str:
 
 def local_contents(directory: str) -> str:
     """What a local directory holds: :data:`EMPTY`, :data:`COMMITTED` (a zdcp checkpoint, in
-    any layout), :data:`FOREIGN` (a Zarr hierarchy zdcp did not write) or :data:`OTHER`.
+    any layout, maybe beside foreign files), :data:`NOT_ZDCP` (a Zarr hierarchy zdcp did not
+    write), :data:`DCP` (a DCP checkpoint) or :data:`OTHER`.
 
     A packed root is several files (the manifest, then a B-tree node): when another save
     swaps the directory for its own meanwhile (``renameat2(RENAME_EXCHANGE)``), the read may
@@ -178,4 +190,6 @@ def _contents(directory: str) -> str:
     if not os.listdir(directory):
         return EMPTY
     kind, _ = root_kind(Location(directory))
-    return kind if kind in (COMMITTED, FOREIGN) else OTHER
+    if kind in (COMMITTED, NOT_ZDCP):
+        return kind
+    return DCP if os.path.isfile(os.path.join(directory, DCP_METADATA)) else OTHER

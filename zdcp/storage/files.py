@@ -10,7 +10,7 @@ into their destination; elsewhere everything goes through tensorstore.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -48,6 +48,9 @@ class FilesLayout(Layout):
             return hierarchy, found.value if found.state == "value" else None
 
         return result
+
+    def owns(self, name: str, nodes: Collection[str]) -> bool:
+        return name == ZARR_JSON or name in nodes
 
     def max_key_bytes(self, location: Location) -> int | None:
         """A local path within ``PATH_MAX``, with the pending directory a save writes into (40

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
 import tensorstore as ts
@@ -105,6 +105,12 @@ class Layout(ABC):
 
     def __repr__(self) -> str:
         return f"<zdcp layout {self.name!r}>"
+
+    @abstractmethod
+    def owns(self, name: str, nodes: Collection[str]) -> bool:
+        """Whether ``name``, an entry at the top of a checkpoint's directory (or prefix), is
+        part of a checkpoint stored in this layout whose top-level nodes are ``nodes``.
+        Anything else there is a foreign file (:mod:`zdcp.storage.foreign`)."""
 
     @abstractmethod
     def hierarchy(self, location: Location) -> Hierarchy:

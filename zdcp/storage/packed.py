@@ -20,7 +20,7 @@ files (:func:`value_extents`); on an object store, nearby reads are coalesced.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import tensorstore as ts
@@ -93,6 +93,11 @@ class PackedLayout(Layout):
     def hierarchy(self, location: Location) -> Hierarchy:
         return self._database(location)
 
+    def owns(self, name: str, nodes: Collection[str]) -> bool:
+        # The guard, the root database (its manifest and data files) and the ranks' databases,
+        # whose data files the root's B-tree refers to.
+        return name in (ZARR_JSON, OCDBT_MANIFEST, _DATA_FILES) or name.startswith(_RANK_DATABASE)
+
     def read_root(self, location: Location) -> Callable[[], tuple[Hierarchy, bytes | None]]:
         # The root document is the database's manifest and then its root B-tree node: read
         # from the start, with no look at the manifest first.
@@ -163,9 +168,15 @@ def data_file_bytes(nbytes: int) -> int:
     return max(MIN_DATA_FILE_BYTES, -(-nbytes // DATA_FILES_PER_RANK))
 
 
+#: The directory (prefix) of an OCDBT database's data files.
+_DATA_FILES = "d"
+#: What the name of each rank's database under a packed checkpoint's root starts with.
+_RANK_DATABASE = "ocdbt.process_"
+
+
 def rank_database(rank: int) -> str:
     """Where, under a packed checkpoint's root, rank ``rank`` writes its database."""
-    return f"ocdbt.process_{rank}/"
+    return f"{_RANK_DATABASE}{rank}/"
 
 
 def _database_spec(location: Location, config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -16,10 +16,11 @@ from typing import Any
 from ..errors import CheckpointNotFoundError
 from ..format.constants import SAVING_MARKER
 from .contents import COMMITTED, NO_ROOT, local_contents, pending_name, root_kind
+from .foreign import foreign_entries, link_entries
 from .keyvalue import encode_json
 from .layout import layouts
 from .location import Location
-from .oscalls import process_identity, process_running, sync_directory
+from .oscalls import exchange, process_identity, process_running, sync_directory
 
 __all__ = [
     "SavesUnderWay",
@@ -114,7 +115,10 @@ def remove_committed(location: Location) -> None:
 
     - local: a marker naming this process goes into the directory, the directory is renamed to
       a pending name (:func:`~zdcp.storage.contents.pending_name`) and the rename made
-      durable, then it is deleted (:func:`remove_dead_saves` removes what a kill left);
+      durable, then it is deleted (:func:`remove_dead_saves` removes what a kill left). Where
+      the directory holds foreign files (:mod:`~zdcp.storage.foreign`), a directory of hard
+      links to them first takes its place (swapped atomically where the filesystem can), so
+      that they stay at the path;
     - object store: the marker is written, then the commit record deleted, then the rest, the
       marker last (:func:`remove_interrupted` removes what a kill left).
 
@@ -133,12 +137,34 @@ def remove_committed(location: Location) -> None:
     target = os.path.realpath(location.local_dir.rstrip("/"))
     if local_contents(target) != COMMITTED:
         raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {target}; nothing removed")
-    with open(os.path.join(target, SAVING_MARKER), "wb") as f:
-        f.write(marker)
-    aside = pending_name(target)
-    os.rename(target, aside)
+    foreign = foreign_entries(target)
+    kept = None
+    if foreign:  # a directory of links to them takes the checkpoint's place
+        kept = pending_name(target)
+        os.mkdir(kept)
+        try:  # marked like the rest: what a kill leaves is removed as a removal's
+            _write_marker(kept, marker)
+            link_entries(target, foreign, kept)
+        except BaseException:
+            shutil.rmtree(kept, ignore_errors=True)
+            raise
+    _write_marker(target, marker)
+    if kept is not None and exchange(kept, target):
+        aside = kept
+    else:
+        aside = pending_name(target)
+        os.rename(target, aside)
+        if kept is not None:
+            os.rename(kept, target)
+    if kept is not None:
+        os.unlink(os.path.join(target, SAVING_MARKER))
     sync_directory(os.path.dirname(target))
     shutil.rmtree(aside)
+
+
+def _write_marker(directory: str, marker: bytes) -> None:
+    with open(os.path.join(directory, SAVING_MARKER), "wb") as f:
+        f.write(marker)
 
 
 def remove_interrupted(location: Location) -> bool:

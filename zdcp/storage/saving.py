@@ -63,8 +63,9 @@ from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 from ..format.constants import SAVING_MARKER
 from .contents import (
     COMMITTED,
+    DCP,
     EMPTY,
-    FOREIGN,
+    NOT_ZDCP,
     OTHER,
     UNREADABLE,
     interrupted_saves,
@@ -72,6 +73,7 @@ from .contents import (
     pending_name,
     root_kind,
 )
+from .foreign import check_links, foreign_entries, link_entries, zarr_remains
 from .keyvalue import encode_json
 from .location import Location
 from .oscalls import FilesystemSync, exchange, process_identity
@@ -146,12 +148,18 @@ class LocalSave:
             self.durable.close()
 
     def _replace(self) -> None:
-        if not self.overwrite or local_contents(self.target) != COMMITTED:
+        """Commit onto a target that is not empty: a checkpoint (zdcp's or DCP's) that this
+        save may replace, or foreign files only. The foreign files are linked into the pending
+        directory, then the two directories swap places."""
+        kind = local_contents(self.target)
+        if kind not in (COMMITTED, DCP, OTHER) or (kind != OTHER and not self.overwrite):
             raise CheckpointExistsError(
                 f"{self.target} was written by another save while this one ran; this save is discarded"
             )
+        carried = foreign_entries(self.target)
+        link_entries(self.target, carried, self.path)
         if exchange(self.path, self.target):
-            _delete_replaced(self.path)
+            _delete_replaced(self.path, self.target, carried)
             return
         aside = pending_name(self.target)
         os.rename(self.target, aside)
@@ -160,7 +168,7 @@ class LocalSave:
         except BaseException:
             os.rename(aside, self.target)  # put the previous checkpoint back
             raise
-        _delete_replaced(aside)
+        _delete_replaced(aside, self.target, carried)
 
     def abandon(self) -> None:
         """Delete the pending directory of a failed save."""
@@ -388,7 +396,7 @@ def _committed(location: Location, overwrite: bool) -> bool:
     kind, _ = root_kind(location)
     if kind == UNREADABLE:  # not JSON: certainly not a checkpoint of ours
         raise CheckpointExistsError(f"{url} holds a zarr.json zdcp did not write; not replacing it")
-    if kind == FOREIGN:
+    if kind == NOT_ZDCP:
         raise CheckpointExistsError(f"{url} holds a Zarr hierarchy that zdcp did not write; not replacing it")
     if kind != COMMITTED:
         return False
@@ -407,17 +415,19 @@ _NO_VALUE = b"\x02"
 def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[str, Any]) -> LocalSave:
     """The pending directory of a local save, with the in-progress ``marker`` in it; first,
     what dead saves to the same target left is removed."""
+    foreign: list[str] = []
     if os.path.lexists(target):
         if not os.path.isdir(target):
             raise CheckpointExistsError(f"{target} exists and is not a directory")
         kind = local_contents(target)
-        if kind == OTHER:
-            raise CheckpointExistsError(f"{target} is not empty and holds no zdcp checkpoint; not replacing it")
-        if kind == FOREIGN:
-            raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
-        if kind == COMMITTED and not overwrite:
+        _check_replaceable(target, kind, overwrite)
+        if kind != EMPTY:
+            foreign = foreign_entries(target)
+        remains = zarr_remains(target, foreign) if kind == OTHER else []
+        if remains:
             raise CheckpointExistsError(
-                f"Checkpoint already exists: {target} holds a committed checkpoint; pass overwrite=True"
+                f"{target} holds no zdcp checkpoint but what looks like part of one ({', '.join(remains)}); "
+                f"not replacing it"
             )
     os.makedirs(os.path.dirname(target), exist_ok=True)
     remove_dead_saves(interrupted_saves(target))
@@ -427,16 +437,38 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
     except FileExistsError:
         raise CheckpointExistsError(f"another save of this job to {target} is still running ({path})") from None
     save = LocalSave(target, path, overwrite, session)
+    try:
+        check_links(target, foreign, path)  # the commit could not keep them: refuse before writing
+    except BaseException:
+        save.abandon()
+        raise
     with open(os.path.join(path, SAVING_MARKER), "w") as f:
         json.dump({**marker, "target": target}, f)
     return save
 
 
-def _delete_replaced(directory: str) -> None:
-    """Delete the checkpoint a commit replaced. The new one is in place by now, so a failure
-    here only leaves the old one behind (under a pending name), with a warning."""
+def _check_replaceable(target: str, kind: str, overwrite: bool) -> None:
+    """Raise :class:`~zdcp.CheckpointExistsError` unless a save may commit to the local
+    ``target``, which holds ``kind`` (:func:`~zdcp.storage.contents.local_contents`): a
+    checkpoint (zdcp's or DCP's) only with ``overwrite``, a Zarr hierarchy zdcp did not write
+    never. Foreign files alone are no obstacle: the commit keeps them."""
+    if kind == NOT_ZDCP:
+        raise CheckpointExistsError(f"{target} holds a Zarr hierarchy that zdcp did not write; not replacing it")
+    if kind in (COMMITTED, DCP) and not overwrite:
+        which = "committed" if kind == COMMITTED else "DCP"
+        raise CheckpointExistsError(
+            f"Checkpoint already exists: {target} holds a {which} checkpoint; pass overwrite=True"
+        )
+
+
+def _delete_replaced(directory: str, target: str, carried: list[str]) -> None:
+    """Delete the directory a commit replaced (its checkpoint, and the foreign files of which
+    ``carried`` are linked into the new ``target``). Foreign files that arrived there while
+    the commit ran are moved into ``target`` first. The new checkpoint is in place by now, so a
+    failure here only leaves the old directory behind (under a pending name), with a warning."""
     try:
-        if local_contents(directory) in (COMMITTED, EMPTY):
-            shutil.rmtree(directory)
-    except OSError as e:
+        for name in sorted(set(foreign_entries(directory)) - set(carried)):
+            os.rename(os.path.join(directory, name), os.path.join(target, name))
+        shutil.rmtree(directory)
+    except (OSError, ZdcpError) as e:
         warnings.warn(f"the replaced checkpoint was left at {directory}: {e}", stacklevel=3)

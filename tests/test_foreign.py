@@ -1,0 +1,163 @@
+"""Foreign files: what a framework puts into a checkpoint's directory (Lightning's ``meta.pt``)
+is no damage, and save, load, verify and removal leave it alone, in both layouts."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+import zdcp
+from zdcp.storage.contents import pending_directories
+
+
+def _foreign(directory):
+    """Put a framework's kind of files into ``directory``: a file, a directory of files, a link."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.pt").write_bytes(b"lightning metadata")
+    (directory / "logs").mkdir()
+    (directory / "logs" / "run.txt").write_text("step 1")
+    (directory / "latest").symlink_to("meta.pt")
+
+
+def _assert_foreign_kept(directory):
+    assert (directory / "meta.pt").read_bytes() == b"lightning metadata"
+    assert (directory / "logs" / "run.txt").read_text() == "step 1"
+    assert os.readlink(directory / "latest") == "meta.pt"
+
+
+def _state(value):
+    return {"w": torch.full((4, 3), float(value)), "opt": {"step": value}}
+
+
+def _loaded(path):
+    out = {"w": torch.zeros(4, 3), "opt": {"step": 0}}
+    zdcp.load(out, path)
+    return out["w"][0, 0].item(), out["opt"]["step"]
+
+
+def test_a_save_into_a_directory_of_foreign_files_keeps_them(ckpt, layout):
+    _foreign(ckpt)
+    zdcp.save(_state(1), ckpt, layout=layout)
+    _assert_foreign_kept(ckpt)
+    assert _loaded(ckpt) == (1.0, 1)
+    zdcp.save(_state(2), ckpt, layout=layout, overwrite=True)  # replacing the checkpoint keeps them too
+    _assert_foreign_kept(ckpt)
+    assert _loaded(ckpt) == (2.0, 2)
+    assert pending_directories(ckpt.parent) == [], "nothing left beside it"
+
+
+def test_verify_lists_foreign_files_and_passes(ckpt, layout):
+    zdcp.save(_state(1), ckpt, layout=layout)
+    (ckpt / "meta.pt").write_bytes(b"written after the save, as Lightning does")
+    (ckpt / "extra").mkdir()
+    (ckpt / "extra" / "notes.txt").write_text("x")
+    report = zdcp.verify(ckpt)
+    assert report.ok and report.foreign == ["extra", "meta.pt"], (report.faults, report.foreign)
+    run = subprocess.run([sys.executable, "-m", "zdcp", "verify", str(ckpt)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "foreign, ignored: meta.pt" in run.stdout and "foreign, ignored: extra" in run.stdout
+    # a stray file inside an array's directory (the files layout) is still damage
+    if layout == "files":
+        (ckpt / "w" / "c.9.9").write_bytes(b"?")
+        assert [str(f) for f in zdcp.verify(ckpt).faults] == [
+            "w: unexpected file 'w/c.9.9' (not part of the checkpoint)"
+        ]
+
+
+def test_the_manager_removing_a_checkpoint_leaves_foreign_files(tmp_path, layout):
+    manager = zdcp.CheckpointManager(tmp_path, max_to_keep=1, layout=layout)
+    manager.save(1, _state(1))
+    first = manager.checkpoint_path(1)
+    (tmp_path / os.path.basename(first) / "meta.pt").write_bytes(b"lightning metadata")
+    manager.save(2, _state(2))
+    manager.close()
+    assert manager.all_steps() == [2]
+    assert sorted(os.listdir(first)) == ["meta.pt"], "the checkpoint went, its foreign file stayed"
+    assert pending_directories(tmp_path) == []
+    with pytest.raises(zdcp.IncompleteCheckpointError):  # a directory of foreign files is no checkpoint
+        zdcp.load(_state(0), first)
+
+
+def test_a_dcp_checkpoint_is_replaced_only_with_overwrite_and_its_files_go(ckpt, layout):
+    dcp.save(_state(1), checkpoint_id=ckpt)
+    (ckpt / "meta.pt").write_bytes(b"lightning metadata")
+    with pytest.raises(zdcp.CheckpointExistsError, match="holds a DCP checkpoint; pass overwrite=True"):
+        zdcp.save(_state(2), ckpt, layout=layout)
+    zdcp.save(_state(2), ckpt, layout=layout, overwrite=True)
+    names = sorted(os.listdir(ckpt))
+    assert ".metadata" not in names and not any(n.endswith(".distcp") for n in names), names
+    assert "meta.pt" in names and zdcp.verify(ckpt).foreign == ["meta.pt"]
+    assert _loaded(ckpt) == (2.0, 2)
+
+
+def test_remains_of_a_checkpoint_are_no_foreign_files(ckpt, layout):
+    zdcp.save(_state(1), ckpt, layout=layout)
+    os.unlink(ckpt / ("zarr.json" if layout == "files" else "manifest.ocdbt"))  # un-committed by hand
+    before = sorted(str(p) for p in ckpt.rglob("*"))
+    with pytest.raises(zdcp.CheckpointExistsError, match="holds no zdcp checkpoint but what looks like part of one"):
+        zdcp.save(_state(2), ckpt, layout=layout, overwrite=True)
+    assert sorted(str(p) for p in ckpt.rglob("*")) == before
+
+
+def test_foreign_files_that_cannot_be_carried_over_are_refused_before_writing(ckpt, layout):
+    ckpt.mkdir()
+    os.mkfifo(ckpt / "pipe")
+    with pytest.raises(zdcp.StorageError, match=r"ckpt holds files that are not part of the checkpoint \(pipe\)"):
+        zdcp.save(_state(1), ckpt, layout=layout)
+    assert os.listdir(ckpt) == ["pipe"] and pending_directories(ckpt.parent) == []
+
+
+def test_a_foreign_file_named_like_a_node_of_the_new_checkpoint_is_refused(ckpt):
+    ckpt.mkdir()
+    (ckpt / "w").write_text("mine")
+    with pytest.raises(zdcp.CheckpointExistsError, match=r"ckpt/w is not part of the checkpoint"):
+        zdcp.save(_state(1), ckpt, layout="files")
+    assert os.listdir(ckpt) == ["w"] and pending_directories(ckpt.parent) == []
+
+
+KILL_POINTS = {  # where: the function patched to SIGKILL the process
+    "save: linked, not swapped": "zdcp.storage.saving:exchange",
+    "save: swapped, the old one not deleted": "zdcp.storage.saving:_delete_replaced",
+    "removal: linked, not swapped": "zdcp.storage.removal:exchange",
+    "removal: swapped, the checkpoint not deleted": "zdcp.storage.removal:sync_directory",
+}
+
+
+def _killed_at(path, where, layout):
+    import importlib
+
+    from zdcp.storage.location import Location
+    from zdcp.storage.removal import remove_committed
+
+    module, _, name = KILL_POINTS[where].partition(":")
+    setattr(importlib.import_module(module), name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+    if where.startswith("save"):
+        zdcp.save(_state(2), path, overwrite=True, layout=layout)
+    else:
+        remove_committed(Location(str(path)))
+
+
+@pytest.mark.parametrize("where", KILL_POINTS)
+def test_a_save_or_removal_killed_at_each_step_leaves_the_foreign_files_in_place(ckpt, layout, where):
+    _foreign(ckpt)
+    zdcp.save(_state(1), ckpt, layout=layout)
+    process = mp.get_context("spawn").Process(target=_killed_at, args=(ckpt, where, layout))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -signal.SIGKILL
+    _assert_foreign_kept(ckpt)
+    if where == "removal: swapped, the checkpoint not deleted":
+        with pytest.raises(zdcp.IncompleteCheckpointError):
+            _loaded(ckpt)
+    else:
+        assert _loaded(ckpt) == ((2.0, 2) if where.startswith("save: swapped") else (1.0, 1))
+    zdcp.save(_state(3), ckpt, layout=layout, overwrite=True)  # removes what the killed process left
+    _assert_foreign_kept(ckpt)
+    assert _loaded(ckpt) == (3.0, 3) and zdcp.verify(ckpt).foreign == ["latest", "logs", "meta.pt"]
+    if where.startswith("removal"):  # a save killed in its commit leaves its directory, as in test_reliability
+        assert pending_directories(ckpt.parent) == []
