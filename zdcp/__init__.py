@@ -8,7 +8,8 @@ A training run saves, keeps and resumes its checkpoints with ``zdcp.CheckpointMa
 restarted after a crash finds the newest with ``zdcp.latest_checkpoint("ckpt")``. Without the
 training code: ``zdcp.open(path)`` for lazy read-only access, ``zdcp.verify(path)`` to check
 every chunk, ``zdcp.zarr_store(path)`` for zarr-python, ``zdcp.format_utils`` for
-conversions, and the ``zdcp`` command.
+conversions, and the ``zdcp`` command. Code that calls DCP itself (Lightning, Accelerate, the HF
+Trainer) writes zdcp checkpoints after ``zdcp.as_dcp_backend()``.
 
 Importing zdcp also registers bfloat16 and float8 with zarr-python, so that plain zarr code
 can read the arrays zdcp writes.
@@ -17,6 +18,7 @@ can read the arrays zdcp writes.
 from . import errors as _errors
 from . import zarr_dtypes as _zarr_dtypes
 from .api import async_save, load, save
+from .backend import DcpBackend, as_dcp_backend
 from .checkpoints import latest_checkpoint
 from .errors import *  # noqa: F403  (the error classes are public API)
 from .manager import CheckpointManager
@@ -45,5 +47,7 @@ __all__ = [
     "ZarrWriter",
     "ZarrReader",
     "zarr_store",
+    "as_dcp_backend",
+    "DcpBackend",
     *_errors.__all__,
 ]

@@ -1,0 +1,210 @@
+"""``zdcp.as_dcp_backend``: DCP's file-system checkpoints written as zdcp checkpoints, for code
+that calls DCP itself (Lightning, Accelerate and the HF Trainer, torchtitan).
+
+DCP has no registry of storage backends. Given only a ``checkpoint_id``, ``dcp.save`` and
+``dcp.load`` build a ``FileSystemWriter`` or ``FileSystemReader`` by the names in
+``torch.distributed.checkpoint._storage_utils``; frameworks build them by the names in
+``torch.distributed.checkpoint`` (``dist_cp.FileSystemWriter(ckpt_dir)``), looked up when they
+save. Rebinding those names is therefore the one switch that reaches them all.
+``dcp.async_save`` is wrapped too: with a checkpoint id alone and
+``AsyncCheckpointerType.PROCESS`` it saves in a process of its own, which the rebinding does
+not reach, so the wrapper builds the writer here and hands it over.
+
+What the rebound names build:
+
+- :class:`FileSystemWriter` takes DCP's arguments and writes a zdcp checkpoint with the
+  backend's save options. ``overwrite`` keeps DCP's meaning and default (True: replace a
+  checkpoint at the path, zdcp's or DCP's); ``sync_files`` is honoured; the others (how DCP
+  lays out and stages its files) have no meaning for zdcp and are ignored.
+- :class:`FileSystemReader` detects the format: a directory holding a DCP checkpoint (a
+  ``.metadata`` file and no zdcp commit record) is read by DCP's own reader, anything else by
+  zdcp's. A run that began on DCP resumes under the backend, and its next saves are zdcp.
+
+Names bound elsewhere before the call (``from torch.distributed.checkpoint.filesystem import
+FileSystemWriter`` in a module imported earlier) keep DCP's classes: docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import threading
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader as DcpFileSystemReader
+from torch.distributed.checkpoint import FileSystemWriter as DcpFileSystemWriter
+
+from .errors import UsageError
+from .options import SaveOptions
+from .reader import ZarrReader
+from .storage.contents import DCP_METADATA, holds_commit_record
+from .storage.location import CheckpointId
+from .writer import ZarrWriter
+
+__all__ = ["as_dcp_backend", "DcpBackend", "FileSystemWriter", "FileSystemReader"]
+
+
+class FileSystemWriter(ZarrWriter):
+    """DCP's ``FileSystemWriter`` as zdcp: the same constructor, a zdcp checkpoint.
+
+    The save options are the backend's that is active when the writer is made (none: zdcp's
+    defaults); the writer keeps them, so that it may be handed to another process (an async
+    save of type ``PROCESS``).
+    """
+
+    def __init__(
+        self,
+        path: CheckpointId,
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = 1,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Any = None,
+        serialization_format: Any = None,
+    ):
+        options = _active_options()
+        options["sync_files"] = sync_files and options.get("sync_files", True)
+        super().__init__(path, overwrite=overwrite, **options)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
+        # The paths DCP's own writer takes (local ones): s3:// and others stay fsspec's.
+        return DcpFileSystemWriter.validate_checkpoint_id(checkpoint_id)
+
+
+class FileSystemReader(ZarrReader):
+    """DCP's ``FileSystemReader`` as zdcp: the same constructor; a DCP checkpoint (``.metadata``
+    and no zdcp commit record) gets DCP's own reader instead."""
+
+    def __new__(cls, path: CheckpointId, _extension_registry: Any = None) -> Any:
+        if is_dcp_checkpoint(path):
+            return DcpFileSystemReader(path, _extension_registry)
+        return super().__new__(cls)
+
+    def __init__(self, path: CheckpointId, _extension_registry: Any = None):
+        super().__init__(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
+        return DcpFileSystemReader.validate_checkpoint_id(checkpoint_id)
+
+
+def is_dcp_checkpoint(path: CheckpointId) -> bool:
+    """Whether the local directory ``path`` holds a DCP checkpoint and no zdcp one."""
+    if not isinstance(path, str | os.PathLike):
+        return False
+    return os.path.isfile(os.path.join(path, DCP_METADATA)) and not holds_commit_record(path)
+
+
+class DcpBackend:
+    """What :func:`as_dcp_backend` returns: the switch, until :meth:`close` (or the end of a
+    ``with`` block) undoes it. Several may be open: the last one's options apply, and DCP's
+    own classes come back when all are closed."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+
+    def close(self) -> None:
+        """Undo this call of :func:`as_dcp_backend` (again: nothing)."""
+        with _LOCK:
+            if self in _OPEN:
+                _OPEN.remove(self)
+                if not _OPEN:
+                    _restore()
+
+    def __enter__(self) -> DcpBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self in _OPEN else "closed"
+        return f"<zdcp DCP backend {state} {self.options}>"
+
+
+def as_dcp_backend(**options: Any) -> DcpBackend:
+    """From this call on, in this process, DCP's file-system checkpoints are zdcp checkpoints:
+    ``FileSystemWriter(path, ...)`` and ``FileSystemReader(path)`` of
+    ``torch.distributed.checkpoint``, and ``dcp.save``/``dcp.load``/``dcp.async_save`` given
+    only a ``checkpoint_id`` (a local path). Readers load DCP checkpoints still (their format
+    is detected).
+
+    Args:
+        **options: zdcp's save options (:class:`~zdcp.SaveOptions`: ``layout``,
+            ``compression``, ``allow_pickle``, ``sync_files``, ``metadata``), for every save
+            through DCP's writer. ``overwrite`` is not one of them: it is the writer's own
+            argument, with DCP's default (True).
+
+    Returns a :class:`DcpBackend`, which undoes it (``close()``, or as a context manager).
+    Calling it again is harmless: the latest call's options apply until it is closed.
+    """
+    if "overwrite" in options:
+        raise UsageError("overwrite is an argument of DCP's FileSystemWriter (default True), not a backend option")
+    SaveOptions.of(options)  # refused here, not at the first save
+    backend = DcpBackend(dict(options))
+    with _LOCK:
+        if not _OPEN:
+            _install()
+        _OPEN.append(backend)
+    return backend
+
+
+#: The backends open, oldest first.
+_OPEN: list[DcpBackend] = []
+_LOCK = threading.Lock()
+#: What the switch rebinds: each module's names, and what they were bound to before.
+_MODULES = (
+    "torch.distributed.checkpoint",
+    "torch.distributed.checkpoint._storage_utils",
+    "torch.distributed.checkpoint.format_utils",
+)
+_REPLACED: dict[tuple[str, str], Any] = {}
+
+
+def _active_options() -> dict[str, Any]:
+    with _LOCK:
+        return dict(_OPEN[-1].options) if _OPEN else {}
+
+
+def _install() -> None:
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        for attr, replacement in (("FileSystemWriter", FileSystemWriter), ("FileSystemReader", FileSystemReader)):
+            _REPLACED[name, attr] = getattr(module, attr)
+            setattr(module, attr, replacement)
+    saver = importlib.import_module("torch.distributed.checkpoint.state_dict_saver")
+    for module in (dcp, saver):
+        _REPLACED[module.__name__, "async_save"] = module.async_save
+        module.async_save = _with_writer(module.async_save)
+
+
+def _restore() -> None:
+    for (name, attr), original in _REPLACED.items():
+        setattr(importlib.import_module(name), attr, original)
+    _REPLACED.clear()
+
+
+def _with_writer(async_save: Any) -> Any:
+    """``async_save`` that builds the writer for a ``checkpoint_id`` without one, here: a
+    save in a process of its own would build DCP's there."""
+    signature = inspect.signature(async_save)
+
+    @functools.wraps(async_save)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        checkpoint_id = bound.arguments.get("checkpoint_id")
+        if (
+            bound.arguments.get("storage_writer") is None
+            and checkpoint_id is not None
+            and FileSystemWriter.validate_checkpoint_id(checkpoint_id)
+        ):
+            bound.arguments["storage_writer"] = FileSystemWriter(checkpoint_id)
+        return async_save(*bound.args, **bound.kwargs)
+
+    return wrapper
