@@ -3,6 +3,7 @@
 alike, and gets DCP's classes back when the switch is closed."""
 
 import os
+import pickle
 
 import pytest
 import torch
@@ -70,6 +71,7 @@ def test_explicit_writers_and_readers_take_dcp_arguments(tmp_path):
             dcp.save(_state(3), storage_writer=dcp.FileSystemWriter(path, overwrite=False))
         reader = dcp.FileSystemReader(path)
         assert isinstance(reader, zdcp.ZarrReader)
+        assert pickle.loads(pickle.dumps(reader)).checkpoint_id == reader.checkpoint_id
         out = _empty()
         dcp.load(out, storage_reader=reader)
     _assert_state(out, 2)

@@ -78,6 +78,8 @@ def test_the_manager_removing_a_checkpoint_leaves_foreign_files(tmp_path, layout
     manager.close()
     assert manager.all_steps() == [2]
     assert sorted(os.listdir(first)) == ["meta.pt"], "the checkpoint went, its foreign file stayed"
+    assert zdcp.CheckpointManager(tmp_path).all_steps() == [2]  # what is left is no step
+    assert str(zdcp.latest_checkpoint(tmp_path)) == manager.checkpoint_path(2)
     assert pending_directories(tmp_path) == []
     with pytest.raises(zdcp.IncompleteCheckpointError):  # a directory of foreign files is no checkpoint
         zdcp.load(_state(0), first)

@@ -81,8 +81,9 @@ class FileSystemReader(ZarrReader):
     """DCP's ``FileSystemReader`` as zdcp: the same constructor; a DCP checkpoint (``.metadata``
     and no zdcp commit record) gets DCP's own reader instead."""
 
-    def __new__(cls, path: CheckpointId, _extension_registry: Any = None) -> Any:
-        if is_dcp_checkpoint(path):
+    def __new__(cls, path: CheckpointId | None = None, _extension_registry: Any = None) -> Any:
+        # (``path`` is optional for pickle, which makes the instance with no arguments.)
+        if path is not None and is_dcp_checkpoint(path):
             return DcpFileSystemReader(path, _extension_registry)
         return super().__new__(cls)
 
