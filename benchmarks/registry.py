@@ -110,6 +110,11 @@ KNOWN_WORKLOADS: dict[str, Entry] = {
         "benchmarks.workloads.training:training",
         "a CPU training loop's step time with CheckpointManager saving every 10 steps, async and sync",
     ),
+    "frameworks": Entry(
+        "benchmarks.workloads.frameworks:frameworks",
+        "FSDP2 on 4 ranks re-saved to one path and loaded through dcp.save/dcp.load(checkpoint_id=...), "
+        "as Lightning does: DCP against zdcp.as_dcp_backend()",
+    ),
 }
 
 
