@@ -58,6 +58,7 @@ def test_verify_lists_foreign_files_and_passes(ckpt, layout):
     (ckpt / "extra" / "notes.txt").write_text("x")
     report = zdcp.verify(ckpt)
     assert report.ok and report.foreign == ["extra", "meta.pt"], (report.faults, report.foreign)
+    assert sorted(zdcp.open(ckpt)) == ["opt", "w"]  # opened as ever: foreign files are no nodes
     run = subprocess.run([sys.executable, "-m", "zdcp", "verify", str(ckpt)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "foreign, ignored: meta.pt" in run.stdout and "foreign, ignored: extra" in run.stdout
