@@ -96,6 +96,18 @@ def test_a_run_begun_on_dcp_resumes_and_its_next_save_is_zdcp(tmp_path):
     assert zdcp.verify(path).foreign == ["meta.pt"]
 
 
+def test_a_load_into_another_dtype_casts_only_when_the_backend_allows_it(tmp_path):
+    path = tmp_path / "ck"
+    into_bf16 = {"w": torch.zeros(4, 3, dtype=torch.bfloat16)}
+    with zdcp.as_dcp_backend():
+        dcp.save({"w": torch.arange(12.0).reshape(4, 3) / 7}, checkpoint_id=path)
+        with pytest.raises(dcp.CheckpointException, match="checkpoint has dtype torch.float32, destination torch.bf"):
+            dcp.load(into_bf16, checkpoint_id=path)
+    with zdcp.as_dcp_backend(allow_cast=True):  # DCP's behaviour: cast silently
+        dcp.load(into_bf16, checkpoint_id=path)
+    assert_bitwise_equal(into_bf16["w"], (torch.arange(12.0).reshape(4, 3) / 7).to(torch.bfloat16), "w")
+
+
 def test_closing_gives_dcp_back_and_calls_nest():
     originals = {(m, n): getattr(m, n) for m, n in DCP_NAMES}
     outer = zdcp.as_dcp_backend(layout="files")

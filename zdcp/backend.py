@@ -19,6 +19,8 @@ What the rebound names build:
 - :class:`FileSystemReader` detects the format: a directory holding a DCP checkpoint (a
   ``.metadata`` file and no zdcp commit record) is read by DCP's own reader, anything else by
   zdcp's. A run that began on DCP resumes under the backend, and its next saves are zdcp.
+  zdcp's reader refuses to cast a tensor into a destination of another dtype unless the
+  backend was opened with ``allow_cast=True`` (DCP casts silently).
 
 Names bound elsewhere before the call (``from torch.distributed.checkpoint.filesystem import
 FileSystemWriter`` in a module imported earlier) keep DCP's classes: docs/integrations.md.
@@ -67,7 +69,7 @@ class FileSystemWriter(ZarrWriter):
         _extensions: Any = None,
         serialization_format: Any = None,
     ):
-        options = _active_options()
+        options = dict(_active_backend().options)
         options["sync_files"] = sync_files and options.get("sync_files", True)
         super().__init__(path, overwrite=overwrite, **options)
 
@@ -87,8 +89,8 @@ class FileSystemReader(ZarrReader):
             return DcpFileSystemReader(path, _extension_registry)
         return super().__new__(cls)
 
-    def __init__(self, path: CheckpointId, _extension_registry: Any = None):
-        super().__init__(path)
+    def __init__(self, path: CheckpointId | None = None, _extension_registry: Any = None):
+        super().__init__(path, allow_cast=_active_backend().allow_cast)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: CheckpointId) -> bool:
@@ -107,8 +109,11 @@ class DcpBackend:
     ``with`` block) undoes it. Several may be open: the last one's options apply, and DCP's
     own classes come back when all are closed."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, options: dict[str, Any], allow_cast: bool):
+        #: The save options of the writers made while this backend is the latest open one.
         self.options = options
+        #: Whether its readers cast tensors stored in another dtype than the destination's.
+        self.allow_cast = allow_cast
 
     def close(self) -> None:
         """Undo this call of :func:`as_dcp_backend` (again: nothing)."""
@@ -126,10 +131,10 @@ class DcpBackend:
 
     def __repr__(self) -> str:
         state = "open" if self in _OPEN else "closed"
-        return f"<zdcp DCP backend {state} {self.options}>"
+        return f"<zdcp DCP backend {state} {self.options} allow_cast={self.allow_cast}>"
 
 
-def as_dcp_backend(**options: Any) -> DcpBackend:
+def as_dcp_backend(*, allow_cast: bool = False, **options: Any) -> DcpBackend:
     """From this call on, in this process, DCP's file-system checkpoints are zdcp checkpoints:
     ``FileSystemWriter(path, ...)`` and ``FileSystemReader(path)`` of
     ``torch.distributed.checkpoint``, and ``dcp.save``/``dcp.load``/``dcp.async_save`` given
@@ -137,6 +142,10 @@ def as_dcp_backend(**options: Any) -> DcpBackend:
     is detected).
 
     Args:
+        allow_cast: readers of zdcp checkpoints cast a tensor stored in another dtype than its
+            destination's, as DCP's reader does silently; by default they refuse, naming the
+            key (:class:`~zdcp.MismatchError`), as ``zdcp.load`` does. A load that casts
+            reads every region on each rank that needs it (no shared reads).
         **options: zdcp's save options (:class:`~zdcp.SaveOptions`: ``layout``,
             ``compression``, ``allow_pickle``, ``sync_files``, ``metadata``), for every save
             through DCP's writer. ``overwrite`` is not one of them: it is the writer's own
@@ -148,7 +157,7 @@ def as_dcp_backend(**options: Any) -> DcpBackend:
     if "overwrite" in options:
         raise UsageError("overwrite is an argument of DCP's FileSystemWriter (default True), not a backend option")
     SaveOptions.of(options)  # refused here, not at the first save
-    backend = DcpBackend(dict(options))
+    backend = DcpBackend(dict(options), allow_cast)
     with _LOCK:
         if not _OPEN:
             _install()
@@ -168,9 +177,10 @@ _MODULES = (
 _REPLACED: dict[tuple[str, str], Any] = {}
 
 
-def _active_options() -> dict[str, Any]:
+def _active_backend() -> DcpBackend:
+    """The latest backend open; with none, one of zdcp's defaults."""
     with _LOCK:
-        return dict(_OPEN[-1].options) if _OPEN else {}
+        return _OPEN[-1] if _OPEN else DcpBackend({}, allow_cast=False)
 
 
 def _install() -> None:
