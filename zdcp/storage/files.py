@@ -35,6 +35,7 @@ class FilesLayout(Layout):
     name = "files"
     description = "one file (or object) per chunk and per zarr.json: a plain Zarr directory"
     commit_record = ZARR_JSON  # the root document itself
+    nodes_are_entries = True
 
     def hierarchy(self, location: Location) -> Hierarchy:
         return Hierarchy(location, self, location.spec, location.context, same_as=location)

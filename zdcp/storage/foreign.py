@@ -60,12 +60,16 @@ def foreign_entries(directory: str) -> list[str]:
     """The foreign entries of a local ``directory``: with a committed zdcp checkpoint there,
     every entry it does not use; otherwise every entry but a DCP checkpoint's files and a
     saving marker. Sorted."""
-    names = os.listdir(directory)
+    names = [n for n in os.listdir(directory) if n != SAVING_MARKER]
     hierarchy, root = root_document(Location(directory))
-    if root is not None:
-        catalog = Catalog.parse(root, hierarchy.url)
-        return foreign_names(names, hierarchy.layout, catalog)
-    return sorted(n for n in names if n != SAVING_MARKER and not is_dcp_file(n))
+    if root is None:
+        return sorted(n for n in names if not is_dcp_file(n))
+    layout = hierarchy.layout
+    left = [n for n in names if not layout.owns(n, ())]
+    if not left or not layout.nodes_are_entries:
+        return sorted(left)
+    # Only then is the catalog parsed (a save replacing a checkpoint looks twice): its nodes.
+    return foreign_names(left, layout, Catalog.parse(root, hierarchy.url))
 
 
 def zarr_remains(directory: str, names: Iterable[str]) -> list[str]:

@@ -106,6 +106,10 @@ class Layout(ABC):
     def __repr__(self) -> str:
         return f"<zdcp layout {self.name!r}>"
 
+    #: Whether the nodes of the root group are entries at the top of a checkpoint's directory
+    #: (each a directory, or a prefix), so that telling foreign files from them needs the nodes.
+    nodes_are_entries: ClassVar[bool]
+
     @abstractmethod
     def owns(self, name: str, nodes: Collection[str]) -> bool:
         """Whether ``name``, an entry at the top of a checkpoint's directory (or prefix), is

@@ -89,6 +89,7 @@ class PackedLayout(Layout):
     name = "packed"
     description = "an OCDBT database: a few files (or objects) per rank"
     commit_record = OCDBT_MANIFEST
+    nodes_are_entries = False  # they are keys of the database
 
     def hierarchy(self, location: Location) -> Hierarchy:
         return self._database(location)
