@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from conftest import assert_bitwise_equal
 from test_fsdp2_tutorial import AppState, assert_same_state, fsdp_model, full_state
-from torch.distributed.checkpoint import _storage_utils, format_utils
+from torch.distributed.checkpoint import _storage_utils, format_utils, state_dict_saver
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 import zdcp
@@ -22,7 +22,7 @@ DCP_NAMES = [
     for module in (dcp, _storage_utils, format_utils)
     for name in ("FileSystemWriter", "FileSystemReader")
     if hasattr(module, name)
-] + [(dcp, "async_save")]
+] + [(dcp, "async_save"), (state_dict_saver, "async_save")]
 
 
 def _state(value):
@@ -172,3 +172,17 @@ def _async_saves_through_the_backend(rank, world_size, root):
 
 def test_async_save_with_a_path_in_a_thread_and_in_a_process_is_zdcp(tmp_path):
     run_ranks(2, _async_saves_through_the_backend, str(tmp_path), timeout=300)
+
+
+def test_a_dcp_checkpoint_written_over_a_zdcp_one_is_read_as_the_newer(tmp_path):
+    path = tmp_path / "ck"
+    with zdcp.as_dcp_backend():
+        dcp.save(_state(1), checkpoint_id=path)
+    dcp.save(_state(2), checkpoint_id=path)  # DCP's writer, without the switch: in place, beside zdcp's
+    with zdcp.as_dcp_backend():
+        out = _empty()
+        dcp.load(out, checkpoint_id=path)
+        _assert_state(out, 2)
+        dcp.save(_state(3), checkpoint_id=path)  # replaces both; DCP's files are no foreign files
+    _assert_zdcp(path)
+    assert zdcp.verify(path).foreign == []

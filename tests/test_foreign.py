@@ -164,3 +164,78 @@ def test_a_save_or_removal_killed_at_each_step_leaves_the_foreign_files_in_place
     assert _loaded(ckpt) == (3.0, 3) and zdcp.verify(ckpt).foreign == ["latest", "logs", "meta.pt"]
     if where.startswith("removal"):  # a save killed in its commit leaves its directory, as in test_reliability
         assert pending_directories(ckpt.parent) == []
+
+
+def test_without_an_atomic_exchange_saves_and_removals_keep_foreign_files_too(tmp_path, layout, monkeypatch):
+    import zdcp.storage.removal
+    import zdcp.storage.saving
+
+    monkeypatch.setattr(zdcp.storage.saving, "exchange", lambda a, b: False)  # NFS, macOS
+    monkeypatch.setattr(zdcp.storage.removal, "exchange", lambda a, b: False)
+    manager = zdcp.CheckpointManager(tmp_path, max_to_keep=1, layout=layout)
+    _foreign(tmp_path / "step_1")
+    manager.save(1, _state(1))
+    zdcp.save(_state(5), tmp_path / "step_1", layout=layout, overwrite=True)  # over a checkpoint
+    _assert_foreign_kept(tmp_path / "step_1")
+    assert _loaded(tmp_path / "step_1") == (5.0, 5)
+    manager.save(2, _state(2))  # removes step 1
+    manager.close()
+    _assert_foreign_kept(tmp_path / "step_1")
+    assert sorted(os.listdir(tmp_path / "step_1")) == ["latest", "logs", "meta.pt"]
+    assert pending_directories(tmp_path) == []
+
+
+def test_files_named_like_dcp_files_are_foreign_where_no_dcp_checkpoint_is(ckpt, layout):
+    (ckpt / ".metadata").mkdir(parents=True)  # an editor's directory, say
+    (ckpt / ".metadata" / "settings").write_text("x")
+    (ckpt / "notes.distcp").write_text("mine")
+    zdcp.save(_state(1), ckpt, layout=layout)
+    assert (ckpt / ".metadata" / "settings").read_text() == "x" and (ckpt / "notes.distcp").read_text() == "mine"
+    assert zdcp.verify(ckpt).foreign == [".metadata", "notes.distcp"]
+
+
+def test_foreign_directories_keep_their_mode(ckpt, layout):
+    (ckpt / "private").mkdir(parents=True)
+    (ckpt / "private" / "key").write_text("secret")
+    os.chmod(ckpt / "private", 0o700)
+    zdcp.save(_state(1), ckpt, layout=layout)
+    zdcp.save(_state(2), ckpt, layout=layout, overwrite=True)
+    assert (os.stat(ckpt / "private").st_mode & 0o777) == 0o700
+
+
+def test_an_unreadable_root_document_is_no_checkpoint_to_replace(ckpt, layout):
+    ckpt.mkdir()
+    (ckpt / "zarr.json").write_text("{not json")
+    (ckpt / "meta.pt").write_text("x")
+    with pytest.raises(zdcp.CheckpointExistsError, match=r"what looks like part of one \(zarr.json\)"):
+        zdcp.save(_state(1), ckpt, layout=layout, overwrite=True)
+    assert sorted(os.listdir(ckpt)) == ["meta.pt", "zarr.json"]
+
+
+def _removal_killed_between_its_renames(path):
+    import zdcp.storage.removal as removal
+    from zdcp.storage.location import Location
+
+    removal.exchange = lambda a, b: False  # no atomic exchange (NFS, macOS)
+    renames, rename = [], os.rename
+
+    def rename_then_die(a, b):
+        renames.append((a, b))
+        if len(renames) == 2:  # the checkpoint went aside; the links are not in place yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        rename(a, b)
+
+    removal.os.rename = rename_then_die
+    removal.remove_committed(Location(str(path)))
+
+
+def test_a_removal_killed_between_its_two_renames_loses_no_foreign_file(ckpt, layout):
+    _foreign(ckpt)
+    zdcp.save(_state(1), ckpt, layout=layout)
+    process = mp.get_context("spawn").Process(target=_removal_killed_between_its_renames, args=(ckpt,))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -signal.SIGKILL and not ckpt.exists()
+    assert zdcp.latest_checkpoint(ckpt.parent) is None  # its clean-up puts the links in place
+    _assert_foreign_kept(ckpt)
+    assert sorted(os.listdir(ckpt)) == ["latest", "logs", "meta.pt"] and pending_directories(ckpt.parent) == []

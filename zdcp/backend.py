@@ -18,7 +18,10 @@ What the rebound names build:
   lays out and stages its files) have no meaning for zdcp and are ignored.
 - :class:`FileSystemReader` detects the format: a directory holding a DCP checkpoint (a
   ``.metadata`` file and no zdcp commit record) is read by DCP's own reader, anything else by
-  zdcp's. A run that began on DCP resumes under the backend, and its next saves are zdcp.
+  zdcp's (and a zdcp checkpoint over which DCP's own writer wrote later, by DCP's). The
+  format is detected when the reader is made: one made for a zdcp checkpoint and ``reset`` to
+  a DCP one stays zdcp's. A run that began on DCP resumes under the backend, and its next
+  saves are zdcp.
   zdcp's reader refuses to cast a tensor into a destination of another dtype unless the
   backend was opened with ``allow_cast=True`` (DCP casts silently).
 
@@ -42,7 +45,8 @@ from torch.distributed.checkpoint import FileSystemWriter as DcpFileSystemWriter
 from .errors import UsageError
 from .options import SaveOptions
 from .reader import ZarrReader
-from .storage.contents import DCP_METADATA, holds_commit_record
+from .storage.contents import DCP_METADATA
+from .storage.layout import layouts
 from .storage.location import CheckpointId
 from .writer import ZarrWriter
 
@@ -98,10 +102,18 @@ class FileSystemReader(ZarrReader):
 
 
 def is_dcp_checkpoint(path: CheckpointId) -> bool:
-    """Whether the local directory ``path`` holds a DCP checkpoint and no zdcp one."""
+    """Whether the local directory ``path`` is to be read as a DCP checkpoint: it holds one
+    (a ``.metadata`` file) and no zdcp checkpoint, or a zdcp checkpoint older than it (DCP's
+    writer, without the switch, wrote over a zdcp checkpoint in place)."""
     if not isinstance(path, str | os.PathLike):
         return False
-    return os.path.isfile(os.path.join(path, DCP_METADATA)) and not holds_commit_record(path)
+    try:
+        dcp_written = os.stat(os.path.join(path, DCP_METADATA)).st_mtime_ns
+    except OSError:
+        return False
+    records = [os.path.join(path, layout.commit_record) for layout in layouts()]
+    zdcp_written = [os.stat(record).st_mtime_ns for record in records if os.path.isfile(record)]
+    return not zdcp_written or dcp_written > max(zdcp_written)
 
 
 class DcpBackend:
@@ -184,15 +196,23 @@ def _active_backend() -> DcpBackend:
 
 
 def _install() -> None:
+    """Rebind every name there is (a torch version may lack one); all or nothing."""
+    replacements: dict[tuple[str, str], Any] = {}
     for name in _MODULES:
         module = importlib.import_module(name)
         for attr, replacement in (("FileSystemWriter", FileSystemWriter), ("FileSystemReader", FileSystemReader)):
+            if hasattr(module, attr):
+                replacements[name, attr] = replacement
+    for name in (dcp.__name__, "torch.distributed.checkpoint.state_dict_saver"):
+        replacements[name, "async_save"] = _with_writer(importlib.import_module(name).async_save)
+    try:
+        for (name, attr), replacement in replacements.items():
+            module = importlib.import_module(name)
             _REPLACED[name, attr] = getattr(module, attr)
             setattr(module, attr, replacement)
-    saver = importlib.import_module("torch.distributed.checkpoint.state_dict_saver")
-    for module in (dcp, saver):
-        _REPLACED[module.__name__, "async_save"] = module.async_save
-        module.async_save = _with_writer(module.async_save)
+    except BaseException:
+        _restore()
+        raise
 
 
 def _restore() -> None:

@@ -106,8 +106,11 @@ def verify_location(
             report.faults.append(Fault(node, "zarr.json is missing"))
         elif own != document:
             report.faults.append(Fault(node, "zarr.json differs from the root's consolidated copy"))
-    report.foreign = foreign_names(_top_level_names(location), hierarchy.layout, catalog)
-    for key in sorted(k.decode() for k in hierarchy.wait(listing, "listing the checkpoint")):
+    keys = sorted(k.decode() for k in hierarchy.wait(listing, "listing the checkpoint"))
+    # Where the layout keeps its keys in the location itself, its listing shows the top too.
+    top = {key.partition("/")[0] for key in keys} if hierarchy.layout.nodes_are_entries else None
+    report.foreign = foreign_names(_top_level_names(location) if top is None else top, hierarchy.layout, catalog)
+    for key in keys:
         if key not in expected and key.partition("/")[0] not in report.foreign:
             report.faults.append(Fault(key.rsplit("/", 1)[0], f"unexpected file {key!r} (not part of the checkpoint)"))
     return report

@@ -31,7 +31,7 @@ __all__ = [
     "pending_directories",
     "pending_name",
     "local_contents",
-    "is_dcp_file",
+    "dcp_files",
 ]
 
 
@@ -107,9 +107,17 @@ DCP_METADATA = ".metadata"
 _DCP_DATA_SUFFIX = ".distcp"
 
 
-def is_dcp_file(name: str) -> bool:
-    """Whether ``name``, at the top of a directory, is a file of a DCP checkpoint."""
-    return name == DCP_METADATA or name.endswith(_DCP_DATA_SUFFIX)
+def dcp_files(directory: str, names: list[str]) -> set[str]:
+    """Those of ``names``, the entries of a local ``directory``, that are the files of a DCP
+    checkpoint there (``.metadata``, ``*.distcp``: regular files, where ``.metadata`` is one);
+    none where there is no DCP checkpoint."""
+    if not os.path.isfile(os.path.join(directory, DCP_METADATA)):
+        return set()
+    return {
+        n
+        for n in names
+        if (n == DCP_METADATA or n.endswith(_DCP_DATA_SUFFIX)) and os.path.isfile(os.path.join(directory, n))
+    }
 
 
 def root_kind(location: Location) -> tuple[str, dict[str, Any] | None]:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
-from ..errors import CheckpointExistsError, StorageError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 from ..format.catalog import Catalog
 from ..format.constants import SAVING_MARKER, ZARR_JSON
-from .contents import is_dcp_file, root_document
+from .contents import dcp_files, root_document
 from .layout import Layout, layouts
 from .location import Location
 
@@ -57,18 +59,23 @@ def foreign_names(names: Iterable[str], layout: Layout, catalog: Catalog) -> lis
 
 
 def foreign_entries(directory: str) -> list[str]:
-    """The foreign entries of a local ``directory``: with a committed zdcp checkpoint there,
-    every entry it does not use; otherwise every entry but a DCP checkpoint's files and a
-    saving marker. Sorted."""
-    names = [n for n in os.listdir(directory) if n != SAVING_MARKER]
-    hierarchy, root = root_document(Location(directory))
+    """The foreign entries of a local ``directory``, sorted: every entry but a saving marker,
+    a DCP checkpoint's files, and, with a committed zdcp checkpoint there, what it uses.
+    Raises :class:`~zdcp.StorageError` where the directory cannot be read."""
+    with _access(directory):
+        names = [n for n in os.listdir(directory) if n != SAVING_MARKER]
+        names = [n for n in names if n not in dcp_files(directory, names)]
+    try:
+        hierarchy, root = root_document(Location(directory))
+    except CorruptCheckpointError:  # an unreadable root: no checkpoint, and a name a layout writes
+        root = None
     if root is None:
-        return sorted(n for n in names if not is_dcp_file(n))
+        return sorted(names)
     layout = hierarchy.layout
     left = [n for n in names if not layout.owns(n, ())]
     if not left or not layout.nodes_are_entries:
         return sorted(left)
-    # Only then is the catalog parsed (a save replacing a checkpoint looks twice): its nodes.
+    # Only then is the catalog parsed (a save over a checkpoint looks three times): its nodes.
     return foreign_names(left, layout, Catalog.parse(root, hierarchy.url))
 
 
@@ -86,23 +93,32 @@ def zarr_remains(directory: str, names: Iterable[str]) -> list[str]:
 
 def check_links(source: str, names: Iterable[str], directory: str) -> None:
     """Raise :class:`~zdcp.StorageError` unless the entries ``names`` of ``source`` can be
-    carried over into ``directory`` (:func:`link_entries`): no special files among them, and a
-    file can be hard-linked there."""
+    carried over into ``directory`` (:func:`link_entries`): files, directories and symbolic
+    links only, all on the filesystem of ``directory``, every file one this process may link
+    (Linux's ``protected_hardlinks``: its own, or one it may read and write), and a file
+    linked there indeed."""
     names = list(names)
-    files = [path for name in names for path in _walk(os.path.join(source, name))]
-    for path in files:
-        mode = os.lstat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-            raise _cannot_link(source, names, OSError(errno.EPERM, "not a file, directory or symbolic link", path))
-    regular = next((path for path in files if stat.S_ISREG(os.lstat(path).st_mode)), None)
-    if regular is None:
-        return
-    probe = os.path.join(directory, _LINK_PROBE)
-    try:
-        os.link(regular, probe)
-    except OSError as e:
-        raise _cannot_link(source, names, e) from e
-    os.unlink(probe)
+    with _access(source):
+        device = os.stat(directory).st_dev
+        paths = [path for name in names for path in _walk(os.path.join(source, name))]
+        regular = []
+        for path in paths:
+            status = os.lstat(path)
+            if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode) or stat.S_ISLNK(status.st_mode)):
+                raise _cannot_link(source, names, OSError(errno.EPERM, "not a file, directory or symbolic link", path))
+            if status.st_dev != device:
+                raise _cannot_link(source, names, OSError(errno.EXDEV, "on another filesystem", path))
+            if stat.S_ISREG(status.st_mode):
+                if status.st_uid != os.geteuid() and os.geteuid() != 0 and not os.access(path, os.R_OK | os.W_OK):
+                    raise _cannot_link(source, names, OSError(errno.EPERM, "another user's file", path))
+                regular.append(path)
+    if regular:
+        probe = os.path.join(directory, _LINK_PROBE)
+        try:
+            os.link(regular[0], probe)
+        except OSError as e:
+            raise _cannot_link(source, names, e) from e
+        os.unlink(probe)
 
 
 def link_entries(source: str, names: Iterable[str], destination: str) -> None:
@@ -129,6 +145,7 @@ def _link(source: str, destination: str) -> None:
         os.mkdir(destination)
         for name in os.listdir(source):
             _link(os.path.join(source, name), os.path.join(destination, name))
+        shutil.copystat(source, destination, follow_symlinks=False)  # its mode and times (not its owner)
     elif stat.S_ISLNK(mode):
         os.symlink(os.readlink(source), destination)
     elif stat.S_ISREG(mode):
@@ -142,6 +159,16 @@ def _walk(path: str) -> list[str]:
     if os.path.islink(path) or not os.path.isdir(path):
         return [path]
     return [path, *(p for name in sorted(os.listdir(path)) for p in _walk(os.path.join(path, name)))]
+
+
+@contextmanager
+def _access(directory: str) -> Iterator[None]:
+    """Failures to read ``directory`` (permissions, an entry gone meanwhile), as
+    :class:`~zdcp.StorageError` naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(f"cannot read {directory}: {e}") from e
 
 
 def _cannot_link(directory: str, names: Iterable[str], error: OSError) -> StorageError:

@@ -117,8 +117,9 @@ def remove_committed(location: Location) -> None:
       a pending name (:func:`~zdcp.storage.contents.pending_name`) and the rename made
       durable, then it is deleted (:func:`remove_dead_saves` removes what a kill left). Where
       the directory holds foreign files (:mod:`~zdcp.storage.foreign`), a directory of hard
-      links to them first takes its place (swapped atomically where the filesystem can), so
-      that they stay at the path;
+      links to them first takes its place (swapped atomically where the filesystem can; where
+      it cannot, a kill between the two renames leaves the path missing and the links in that
+      directory, which nothing deletes), so that they stay at the path;
     - object store: the marker is written, then the commit record deleted, then the rest, the
       marker last (:func:`remove_interrupted` removes what a kill left).
 
@@ -138,33 +139,55 @@ def remove_committed(location: Location) -> None:
     if local_contents(target) != COMMITTED:
         raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {target}; nothing removed")
     foreign = foreign_entries(target)
-    kept = None
-    if foreign:  # a directory of links to them takes the checkpoint's place
-        kept = pending_name(target)
-        os.mkdir(kept)
-        try:  # marked like the rest: what a kill leaves is removed as a removal's
-            _write_marker(kept, marker)
-            link_entries(target, foreign, kept)
-        except BaseException:
-            shutil.rmtree(kept, ignore_errors=True)
-            raise
-    _write_marker(target, marker)
-    if kept is not None and exchange(kept, target):
-        aside = kept
-    else:
-        aside = pending_name(target)
-        os.rename(target, aside)
+    kept, carrying = _keep_foreign(target, foreign) if foreign else (None, None)
+    with open(os.path.join(target, SAVING_MARKER), "wb") as f:
+        f.write(marker)
+    try:
+        if kept is not None and exchange(kept, target):
+            aside = kept
+            os.unlink(os.path.join(target, SAVING_MARKER))  # the links' marker, now at the path
+        else:
+            aside = pending_name(target)
+            os.rename(target, aside)
+            if kept is not None:
+                try:
+                    os.rename(kept, target)
+                except BaseException:
+                    os.rename(aside, target)  # the checkpoint back, with the removal's marker
+                    os.unlink(os.path.join(target, SAVING_MARKER))
+                    raise
+                os.unlink(os.path.join(target, SAVING_MARKER))
+    finally:
         if kept is not None:
-            os.rename(kept, target)
-    if kept is not None:
-        os.unlink(os.path.join(target, SAVING_MARKER))
+            SAVES_UNDER_WAY.discard(kept, carrying)
     sync_directory(os.path.dirname(target))
     shutil.rmtree(aside)
 
 
-def _write_marker(directory: str, marker: bytes) -> None:
-    with open(os.path.join(directory, SAVING_MARKER), "wb") as f:
-        f.write(marker)
+def _keep_foreign(target: str, foreign: list[str]) -> tuple[str, _Carrying]:
+    """A new pending directory of hard links to the ``foreign`` entries of ``target``, to
+    take its place, and what it is known as among :data:`SAVES_UNDER_WAY` until the removal is
+    over. Its marker says so (``carrying``): after a kill, :func:`remove_dead_saves` deletes
+    it, or moves it to the target where the target is missing (a kill between two renames)."""
+    kept, carrying = pending_name(target), _Carrying()
+    os.mkdir(kept)
+    SAVES_UNDER_WAY.add(kept, carrying, carrying)
+    try:
+        with open(os.path.join(kept, SAVING_MARKER), "wb") as f:
+            f.write(encode_json({"owner": process_identity(), "carrying": True, "target": target}))
+        link_entries(target, foreign, kept)
+    except BaseException:
+        SAVES_UNDER_WAY.discard(kept, carrying)
+        shutil.rmtree(kept, ignore_errors=True)
+        raise
+    return kept, carrying
+
+
+class _Carrying:
+    """A removal's directory of links, under way (:class:`SavesUnderWay` entries need one)."""
+
+    def forget(self) -> None:
+        """Nothing to stop: the removal deletes nothing of it."""
 
 
 def remove_interrupted(location: Location) -> bool:
@@ -189,7 +212,15 @@ def remove_dead_saves(pending: list[str]) -> None:
                 marker = json.load(f)
         except (OSError, ValueError):
             continue  # no marker (yet): nothing proves anything
-        if save_is_dead(marker, path, local=True):
+        if not save_is_dead(marker, path, local=True):
+            continue
+        target = marker.get("target") if marker.get("carrying") is True else None
+        if isinstance(target, str) and not os.path.lexists(target):
+            # A removal's links to the foreign files, killed between its two renames (no
+            # atomic exchange): the links take the place the removal meant them to.
+            os.rename(path, target)
+            os.unlink(os.path.join(target, SAVING_MARKER))
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 

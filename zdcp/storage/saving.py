@@ -7,9 +7,12 @@ documents there with the root document last, and then the commit moves the whole
 into place with one rename:
 
 - no checkpoint at the path (or an empty directory): ``rename``;
-- a committed checkpoint, found when the save began or committed by another save since, and
-  ``overwrite``: ``renameat2(RENAME_EXCHANGE)`` swaps the two directories atomically, and the
-  replaced checkpoint, now under the pending name, is deleted. A load that starts finds the
+- a committed checkpoint (zdcp's, or a DCP checkpoint), found when the save began or committed
+  by another save since, and ``overwrite``; or a directory of foreign files only: the foreign
+  files (:mod:`~zdcp.storage.foreign`) are hard-linked into the pending directory, then
+  ``renameat2(RENAME_EXCHANGE)`` swaps the two directories atomically, and the replaced
+  directory, now under the pending name, is deleted (a foreign entry that appeared in it
+  meanwhile is moved over first). A load that starts finds the
   old checkpoint or the new one, never neither and never a mix (a reader already reading
   while the checkpoint is replaced may read the new chunks: replace only what nobody reads).
   Where the filesystem cannot exchange (not Linux, or NFS), the old one is renamed aside first
@@ -20,8 +23,8 @@ into place with one rename:
 
 So a crash at any moment leaves the previous checkpoint untouched, plus at most a pending
 directory that nothing loads (:func:`~zdcp.storage.contents.interrupted_saves` finds them).
-zdcp deletes only a committed zdcp checkpoint that a save with ``overwrite`` replaced (its whole
-directory, files added to it since included), and the pending directory of a save that failed.
+zdcp deletes only a checkpoint that a save with ``overwrite`` replaced (zdcp's or DCP's; the
+foreign files beside it are kept), and the pending directory of a save that failed.
 
 **Object stores** (``s3://``, ``gs://``, ``memory://``) have no rename. There a save writes in
 place, under the checkpoint's own prefix, and the root document, written last, is the commit
@@ -152,11 +155,15 @@ class LocalSave:
         save may replace, or foreign files only. The foreign files are linked into the pending
         directory, then the two directories swap places."""
         kind = local_contents(self.target)
+        if kind == EMPTY:  # emptied since the rename failed
+            os.rename(self.path, self.target)
+            return
         if kind not in (COMMITTED, DCP, OTHER) or (kind != OTHER and not self.overwrite):
             raise CheckpointExistsError(
                 f"{self.target} was written by another save while this one ran; this save is discarded"
             )
         carried = foreign_entries(self.target)
+        _refuse_remains(self.target, carried if kind == OTHER else [])
         link_entries(self.target, carried, self.path)
         if exchange(self.path, self.target):
             _delete_replaced(self.path, self.target, carried)
@@ -423,12 +430,7 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
         _check_replaceable(target, kind, overwrite)
         if kind != EMPTY:
             foreign = foreign_entries(target)
-        remains = zarr_remains(target, foreign) if kind == OTHER else []
-        if remains:
-            raise CheckpointExistsError(
-                f"{target} holds no zdcp checkpoint but what looks like part of one ({', '.join(remains)}); "
-                f"not replacing it"
-            )
+        _refuse_remains(target, foreign if kind == OTHER else [])
     os.makedirs(os.path.dirname(target), exist_ok=True)
     remove_dead_saves(interrupted_saves(target))
     path = pending_name(target, session)
@@ -445,6 +447,17 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
     with open(os.path.join(path, SAVING_MARKER), "w") as f:
         json.dump({**marker, "target": target}, f)
     return save
+
+
+def _refuse_remains(target: str, foreign: list[str]) -> None:
+    """Raise :class:`~zdcp.CheckpointExistsError` where the entries ``foreign`` of ``target``,
+    which holds no checkpoint, look like the remains of one (:func:`zarr_remains`)."""
+    remains = zarr_remains(target, foreign)
+    if remains:
+        raise CheckpointExistsError(
+            f"{target} holds no zdcp checkpoint but what looks like part of one ({', '.join(remains)}); "
+            "not replacing it"
+        )
 
 
 def _check_replaceable(target: str, kind: str, overwrite: bool) -> None:
