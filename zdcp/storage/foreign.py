@@ -26,10 +26,10 @@ import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from ..errors import CheckpointExistsError, StorageError
 from ..format.catalog import Catalog
 from ..format.constants import SAVING_MARKER, ZARR_JSON
-from .contents import dcp_files, root_document
+from .contents import COMMITTED, dcp_files, root_document
 from .layout import Layout, layouts
 from .location import Location
 
@@ -58,24 +58,27 @@ def foreign_names(names: Iterable[str], layout: Layout, catalog: Catalog) -> lis
     return sorted(n for n in set(names) if n != SAVING_MARKER and not layout.owns(n, nodes))
 
 
-def foreign_entries(directory: str) -> list[str]:
-    """The foreign entries of a local ``directory``, sorted: every entry but a saving marker,
+def foreign_entries(directory: str, kind: str) -> list[str]:
+    """The foreign entries of a local ``directory`` that holds ``kind``
+    (:func:`~zdcp.storage.contents.local_contents`), sorted: every entry but a saving marker,
     a DCP checkpoint's files, and, with a committed zdcp checkpoint there, what it uses.
     Raises :class:`~zdcp.StorageError` where the directory cannot be read."""
     with _access(directory):
         names = [n for n in os.listdir(directory) if n != SAVING_MARKER]
         names = [n for n in names if n not in dcp_files(directory, names)]
-    try:
-        hierarchy, root = root_document(Location(directory))
-    except CorruptCheckpointError:  # an unreadable root: no checkpoint, and a name a layout writes
-        root = None
-    if root is None:
+    if kind != COMMITTED:
+        return sorted(names)
+    # Names that some layout writes whatever the nodes are no foreign files: where nothing
+    # else is there (a checkpoint alone, packed), the checkpoint need not be read again.
+    left = [n for n in names if not any(layout.owns(n, ()) for layout in layouts())]
+    if not left:
+        return []
+    hierarchy, root = root_document(Location(directory))
+    if root is None:  # gone since the caller looked: nothing of a checkpoint is foreign then
         return sorted(names)
     layout = hierarchy.layout
-    left = [n for n in names if not layout.owns(n, ())]
-    if not left or not layout.nodes_are_entries:
-        return sorted(left)
-    # Only then is the catalog parsed (a save over a checkpoint looks three times): its nodes.
+    if not layout.nodes_are_entries:
+        return sorted(n for n in names if not layout.owns(n, ()))
     return foreign_names(left, layout, Catalog.parse(root, hierarchy.url))
 
 

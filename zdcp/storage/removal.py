@@ -138,7 +138,7 @@ def remove_committed(location: Location) -> None:
     target = os.path.realpath(location.local_dir.rstrip("/"))
     if local_contents(target) != COMMITTED:
         raise CheckpointNotFoundError(f"no committed zdcp checkpoint at {target}; nothing removed")
-    foreign = foreign_entries(target)
+    foreign = foreign_entries(target, COMMITTED)
     kept, carrying = _keep_foreign(target, foreign) if foreign else (None, None)
     with open(os.path.join(target, SAVING_MARKER), "wb") as f:
         f.write(marker)

@@ -162,11 +162,11 @@ class LocalSave:
             raise CheckpointExistsError(
                 f"{self.target} was written by another save while this one ran; this save is discarded"
             )
-        carried = foreign_entries(self.target)
+        carried = foreign_entries(self.target, kind)
         _refuse_remains(self.target, carried if kind == OTHER else [])
         link_entries(self.target, carried, self.path)
         if exchange(self.path, self.target):
-            _delete_replaced(self.path, self.target, carried)
+            _delete_replaced(self.path, kind, self.target, carried)
             return
         aside = pending_name(self.target)
         os.rename(self.target, aside)
@@ -175,7 +175,7 @@ class LocalSave:
         except BaseException:
             os.rename(aside, self.target)  # put the previous checkpoint back
             raise
-        _delete_replaced(aside, self.target, carried)
+        _delete_replaced(aside, kind, self.target, carried)
 
     def abandon(self) -> None:
         """Delete the pending directory of a failed save."""
@@ -429,7 +429,7 @@ def _begin_beside(target: str, *, overwrite: bool, session: str, marker: dict[st
         kind = local_contents(target)
         _check_replaceable(target, kind, overwrite)
         if kind != EMPTY:
-            foreign = foreign_entries(target)
+            foreign = foreign_entries(target, kind)
         _refuse_remains(target, foreign if kind == OTHER else [])
     os.makedirs(os.path.dirname(target), exist_ok=True)
     remove_dead_saves(interrupted_saves(target))
@@ -474,13 +474,13 @@ def _check_replaceable(target: str, kind: str, overwrite: bool) -> None:
         )
 
 
-def _delete_replaced(directory: str, target: str, carried: list[str]) -> None:
-    """Delete the directory a commit replaced (its checkpoint, and the foreign files of which
-    ``carried`` are linked into the new ``target``). Foreign files that arrived there while
+def _delete_replaced(directory: str, kind: str, target: str, carried: list[str]) -> None:
+    """Delete the directory a commit replaced, which held ``kind`` (its checkpoint, and the
+    foreign files of which ``carried`` are linked into the new ``target``). Foreign files that arrived there while
     the commit ran are moved into ``target`` first. The new checkpoint is in place by now, so a
     failure here only leaves the old directory behind (under a pending name), with a warning."""
     try:
-        for name in sorted(set(foreign_entries(directory)) - set(carried)):
+        for name in sorted(set(foreign_entries(directory, kind)) - set(carried)):
             os.rename(os.path.join(directory, name), os.path.join(target, name))
         shutil.rmtree(directory)
     except (OSError, ZdcpError) as e:
